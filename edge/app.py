@@ -1,0 +1,104 @@
+"""The edge process: SSE stream, history and operations endpoints over one subscription."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from shared.httpkit import add_ops_routes, make_middlewares
+from shared.keys import RedisKeys
+from shared.redis_client import make_redis
+from shared.settings import EdgeSettings
+
+from .bus import Bus
+from .bus_redis import RedisBus
+from .context import EdgeContext
+from .history import history_handler
+from .hub import Hub
+from .metrics import EdgeMetrics
+from .stream import stream_handler
+from .subscription import Subscription
+
+log = logging.getLogger(__name__)
+
+CONTEXT = web.AppKey("edge", EdgeContext)
+BUS_PING_INTERVAL_S = 1.0
+
+
+def create_app(
+    settings: EdgeSettings,
+    registry: CollectorRegistry | None = None,
+    bus: Bus | None = None,
+) -> web.Application:
+    """Build the edge app. ``bus`` injects another Bus (the in-memory one in unit tests);
+    by default a Redis bus is created and closed with the app."""
+    registry = registry if registry is not None else CollectorRegistry()
+    metrics = EdgeMetrics(registry, settings.node_id)
+    app = web.Application(middlewares=make_middlewares(metrics))
+    hub = Hub()
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        closers: list[Callable[[], object]] = []
+        active_bus = bus
+        if active_bus is None:
+            redis = make_redis(settings.redis)
+            pubsub_redis = make_redis(settings.redis, for_pubsub=True)
+            active_bus = RedisBus(
+                redis, pubsub_redis, RedisKeys(settings.redis.prefix), BUS_PING_INTERVAL_S
+            )
+            closers = [redis.aclose, pubsub_redis.aclose]
+        subscription = Subscription(
+            active_bus, hub, metrics, settings.resume_page, settings.backoff_max_s
+        )
+        ctx = EdgeContext(settings, metrics, hub, active_bus, subscription)
+        app[CONTEXT] = ctx
+        task = asyncio.create_task(subscription.run(), name="edge-subscription")
+        log.info("edge started", extra={"port": settings.port, "redis": repr(settings.redis)})
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        for close in closers:
+            result = close()
+            if asyncio.iscoroutine(result):
+                await result
+        log.info("edge stopped")
+
+    async def on_shutdown(app: web.Application) -> None:
+        # Ending each stream cleanly makes browsers reconnect (through the load balancer,
+        # to another edge) at once, resuming with Last-Event-ID.
+        ctx = app[CONTEXT]
+        ctx.shutting_down = True
+        count = hub.client_count
+        hub.close_all("shutdown")
+        log.info("closing streams for shutdown", extra={"clients": count})
+
+    async def ready() -> tuple[bool, dict[str, object]]:
+        ctx = app[CONTEXT]
+        subscribed = ctx.subscription.ready.is_set()
+        redis_ok = await ctx.bus.ping()
+        ok = subscribed and redis_ok and not ctx.shutting_down
+        return ok, {
+            "redis": redis_ok,
+            "subscribed": subscribed,
+            "clients": hub.client_count,
+            "node": settings.node_id,
+        }
+
+    async def crm_events(request: web.Request) -> web.StreamResponse:
+        return await stream_handler(request, app[CONTEXT])
+
+    async def history(request: web.Request) -> web.StreamResponse:
+        return await history_handler(request, app[CONTEXT])
+
+    app.cleanup_ctx.append(lifecycle)
+    app.on_shutdown.append(on_shutdown)
+    app.router.add_get("/crm-events", crm_events)
+    app.router.add_get("/crm-events/history", history)
+    add_ops_routes(app, registry, metrics, ready)
+    return app

@@ -1,0 +1,168 @@
+"""In-process fan-out: one Redis subscription feeds every client of this edge.
+
+Clients are grouped by their type filter. For each published batch the hub builds, per
+group, one bytes object holding the frames that group wants, and appends that same object
+to every client's bounded buffer: no per-client encoding, no per-client Redis call, one
+wake-up per client per batch (frames of a burst coalesce into one socket write).
+
+A client whose buffer passes its limit is disconnected as ``slow``; it catches up from
+the stream when it reconnects. Appending never awaits, so one slow client cannot delay
+another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from shared.ids import ZERO, StreamId
+
+from .bus import Entry
+
+TypeKey = frozenset[bytes] | None
+
+
+class Client:
+    """One SSE client's bounded outbound buffer, filled by the hub, drained by its handler."""
+
+    __slots__ = (
+        "_abort",
+        "_bytes",
+        "_chunks",
+        "_wake",
+        "close_reason",
+        "limit",
+        "min_id",
+        "oldest_ts_ms",
+        "types",
+    )
+
+    def __init__(self, types: TypeKey, limit_bytes: int, abort: Callable[[], None]) -> None:
+        self.types = types
+        self.limit = limit_bytes
+        self._abort = abort
+        self._chunks: list[bytes] = []
+        self._bytes = 0
+        self._wake = asyncio.Event()
+        self.close_reason: str | None = None
+        self.min_id: StreamId | None = None
+        """While set, live entries at or below it are skipped (already sent from history)."""
+        self.oldest_ts_ms = 0
+        """Kafka timestamp of the oldest live event waiting in the buffer (0: none)."""
+
+    @property
+    def closed(self) -> bool:
+        return self.close_reason is not None
+
+    @property
+    def buffered_bytes(self) -> int:
+        return self._bytes
+
+    def push(self, chunk: bytes, ts_ms: int) -> None:
+        if self.close_reason is not None:
+            return
+        self._chunks.append(chunk)
+        self._bytes += len(chunk)
+        if ts_ms and not self.oldest_ts_ms:
+            self.oldest_ts_ms = ts_ms
+        if self._bytes > self.limit:
+            self.close("slow")
+            # The handler may be blocked writing to a peer that stopped reading; aborting
+            # the transport frees it and the buffered bytes at once.
+            self._abort()
+            return
+        self._wake.set()
+
+    def take(self) -> tuple[bytes, int]:
+        """Everything buffered as one write, and the oldest event's Kafka timestamp."""
+        data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
+        ts = self.oldest_ts_ms
+        self._chunks.clear()
+        self._bytes = 0
+        self.oldest_ts_ms = 0
+        return data, ts
+
+    async def wait(self) -> None:
+        await self._wake.wait()
+        self._wake.clear()
+
+    def close(self, reason: str) -> None:
+        if self.close_reason is None:
+            self.close_reason = reason
+        self._wake.set()
+
+
+class Hub:
+    def __init__(self, clock_ms: Callable[[], int] | None = None) -> None:
+        self._groups: dict[TypeKey, set[Client]] = {}
+        self._behind: set[Client] = set()
+        self.last_id: StreamId = ZERO
+        """Newest id handed to clients; entries at or below it are dropped as repeats."""
+        self.initialized = False
+        self.clock_ms = clock_ms or (lambda: int(time.time() * 1000))
+
+    @property
+    def client_count(self) -> int:
+        return sum(len(group) for group in self._groups.values())
+
+    def attach(self, client: Client, resume_after: StreamId | None = None) -> StreamId:
+        """Register a client; it receives every entry after the returned id live.
+
+        With ``resume_after`` newer than the hub (the client saw events on a faster edge),
+        live entries up to it are skipped for this client so nothing arrives twice."""
+        self._groups.setdefault(client.types, set()).add(client)
+        if resume_after is not None and resume_after > self.last_id:
+            client.min_id = resume_after
+            self._behind.add(client)
+        return self.last_id
+
+    def detach(self, client: Client) -> None:
+        group = self._groups.get(client.types)
+        if group is not None:
+            group.discard(client)
+            if not group:
+                del self._groups[client.types]
+        self._behind.discard(client)
+
+    def dispatch(self, entries: list[Entry]) -> int:
+        """Hand a batch to every client; returns how many entries were new."""
+        last = self.last_id
+        if entries[0].id <= last:
+            entries = [e for e in entries if e.id > last]
+            if not entries:
+                return 0
+        self.last_id = entries[-1].id
+        for key, clients in self._groups.items():
+            selected = entries if key is None else [e for e in entries if e.type in key]
+            if not selected:
+                continue
+            chunk = b"".join([e.frame for e in selected])
+            ts = selected[0].ts_ms
+            for client in clients:
+                if client.min_id is None:
+                    client.push(chunk, ts)
+                else:
+                    floor = client.min_id
+                    part = [e for e in selected if e.id > floor]
+                    if part:
+                        client.push(b"".join([e.frame for e in part]), part[0].ts_ms)
+        if self._behind:
+            caught_up = [
+                c for c in self._behind if c.min_id is not None and c.min_id <= self.last_id
+            ]
+            for client in caught_up:
+                client.min_id = None
+                self._behind.discard(client)
+        return len(entries)
+
+    def broadcast(self, frame: bytes) -> None:
+        """A control frame (e.g. ``reset``) to every client, whatever its filter."""
+        for clients in self._groups.values():
+            for client in clients:
+                client.push(frame, 0)
+
+    def close_all(self, reason: str) -> None:
+        for clients in self._groups.values():
+            for client in clients:
+                client.close(reason)

@@ -1,0 +1,70 @@
+"""The edge's metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from shared.metrics import CommonMetrics
+
+# 0.05 and 0.1 are boundaries on purpose: the latency SLO is expressed on them.
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+DISCONNECT_REASONS = ("client_closed", "slow", "shutdown", "error")
+RESET_REASONS = ("trimmed", "stream_lost", "stream_empty", "unknown_position")
+
+
+class EdgeMetrics(CommonMetrics):
+    def __init__(self, registry: CollectorRegistry, node_id: str) -> None:
+        super().__init__(registry, "edge", node_id)
+        self.clients = Gauge(
+            "crm_events_sse_clients", "SSE clients connected to this edge.", registry=registry
+        )
+        self.connections = Counter(
+            "crm_events_sse_connections", "SSE streams opened on this edge.", registry=registry
+        )
+        self.disconnects = Counter(
+            "crm_events_sse_disconnects",
+            "SSE streams ended, by reason (client_closed, slow, shutdown, error).",
+            ["reason"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "crm_events_delivery_latency_seconds",
+            "Kafka record timestamp to the write of the event to a client socket; observed "
+            "once per live write, for the oldest event in it (an upper bound for the rest).",
+            buckets=LATENCY_BUCKETS_S,
+            registry=registry,
+        )
+        self.resumes = Counter(
+            "crm_events_sse_resumes",
+            "Streams opened with a Last-Event-ID, by outcome (resumed gap-free, or reset).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.resets = Counter(
+            "crm_events_sse_resets",
+            "In-band reset events sent, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.replayed = Counter(
+            "crm_events_sse_replayed_events",
+            "Events sent to resuming clients from the replay stream.",
+            registry=registry,
+        )
+        self.bus_reconnects = Counter(
+            "crm_events_bus_reconnects",
+            "Times the edge's Redis subscription was lost and re-established.",
+            registry=registry,
+        )
+        self.bus_repaired = Counter(
+            "crm_events_bus_repaired_events",
+            "Events read from the stream to fill a gap after the subscription came back.",
+            registry=registry,
+        )
+        for reason in DISCONNECT_REASONS:
+            self.disconnects.labels(reason=reason)
+        for outcome in ("resumed", "reset"):
+            self.resumes.labels(outcome=outcome)
+        for reason in RESET_REASONS:
+            self.resets.labels(reason=reason)

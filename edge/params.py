@@ -1,0 +1,88 @@
+"""Query and header parsing for the edge's endpoints (pure). Errors are ``ApiError`` 400s
+with a machine code, so every bad value answers the same way."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from multidict import MultiMapping
+
+from shared.events import TYPE_RE
+from shared.httpkit import ApiError
+from shared.ids import InvalidStreamId, StreamId, parse_id
+
+MAX_TYPES = 64
+_DIGITS = re.compile(r"[0-9]{1,9}")
+MAX_TYPES_PARAM_LEN = 8192
+
+
+@dataclass(frozen=True, slots=True)
+class StreamParams:
+    last_event_id: StreamId | None
+    types: frozenset[bytes] | None
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryParams:
+    n: int
+    after: StreamId | None
+    types: frozenset[bytes] | None
+
+
+def _single(query: MultiMapping[str], name: str) -> str | None:
+    values = query.getall(name, [])
+    if len(values) > 1:
+        raise ApiError(400, "invalid_query", f"'{name}' is given more than once")
+    return values[0] if values else None
+
+
+def parse_types(raw: str | None) -> frozenset[bytes] | None:
+    if raw is None:
+        return None
+    if len(raw) > MAX_TYPES_PARAM_LEN:
+        raise ApiError(400, "invalid_types", "'types' is too long")
+    items = raw.split(",")
+    if any(not TYPE_RE.match(item) for item in items):
+        raise ApiError(
+            400,
+            "invalid_types",
+            "'types' must be a comma-separated list of event types "
+            "(letters, digits, '_', '.', ':', '-'; no empty items)",
+        )
+    if len(set(items)) > MAX_TYPES:
+        raise ApiError(400, "invalid_types", f"'types' lists more than {MAX_TYPES} types")
+    return frozenset(item.encode() for item in items)
+
+
+def parse_stream_id(raw: str, name: str) -> StreamId:
+    try:
+        return parse_id(raw)
+    except InvalidStreamId as exc:
+        raise ApiError(400, "invalid_id", f"'{name}': {exc}") from None
+
+
+def parse_stream_params(query: MultiMapping[str], headers: Mapping[str, str]) -> StreamParams:
+    # The header wins: a browser sends it on every automatic reconnect with the newest id,
+    # while the URL keeps the ?last_event_id= the page was loaded with.
+    header = headers.get("Last-Event-ID", "").strip()
+    from_query = _single(query, "last_event_id")
+    last: StreamId | None = None
+    if header:
+        last = parse_stream_id(header, "Last-Event-ID")
+    elif from_query:
+        last = parse_stream_id(from_query, "last_event_id")
+    return StreamParams(last, parse_types(_single(query, "types")))
+
+
+def parse_history_params(query: MultiMapping[str], default_n: int, max_n: int) -> HistoryParams:
+    raw_n = _single(query, "n")
+    n = default_n
+    if raw_n is not None:
+        if not _DIGITS.fullmatch(raw_n) or not 1 <= int(raw_n) <= max_n:
+            raise ApiError(400, "invalid_n", f"'n' must be an integer from 1 to {max_n}")
+        n = int(raw_n)
+    raw_after = _single(query, "after")
+    after = parse_stream_id(raw_after, "after") if raw_after is not None else None
+    return HistoryParams(n, after, parse_types(_single(query, "types")))

@@ -1,0 +1,140 @@
+"""``GET /crm-events``: the SSE stream, with resume and in-band reset."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from aiohttp import web
+from aiohttp_sse import EventSourceResponse
+
+from shared.httpkit import ApiError
+from shared.ids import StreamId
+from shared.sse import comment_frame, control_frame, retry_frame
+
+from .bus import BusUnavailable
+from .context import EdgeContext
+from .hub import Client
+from .params import parse_stream_params
+from .resume import Reset, Resume, check_position
+
+log = logging.getLogger(__name__)
+
+READY_WAIT_S = 3.0
+
+
+async def _wait_ready(ctx: EdgeContext) -> None:
+    if ctx.subscription.ready.is_set():
+        return
+    # A just-restarted edge, or one riding out a Redis blip: hold the request briefly
+    # rather than fail a browser's EventSource, which does not retry after an error status.
+    try:
+        await asyncio.wait_for(ctx.subscription.ready.wait(), timeout=READY_WAIT_S)
+    except TimeoutError:
+        raise ApiError(
+            503,
+            "not_ready",
+            "the edge is not connected to Redis; retry shortly",
+            {"Retry-After": "2"},
+        ) from None
+
+
+async def stream_handler(request: web.Request, ctx: EdgeContext) -> web.StreamResponse:
+    params = parse_stream_params(request.query, request.headers)
+    if ctx.shutting_down:
+        raise ApiError(503, "shutting_down", "this edge is shutting down", {"Retry-After": "1"})
+    await _wait_ready(ctx)
+    settings, metrics, hub = ctx.settings, ctx.metrics, ctx.hub
+
+    decision: Resume | Reset | None = None
+    if params.last_event_id is not None:
+        try:
+            decision = check_position(params.last_event_id, await ctx.bus.info())
+        except BusUnavailable as exc:
+            raise ApiError(
+                503,
+                "redis_unavailable",
+                "history is unavailable; retry shortly",
+                {"Retry-After": "2"},
+            ) from exc
+
+    response = EventSourceResponse(sep="\n", ping_interval=settings.ping_interval_s)
+    await response.prepare(request)
+    transport = request.transport
+
+    def abort() -> None:
+        if transport is not None:
+            transport.abort()
+
+    client = Client(params.types, settings.client_buffer_bytes, abort)
+    resume_after = decision.after if decision is not None else None
+    head = hub.attach(client, resume_after)
+    metrics.clients.inc()
+    metrics.connections.inc()
+    # The ping task ends when the peer goes away; that must wake this handler too.
+    closer = asyncio.ensure_future(response.wait())
+    closer.add_done_callback(lambda _: client.close("client_closed"))
+    reason = "error"
+    try:
+        preface = retry_frame(settings.retry_ms) + comment_frame(f"node {settings.node_id}")
+        if isinstance(decision, Reset):
+            metrics.resumes.labels(outcome="reset").inc()
+            metrics.resets.labels(reason=decision.reason).inc()
+            preface += control_frame("reset", decision.payload(), decision.after.encode())
+        elif decision is not None:
+            metrics.resumes.labels(outcome="resumed").inc()
+        await response.write(preface)
+        if decision is not None and decision.after < head:
+            started = time.monotonic()
+            await _replay(ctx, response, client, decision.after, head)
+            log.debug("replayed", extra={"seconds": round(time.monotonic() - started, 4)})
+        while True:
+            if client.closed:
+                break
+            data, ts_ms = client.take()
+            if data:
+                await response.write(data)
+                if ts_ms:
+                    metrics.latency.observe(max(0.0, (hub.clock_ms() - ts_ms) / 1000.0))
+                continue
+            await client.wait()
+        reason = client.close_reason or "error"
+    except (ConnectionResetError, BrokenPipeError):
+        reason = client.close_reason or "client_closed"
+    except asyncio.CancelledError:
+        # The server cancels the handler when the peer disconnects (handler_cancellation).
+        reason = client.close_reason or "client_closed"
+        raise
+    except BusUnavailable:
+        reason = "error"
+        log.warning("replay failed: redis unavailable")
+    finally:
+        hub.detach(client)
+        metrics.clients.dec()
+        metrics.disconnects.labels(reason=reason).inc()
+        if reason == "slow":
+            log.info("slow client disconnected", extra={"peer": request.remote})
+        with contextlib.suppress(RuntimeError):
+            response.stop_streaming()
+        closer.cancel()
+    return response
+
+
+async def _replay(
+    ctx: EdgeContext, response: EventSourceResponse, client: Client, after: StreamId, head: StreamId
+) -> None:
+    """Send the stored entries in ``(after, head]``; live entries after ``head`` are
+    already collecting in the client's buffer."""
+    cursor = after
+    types = client.types
+    while cursor < head and not client.closed:
+        entries = await ctx.bus.read_after(cursor, ctx.settings.resume_page, until=head)
+        if not entries:
+            break
+        cursor = entries[-1].id
+        frames = [e.frame for e in entries if types is None or e.type in types]
+        if frames:
+            await response.write(b"".join(frames))
+            ctx.metrics.replayed.inc(len(frames))

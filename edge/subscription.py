@@ -1,0 +1,106 @@
+"""The edge's single subscription: keep it alive, repair gaps, feed the hub.
+
+Pub/sub is at-most-once. Each time the subscription is (re)established the edge reads the
+stream after the last id it handed out, before live messages are dispatched again; the
+hub drops anything at or below that id, so the repair and the live path never overlap.
+If the stream no longer holds a gap-free continuation (Redis lost it), every client gets
+an in-band ``reset`` rather than silence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from shared.backoff import Backoff
+from shared.sse import control_frame
+
+from .bus import SUBSCRIBED, Bus, BusDisconnected, BusUnavailable
+from .hub import Hub
+from .metrics import EdgeMetrics
+from .resume import Reset, check_position
+
+log = logging.getLogger(__name__)
+
+
+class Subscription:
+    def __init__(
+        self, bus: Bus, hub: Hub, metrics: EdgeMetrics, page: int, backoff_max_s: float
+    ) -> None:
+        self._bus = bus
+        self._hub = hub
+        self._metrics = metrics
+        self._page = page
+        self._backoff_max_s = backoff_max_s
+        self.ready = asyncio.Event()
+
+    async def run(self) -> None:
+        backoff = Backoff(cap_s=self._backoff_max_s)
+        connected_once = False
+        while True:
+            try:
+                async for item in self._bus.live():
+                    if item is SUBSCRIBED:
+                        if connected_once:
+                            self._metrics.bus_reconnects.inc()
+                        await self._repair()
+                        connected_once = True
+                        backoff.reset()
+                        self._set_ready(True)
+                    elif isinstance(item, list):
+                        self._metrics.messages.inc(self._hub.dispatch(item))
+                raise BusDisconnected("the subscription ended")
+            except asyncio.CancelledError:
+                raise
+            except (BusDisconnected, BusUnavailable) as exc:
+                self._set_ready(False)
+                delay = backoff.next_delay()
+                log.warning(
+                    "redis subscription lost; reconnecting",
+                    extra={
+                        "error": str(exc),
+                        "retry_in_s": round(delay, 2),
+                        "last_id": str(self._hub.last_id),
+                    },
+                )
+                await asyncio.sleep(delay)
+
+    def _set_ready(self, ready: bool) -> None:
+        self._metrics.ready.set(1 if ready else 0)
+        if ready:
+            self.ready.set()
+        else:
+            self.ready.clear()
+
+    async def _repair(self) -> None:
+        hub = self._hub
+        info = await self._bus.info()
+        if not hub.initialized:
+            hub.last_id = info.last_id
+            hub.initialized = True
+            log.info("subscribed", extra={"last_id": str(hub.last_id)})
+            return
+        decision = check_position(hub.last_id, info)
+        if isinstance(decision, Reset):
+            log.warning(
+                "stream lost events this edge had not delivered; resetting clients",
+                extra={
+                    "reason": decision.reason,
+                    "requested": str(decision.requested),
+                    "resume_from": str(decision.after),
+                },
+            )
+            self._metrics.resets.labels(reason=decision.reason).inc(hub.client_count)
+            hub.broadcast(control_frame("reset", decision.payload(), decision.after.encode()))
+            hub.last_id = decision.after
+        repaired = 0
+        while True:
+            entries = await self._bus.read_after(hub.last_id, self._page)
+            if not entries:
+                break
+            repaired += hub.dispatch(entries)
+            if len(entries) < self._page:
+                break
+        self._metrics.bus_repaired.inc(repaired)
+        self._metrics.messages.inc(repaired)
+        log.info("resubscribed", extra={"repaired_events": repaired, "last_id": str(hub.last_id)})

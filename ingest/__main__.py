@@ -1,0 +1,41 @@
+"""``crm-events-ingest``: Kafka -> Redis worker."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from aiohttp import web
+from prometheus_client import disable_created_metrics
+
+from shared import cli, logs
+from shared.settings import IngestSettings
+
+from .app import create_app
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings, check_only = cli.load(
+        "crm-events-ingest",
+        sys.argv[1:] if argv is None else argv,
+        os.environ,
+        IngestSettings.from_env,
+    )
+    if check_only:
+        print(repr(settings))
+        return
+    # The *_created series double the exposition size and no rule here uses them.
+    disable_created_metrics()
+    logs.configure("ingest", settings.node_id, settings.log_level)
+    web.run_app(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        print=None,
+        access_log=None,
+        shutdown_timeout=5.0,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""The ingest process: the Kafka worker plus its own /healthz, /readyz and /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from shared.httpkit import add_ops_routes, make_middlewares
+from shared.keys import RedisKeys
+from shared.redis_client import make_redis
+from shared.settings import IngestSettings
+
+from .metrics import IngestMetrics
+from .worker import IngestWorker
+from .writer import BatchWriter
+
+log = logging.getLogger(__name__)
+
+SETTINGS = web.AppKey("settings", IngestSettings)
+METRICS = web.AppKey("metrics", IngestMetrics)
+REDIS = web.AppKey("redis", Redis)
+WORKER = web.AppKey("worker", IngestWorker)
+
+
+def create_app(
+    settings: IngestSettings, registry: CollectorRegistry | None = None
+) -> web.Application:
+    registry = registry if registry is not None else CollectorRegistry()
+    metrics = IngestMetrics(registry, settings.node_id)
+    app = web.Application(middlewares=make_middlewares(metrics))
+    app[SETTINGS] = settings
+    app[METRICS] = metrics
+
+    async def ready() -> tuple[bool, dict[str, object]]:
+        worker = app.get(WORKER)
+        redis_ok = False
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            redis_ok = bool(await asyncio.wait_for(app[REDIS].ping(), timeout=1.0))
+        detail: dict[str, object] = {
+            "redis": redis_ok,
+            "kafka": bool(worker and worker.kafka_ok),
+            "group_joined": bool(worker and worker.joined),
+        }
+        return bool(worker and worker.ready and redis_ok), detail
+
+    add_ops_routes(app, registry, metrics, ready)
+    app.cleanup_ctx.append(_lifecycle)
+    return app
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    redis = make_redis(settings.redis)
+    app[REDIS] = redis
+    writer = BatchWriter(
+        redis,
+        RedisKeys(settings.redis.prefix),
+        settings.kafka_topic,
+        settings.stream_maxlen,
+        settings.dead_maxlen,
+    )
+    worker = IngestWorker(settings, writer, app[METRICS])
+    app[WORKER] = worker
+    task = asyncio.create_task(worker.run(), name="ingest-worker")
+    log.info(
+        "ingest started",
+        extra={
+            "topic": settings.kafka_topic,
+            "group": settings.kafka_group,
+            "redis": repr(settings.redis),
+        },
+    )
+    yield
+    log.info("ingest stopping")
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await redis.aclose()
+    log.info("ingest stopped")

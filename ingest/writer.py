@@ -1,0 +1,57 @@
+"""The atomic Redis step of one batch (adapter over redis-py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib.resources import files
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from shared.errors import RedisUnavailable
+from shared.keys import RedisKeys
+
+from .records import Prepared, script_args
+
+_SCRIPT = files("shared").joinpath("apply_batch.lua").read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    written: int
+    duplicates: int
+    dead: int
+    last_id: str
+
+
+class BatchWriter:
+    def __init__(
+        self, redis: Redis, keys: RedisKeys, topic: str, stream_maxlen: int, dead_maxlen: int
+    ) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._topic = topic
+        self._script = redis.register_script(_SCRIPT)
+        self._head: list[bytes | int | str] = [stream_maxlen, dead_maxlen, topic, keys.live]
+
+    async def apply(self, records: list[Prepared]) -> ApplyResult:
+        if not records:
+            return ApplyResult(0, 0, 0, "")
+        keys = [self._keys.stream, self._keys.dead, self._keys.offsets, self._keys.genesis]
+        args = [*self._head, len(records), *script_args(records)]
+        try:
+            raw = await self._script(keys=keys, args=args)
+        except RedisError as exc:
+            raise RedisUnavailable(f"applying a batch failed: {exc}") from exc
+        written, duplicates, dead, last_id = raw
+        return ApplyResult(
+            int(written),
+            int(duplicates),
+            int(dead),
+            last_id.decode() if isinstance(last_id, bytes) else str(last_id),
+        )
+
+    async def applied_offset(self, partition: int) -> int:
+        """Last applied offset of a partition, -1 when none (for tests and diagnostics)."""
+        value = await self._redis.hget(self._keys.offsets, f"{self._topic}:{partition}")
+        return -1 if value is None else int(value)

@@ -1,0 +1,111 @@
+"""aiohttp pieces both processes use: JSON errors, request metrics, and the operations
+endpoints (/healthz, /readyz, /metrics)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from .metrics import CONTENT_TYPE_LATEST, CommonMetrics, render
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+ReadyCheck = Callable[[], Awaitable[tuple[bool, dict[str, object]]]]
+
+
+class ApiError(Exception):
+    """Raised by handlers for a client-visible error; rendered as JSON by the middleware."""
+
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+
+def json_error(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.json_response({"error": code, "message": message}, status=status, headers=headers)
+
+
+_STATUS_CODES = {
+    404: ("not_found", "no such resource"),
+    405: ("method_not_allowed", "method not allowed on this resource"),
+    413: ("request_too_large", "request entity too large"),
+}
+
+
+def _route_label(request: web.Request) -> str:
+    info = request.match_info
+    resource = info.route.resource if info.http_exception is None else None
+    if resource is None:
+        return "unmatched"
+    return resource.canonical
+
+
+def make_middlewares(metrics: CommonMetrics) -> list[web.middleware]:  # type: ignore[valid-type]
+    @web.middleware
+    async def errors_and_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except ApiError as exc:
+            status = exc.status
+            return json_error(exc.status, exc.code, exc.message, exc.headers)
+        except web.HTTPException as exc:
+            status = exc.status
+            if exc.status < 400:
+                raise
+            code, message = _STATUS_CODES.get(exc.status, ("http_error", exc.reason))
+            headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+            return json_error(exc.status, code, message, headers)
+        except asyncio.CancelledError:
+            status = 499
+            raise
+        except (ConnectionResetError, BrokenPipeError):
+            status = 499
+            raise
+        except Exception:
+            log.exception("unhandled error", extra={"path": request.path})
+            return json_error(500, "internal", "internal server error")
+        finally:
+            metrics.http_requests.labels(
+                path=_route_label(request), method=request.method, status=str(status)
+            ).inc()
+
+    return [errors_and_metrics]
+
+
+def add_ops_routes(
+    app: web.Application, registry: CollectorRegistry, metrics: CommonMetrics, ready: ReadyCheck
+) -> None:
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(_: web.Request) -> web.Response:
+        ok, detail = await ready()
+        metrics.ready.set(1 if ok else 0)
+        body = {"status": "ready" if ok else "not_ready", **detail}
+        if ok:
+            return web.json_response(body)
+        return web.json_response(
+            {"error": "not_ready", "message": "not ready to serve", **body}, status=503
+        )
+
+    async def metrics_handler(_: web.Request) -> web.Response:
+        return web.Response(body=render(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_handler)

@@ -1,0 +1,287 @@
+"""Typed settings, read once from an injected mapping (normally ``os.environ``) in ``main()``.
+
+Every variable is prefixed ``CRM_EVENTS_``. A wrong value raises ``SettingsError`` whose
+message starts with the variable's name. Defaults are named constants with units in
+their names. The README's configuration table lists the same variables.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+from .errors import SettingsError
+
+ENV_PREFIX = "CRM_EVENTS_"
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_REDIS_PREFIX = "crm-events"
+DEFAULT_KAFKA_BOOTSTRAP = "127.0.0.1:9092"
+DEFAULT_KAFKA_TOPIC = "aetherlink.events"
+DEFAULT_KAFKA_GROUP = "crm-events-ingest"
+DEFAULT_KAFKA_PARTITIONS = 3
+DEFAULT_KAFKA_REPLICATION_FACTOR = 1
+DEFAULT_INGEST_PORT = 9020
+DEFAULT_EDGE_PORT = 9011
+DEFAULT_BIND_HOST = "127.0.0.1"
+DEFAULT_BATCH_MAX_RECORDS = 1000
+DEFAULT_POLL_TIMEOUT_MS = 200
+DEFAULT_STREAM_MAXLEN = 100_000
+DEFAULT_DEAD_MAXLEN = 10_000
+DEFAULT_EVENT_MAX_BYTES = 64 * 1024
+DEFAULT_TYPE_FIELDS = ("Type", "type", "eventType")
+DEFAULT_PING_INTERVAL_S = 15.0
+DEFAULT_RETRY_MS = 2000
+DEFAULT_CLIENT_BUFFER_BYTES = 1024 * 1024
+DEFAULT_HISTORY_N = 100
+DEFAULT_HISTORY_MAX_N = 1000
+DEFAULT_RESUME_PAGE = 1000
+DEFAULT_SHUTDOWN_GRACE_S = 3.0
+DEFAULT_REDIS_TIMEOUT_S = 5.0
+DEFAULT_BACKOFF_MAX_S = 10.0
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_FIELD_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+_HOSTPORT_RE = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
+
+T = TypeVar("T")
+
+
+class Env:
+    """Reads ``CRM_EVENTS_*`` variables from a mapping, converting and validating each."""
+
+    def __init__(self, source: Mapping[str, str]) -> None:
+        self._source = source
+
+    def raw(self, name: str) -> str | None:
+        value = self._source.get(ENV_PREFIX + name)
+        if value is None or value.strip() == "":
+            return None
+        return value.strip()
+
+    def _get(self, name: str, default: T, convert: Callable[[str], T], what: str) -> T:
+        value = self.raw(name)
+        if value is None:
+            return default
+        try:
+            return convert(value)
+        except ValueError:
+            raise SettingsError(ENV_PREFIX + name, f"expected {what}, got {value!r}") from None
+
+    def string(self, name: str, default: str, pattern: re.Pattern[str] | None = None) -> str:
+        value = self.raw(name)
+        if value is None:
+            return default
+        if pattern is not None and not pattern.match(value):
+            raise SettingsError(ENV_PREFIX + name, f"{value!r} does not match {pattern.pattern}")
+        return value
+
+    def integer(self, name: str, default: int, minimum: int, maximum: int) -> int:
+        value = self._get(name, default, int, "an integer")
+        if not minimum <= value <= maximum:
+            raise SettingsError(
+                ENV_PREFIX + name, f"{value} is outside the allowed range {minimum}..{maximum}"
+            )
+        return value
+
+    def number(self, name: str, default: float, minimum: float, maximum: float) -> float:
+        value = self._get(name, default, float, "a number")
+        if not minimum <= value <= maximum:
+            raise SettingsError(
+                ENV_PREFIX + name, f"{value} is outside the allowed range {minimum}..{maximum}"
+            )
+        return value
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.string(name, default).upper()
+        if value not in choices:
+            raise SettingsError(ENV_PREFIX + name, f"expected one of {', '.join(choices)}")
+        return value
+
+    def names(
+        self, name: str, default: tuple[str, ...], pattern: re.Pattern[str]
+    ) -> tuple[str, ...]:
+        value = self.raw(name)
+        if value is None:
+            return default
+        items = tuple(part.strip() for part in value.split(","))
+        bad = [item for item in items if not pattern.match(item)]
+        if not items or bad:
+            raise SettingsError(
+                ENV_PREFIX + name, f"expected a comma-separated list of names, got {value!r}"
+            )
+        return items
+
+    def redis_url(self) -> str:
+        value = self.string("REDIS_URL", DEFAULT_REDIS_URL)
+        parts = urlsplit(value)
+        if parts.scheme not in ("redis", "rediss", "unix") or (
+            parts.scheme != "unix" and not parts.hostname
+        ):
+            raise SettingsError(
+                ENV_PREFIX + "REDIS_URL",
+                "expected redis://[user:password@]host:port/db, rediss://... or unix://...",
+            )
+        try:
+            _ = parts.port
+        except ValueError:
+            raise SettingsError(ENV_PREFIX + "REDIS_URL", "the port is not a number") from None
+        return value
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password replaced, for logs and ``repr``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSettings:
+    url: str = field(default=DEFAULT_REDIS_URL, repr=False)
+    """Redis connection URL (``redis://``, ``rediss://`` for TLS, ``unix://``)."""
+    prefix: str = DEFAULT_REDIS_PREFIX
+    """Prefix of every key and channel this deployment uses."""
+    timeout_s: float = DEFAULT_REDIS_TIMEOUT_S
+    """Socket timeout of ordinary Redis commands, in seconds."""
+
+    def __repr__(self) -> str:
+        return (
+            f"RedisSettings(url={mask_url(self.url)!r}, prefix={self.prefix!r}, "
+            f"timeout_s={self.timeout_s})"
+        )
+
+    @classmethod
+    def from_env(cls, env: Env) -> RedisSettings:
+        return cls(
+            url=env.redis_url(),
+            prefix=env.string("REDIS_PREFIX", DEFAULT_REDIS_PREFIX, _PREFIX_RE),
+            timeout_s=env.number("REDIS_TIMEOUT_S", DEFAULT_REDIS_TIMEOUT_S, 0.1, 300.0),
+        )
+
+
+def _default_node_id(role: str) -> str:
+    return f"{role}-{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(frozen=True, slots=True)
+class IngestSettings:
+    redis: RedisSettings
+    node_id: str
+    log_level: str = "INFO"
+    kafka_bootstrap: str = DEFAULT_KAFKA_BOOTSTRAP
+    """Comma-separated ``host:port`` list of Kafka brokers."""
+    kafka_topic: str = DEFAULT_KAFKA_TOPIC
+    kafka_group: str = DEFAULT_KAFKA_GROUP
+    kafka_partitions: int = DEFAULT_KAFKA_PARTITIONS
+    """Partitions of the topic when ingest has to create it."""
+    kafka_replication_factor: int = DEFAULT_KAFKA_REPLICATION_FACTOR
+    host: str = DEFAULT_BIND_HOST
+    port: int = DEFAULT_INGEST_PORT
+    """Port of the ingest's own /healthz, /readyz and /metrics."""
+    batch_max_records: int = DEFAULT_BATCH_MAX_RECORDS
+    """Most records taken from Kafka per batch (one Redis round trip per batch)."""
+    poll_timeout_ms: int = DEFAULT_POLL_TIMEOUT_MS
+    stream_maxlen: int = DEFAULT_STREAM_MAXLEN
+    """Approximate cap of the replay stream, in entries."""
+    dead_maxlen: int = DEFAULT_DEAD_MAXLEN
+    event_max_bytes: int = DEFAULT_EVENT_MAX_BYTES
+    """Records whose value is larger are dead letters (reason ``too_large``)."""
+    type_fields: tuple[str, ...] = DEFAULT_TYPE_FIELDS
+    """Fields of the event object tried in order for its type."""
+    backoff_max_s: float = DEFAULT_BACKOFF_MAX_S
+
+    @classmethod
+    def from_env(cls, source: Mapping[str, str]) -> IngestSettings:
+        env = Env(source)
+        bootstrap = env.string("KAFKA_BOOTSTRAP", DEFAULT_KAFKA_BOOTSTRAP)
+        if not all(_HOSTPORT_RE.match(part.strip()) for part in bootstrap.split(",")):
+            raise SettingsError(
+                ENV_PREFIX + "KAFKA_BOOTSTRAP", f"expected host:port[,host:port], got {bootstrap!r}"
+            )
+        return cls(
+            redis=RedisSettings.from_env(env),
+            node_id=env.string("NODE_ID", _default_node_id("ingest"), _PREFIX_RE),
+            log_level=env.choice("LOG_LEVEL", "INFO", _LOG_LEVELS),
+            kafka_bootstrap=bootstrap,
+            kafka_topic=env.string("KAFKA_TOPIC", DEFAULT_KAFKA_TOPIC, _TOPIC_RE),
+            kafka_group=env.string("KAFKA_GROUP", DEFAULT_KAFKA_GROUP, _TOPIC_RE),
+            kafka_partitions=env.integer("KAFKA_PARTITIONS", DEFAULT_KAFKA_PARTITIONS, 1, 10_000),
+            kafka_replication_factor=env.integer(
+                "KAFKA_REPLICATION_FACTOR", DEFAULT_KAFKA_REPLICATION_FACTOR, 1, 100
+            ),
+            host=env.string("INGEST_HOST", DEFAULT_BIND_HOST),
+            port=env.integer("INGEST_PORT", DEFAULT_INGEST_PORT, 0, 65535),
+            batch_max_records=env.integer(
+                "INGEST_BATCH_MAX_RECORDS", DEFAULT_BATCH_MAX_RECORDS, 1, 100_000
+            ),
+            poll_timeout_ms=env.integer(
+                "INGEST_POLL_TIMEOUT_MS", DEFAULT_POLL_TIMEOUT_MS, 1, 60_000
+            ),
+            stream_maxlen=env.integer("STREAM_MAXLEN", DEFAULT_STREAM_MAXLEN, 10, 100_000_000),
+            dead_maxlen=env.integer("DEAD_MAXLEN", DEFAULT_DEAD_MAXLEN, 10, 100_000_000),
+            event_max_bytes=env.integer("EVENT_MAX_BYTES", DEFAULT_EVENT_MAX_BYTES, 64, 16 << 20),
+            type_fields=env.names("EVENT_TYPE_FIELDS", DEFAULT_TYPE_FIELDS, _FIELD_RE),
+            backoff_max_s=env.number("BACKOFF_MAX_S", DEFAULT_BACKOFF_MAX_S, 0.1, 600.0),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeSettings:
+    redis: RedisSettings
+    node_id: str
+    log_level: str = "INFO"
+    host: str = DEFAULT_BIND_HOST
+    port: int = DEFAULT_EDGE_PORT
+    ping_interval_s: float = DEFAULT_PING_INTERVAL_S
+    """Seconds between SSE keepalive comments; keep below every proxy's idle timeout."""
+    retry_ms: int = DEFAULT_RETRY_MS
+    """Reconnect delay hinted to EventSource clients (``retry:``), in milliseconds."""
+    client_buffer_bytes: int = DEFAULT_CLIENT_BUFFER_BYTES
+    """Most bytes queued for one client; past it the client is disconnected as slow."""
+    history_default_n: int = DEFAULT_HISTORY_N
+    history_max_n: int = DEFAULT_HISTORY_MAX_N
+    resume_page: int = DEFAULT_RESUME_PAGE
+    """Entries read from the stream per round trip while a client catches up."""
+    shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
+    """Seconds to let streams close on SIGTERM before the process exits."""
+    backoff_max_s: float = DEFAULT_BACKOFF_MAX_S
+
+    @classmethod
+    def from_env(cls, source: Mapping[str, str]) -> EdgeSettings:
+        env = Env(source)
+        max_n = env.integer("HISTORY_MAX_N", DEFAULT_HISTORY_MAX_N, 1, 100_000)
+        default_n = env.integer("HISTORY_DEFAULT_N", min(DEFAULT_HISTORY_N, max_n), 1, 100_000)
+        if default_n > max_n:
+            raise SettingsError(
+                ENV_PREFIX + "HISTORY_DEFAULT_N",
+                f"{default_n} is larger than CRM_EVENTS_HISTORY_MAX_N ({max_n})",
+            )
+        return cls(
+            redis=RedisSettings.from_env(env),
+            node_id=env.string("NODE_ID", _default_node_id("edge"), _PREFIX_RE),
+            log_level=env.choice("LOG_LEVEL", "INFO", _LOG_LEVELS),
+            host=env.string("EDGE_HOST", DEFAULT_BIND_HOST),
+            port=env.integer("EDGE_PORT", DEFAULT_EDGE_PORT, 0, 65535),
+            ping_interval_s=env.number("SSE_PING_INTERVAL_S", DEFAULT_PING_INTERVAL_S, 0.05, 300.0),
+            retry_ms=env.integer("SSE_RETRY_MS", DEFAULT_RETRY_MS, 0, 600_000),
+            client_buffer_bytes=env.integer(
+                "CLIENT_BUFFER_BYTES", DEFAULT_CLIENT_BUFFER_BYTES, 1024, 1 << 30
+            ),
+            history_default_n=default_n,
+            history_max_n=max_n,
+            resume_page=env.integer("RESUME_PAGE", DEFAULT_RESUME_PAGE, 1, 100_000),
+            shutdown_grace_s=env.number("SHUTDOWN_GRACE_S", DEFAULT_SHUTDOWN_GRACE_S, 0.0, 600.0),
+            backoff_max_s=env.number("BACKOFF_MAX_S", DEFAULT_BACKOFF_MAX_S, 0.1, 600.0),
+        )
