@@ -46,8 +46,10 @@ def create_app(
         closers: list[Callable[[], object]] = []
         active_bus = bus
         if active_bus is None:
-            redis = make_redis(settings.redis)
-            pubsub_redis = make_redis(settings.redis, for_pubsub=True)
+            redis = make_redis(settings.redis, f"{settings.node_id}:reads")
+            pubsub_redis = make_redis(
+                settings.redis, f"{settings.node_id}:subscription", for_pubsub=True
+            )
             active_bus = RedisBus(
                 redis, pubsub_redis, RedisKeys(settings.redis.prefix), BUS_PING_INTERVAL_S
             )

@@ -36,7 +36,10 @@ class StreamInfo:
     last_id: StreamId
     """Last id ever generated in this incarnation of the stream (``0-0`` if none)."""
     max_deleted_id: StreamId
-    """Largest id removed by trimming (``0-0`` if none)."""
+    """Largest id removed by XDEL (``0-0`` if none). Redis does not record trimming here."""
+    entries_added: int
+    """Entries ever added to this incarnation; more than ``length`` means some were trimmed
+    (always from the oldest end)."""
     genesis: StreamId | None
     """First id written into this incarnation of the stream, if known."""
 

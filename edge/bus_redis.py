@@ -53,20 +53,22 @@ class RedisBus:
         genesis_id = parse_id_bytes(genesis) if genesis else None
         if isinstance(raw_info, ResponseError):
             if "no such key" in str(raw_info).lower():
-                return StreamInfo(False, 0, None, ZERO, ZERO, genesis_id)
+                return StreamInfo(False, 0, None, ZERO, ZERO, 0, genesis_id)
             raise BusUnavailable(str(raw_info))
         if isinstance(raw_info, Exception):
             raise BusUnavailable(str(raw_info))
         fields = _pairs(raw_info)
         first = fields.get(b"first-entry")
         first_id = parse_id_bytes(first[0]) if first else None
+        length = int(fields[b"length"])
         return StreamInfo(
             exists=True,
-            length=int(fields[b"length"]),
+            length=length,
             first_id=first_id,
             last_id=parse_id_bytes(fields[b"last-generated-id"]),
-            # Redis < 7.0 does not report trimming; treat it as "never trimmed".
             max_deleted_id=parse_id_bytes(fields.get(b"max-deleted-entry-id", b"0-0")),
+            # Before Redis 7.0 there is no count of added entries: assume trimming happened.
+            entries_added=int(fields.get(b"entries-added", length + 1)),
             genesis=genesis_id,
         )
 

@@ -5,9 +5,9 @@ group, one bytes object holding the frames that group wants, and appends that sa
 to every client's bounded buffer: no per-client encoding, no per-client Redis call, one
 wake-up per client per batch (frames of a burst coalesce into one socket write).
 
-A client whose buffer passes its limit is disconnected as ``slow``; it catches up from
-the stream when it reconnects. Appending never awaits, so one slow client cannot delay
-another.
+A client whose backlog (more than one pending batch) passes its limit is disconnected as
+``slow``; it catches up from the stream when it reconnects. Appending never awaits, so one
+slow client cannot delay another.
 """
 
 from __future__ import annotations
@@ -66,7 +66,10 @@ class Client:
         self._bytes += len(chunk)
         if ts_ms and not self.oldest_ts_ms:
             self.oldest_ts_ms = ts_ms
-        if self._bytes > self.limit:
+        # One oversized batch to a client that has kept up is fine (the bytes object is shared
+        # with every client of its group); a backlog past the limit means the peer is not
+        # reading fast enough.
+        if self._bytes > self.limit and len(self._chunks) > 1:
             self.close("slow")
             # The handler may be blocked writing to a peer that stopped reading; aborting
             # the transport frees it and the buffered bytes at once.
@@ -128,6 +131,8 @@ class Hub:
     def dispatch(self, entries: list[Entry]) -> int:
         """Hand a batch to every client; returns how many entries were new."""
         last = self.last_id
+        if not entries:
+            return 0
         if entries[0].id <= last:
             entries = [e for e in entries if e.id > last]
             if not entries:

@@ -44,7 +44,7 @@ def parse_types(raw: str | None) -> frozenset[bytes] | None:
     if len(raw) > MAX_TYPES_PARAM_LEN:
         raise ApiError(400, "invalid_types", "'types' is too long")
     items = raw.split(",")
-    if any(not TYPE_RE.match(item) for item in items):
+    if any(not TYPE_RE.fullmatch(item) for item in items):
         raise ApiError(
             400,
             "invalid_types",

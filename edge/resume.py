@@ -1,15 +1,20 @@
 """Can a client resume from a position without a gap? (pure)
 
 A position ``L`` (the last id a client received) has a gap-free continuation when every
-entry after ``L`` that was ever written is still in the stream:
+entry written after ``L`` is still in the stream:
 
-* nothing after ``L`` was trimmed: ``L >= max-deleted-entry-id``;
-* the stream was not lost and recreated since ``L``: ``L >= genesis - 1``;
-* ``L`` is not ahead of what this stream ever generated (a position from elsewhere).
+* nothing after ``L`` was trimmed. Trimming removes the oldest entries, and Redis counts
+  what was ever added (``entries-added``) but does not record the trimmed ids, so once
+  anything was trimmed the safe floor is the entry just before the oldest retained one:
+  ``L >= first - 1``. (A client whose last event was exactly the last trimmed one is the
+  only case told "reset" without having missed anything; it gets every retained event.)
+* nothing after ``L`` was deleted (``L >= max-deleted-entry-id``);
+* the stream was not lost and recreated since ``L``: ``L >= genesis - 1``, where genesis is
+  the first id written into this incarnation (recorded by the ingest script);
+* ``L`` is not ahead of the stream's last generated id (a position from elsewhere).
 
-Otherwise the client gets an in-band ``reset`` first, whose ``id`` is the boundary ``B``
-from which the retained history is complete, so a reconnect after the reset resumes
-cleanly from ``B``.
+Otherwise the client gets an in-band ``reset`` first, whose ``id`` is the floor from which
+the retained history is complete, so a reconnect after the reset resumes cleanly.
 """
 
 from __future__ import annotations
@@ -57,10 +62,17 @@ class Reset:
         }
 
 
+def trimmed(info: StreamInfo) -> bool:
+    return info.entries_added > info.length
+
+
 def boundary(info: StreamInfo) -> StreamId:
     """The oldest position that still has a gap-free continuation."""
-    genesis_floor = info.genesis.predecessor() if info.genesis is not None else ZERO
-    return max(info.max_deleted_id, genesis_floor)
+    if trimmed(info):
+        floor = info.first_id.predecessor() if info.first_id is not None else info.last_id
+    else:
+        floor = info.genesis.predecessor() if info.genesis is not None else ZERO
+    return max(floor, info.max_deleted_id)
 
 
 def check_position(requested: StreamId, info: StreamInfo) -> Resume | Reset:
@@ -73,8 +85,10 @@ def check_position(requested: StreamId, info: StreamInfo) -> Resume | Reset:
     floor = boundary(info)
     if requested >= floor:
         return Resume(requested)
-    if requested == ZERO and info.max_deleted_id == ZERO:
+    if requested == ZERO and not trimmed(info) and info.max_deleted_id == ZERO:
         # "From the very beginning" of a stream that never lost an entry.
         return Resume(ZERO)
-    reason = "trimmed" if info.max_deleted_id > requested else "stream_lost"
+    genesis_floor = info.genesis.predecessor() if info.genesis is not None else ZERO
+    # 0-0 asks for "everything", which predates any genesis: what it lost was trimmed.
+    reason = "stream_lost" if requested != ZERO and requested < genesis_floor else "trimmed"
     return Reset(reason, requested, floor, info.first_id)

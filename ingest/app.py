@@ -57,7 +57,7 @@ def create_app(
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    redis = make_redis(settings.redis)
+    redis = make_redis(settings.redis, f"{settings.node_id}:ingest")
     app[REDIS] = redis
     writer = BatchWriter(
         redis,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 from dataclasses import dataclass
 from enum import StrEnum
@@ -50,6 +51,15 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        # 1e400 is JSON, but as a float it becomes inf, which would be re-emitted as the
+        # non-JSON token Infinity.
+        raise ValueError(f"number {text[:40]} is out of the range of a double")
+    return value
+
+
 def _encode_key(key: bytes | None) -> tuple[str, Any]:
     if key is None:
         return "key", None
@@ -79,7 +89,7 @@ def decode_record(
     except UnicodeDecodeError as exc:
         return Dead(DeadReason.NOT_UTF8, f"invalid UTF-8 at byte {exc.start}")
     try:
-        obj = json.loads(text, parse_constant=_reject_constant)
+        obj = json.loads(text, parse_constant=_reject_constant, parse_float=_parse_float)
     except (ValueError, RecursionError) as exc:
         return Dead(DeadReason.NOT_JSON, str(exc)[:200])
     if not isinstance(obj, dict):
@@ -93,7 +103,7 @@ def decode_record(
             break
     if event_type is None:
         return Dead(DeadReason.MISSING_TYPE, f"none of the type fields {list(type_fields)} is set")
-    if not isinstance(event_type, str) or not TYPE_RE.match(event_type):
+    if not isinstance(event_type, str) or not TYPE_RE.fullmatch(event_type):
         return Dead(
             DeadReason.BAD_TYPE, f"type {str(event_type)[:80]!r} does not match {TYPE_RE.pattern}"
         )
@@ -107,9 +117,13 @@ def decode_record(
         "event": obj,
     }
     try:
-        data = json.dumps(envelope, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        # A lone surrogate escape ("\\ud800") parses but cannot be UTF-8 encoded; ASCII
-        # escaping keeps the same JSON value.
-        data = json.dumps(envelope, separators=(",", ":")).encode("ascii")
+        try:
+            data = json.dumps(envelope, separators=(",", ":"), ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            # A lone surrogate escape ("\\ud800") parses but cannot be UTF-8 encoded; ASCII
+            # escaping keeps the same JSON value.
+            data = json.dumps(envelope, separators=(",", ":")).encode("ascii")
+    except RecursionError:
+        # Nesting just under the parser's limit parses, but the envelope adds two levels.
+        return Dead(DeadReason.NOT_JSON, "the JSON value is nested too deeply")
     return Envelope(type=event_type, data=data)

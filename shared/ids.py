@@ -10,7 +10,7 @@ import re
 from typing import NamedTuple
 
 _U64_MAX = 2**64 - 1
-_ID_RE = re.compile(r"^(\d{1,20})-(\d{1,20})$")
+_ID_RE = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
 
 
 class StreamId(NamedTuple):
@@ -43,7 +43,7 @@ def parse_id(text: str) -> StreamId:
     """Parse a full ``ms-seq`` id as sent by a client; raises ``InvalidStreamId``."""
     if len(text) > 41:
         raise InvalidStreamId("stream id is too long")
-    m = _ID_RE.match(text)
+    m = _ID_RE.fullmatch(text)
     if m is None:
         raise InvalidStreamId("stream id must look like '<ms>-<seq>', e.g. '1732870000000-0'")
     ms, seq = int(m.group(1)), int(m.group(2))

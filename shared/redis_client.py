@@ -7,7 +7,7 @@ from redis.asyncio import Redis
 from .settings import RedisSettings
 
 
-def make_redis(settings: RedisSettings, *, for_pubsub: bool = False) -> Redis:
+def make_redis(settings: RedisSettings, client_name: str, *, for_pubsub: bool = False) -> Redis:
     # Pub/sub waits indefinitely for messages, so its socket has no read timeout; the
     # edge's subscriber pings on its own schedule instead.
     return Redis.from_url(
@@ -16,4 +16,6 @@ def make_redis(settings: RedisSettings, *, for_pubsub: bool = False) -> Redis:
         socket_connect_timeout=settings.timeout_s,
         socket_keepalive=True,
         decode_responses=False,
+        # Named connections show up in CLIENT LIST, and can be killed one edge at a time.
+        client_name=client_name,
     )

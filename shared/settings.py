@@ -79,7 +79,7 @@ class Env:
         value = self.raw(name)
         if value is None:
             return default
-        if pattern is not None and not pattern.match(value):
+        if pattern is not None and not pattern.fullmatch(value):
             raise SettingsError(ENV_PREFIX + name, f"{value!r} does not match {pattern.pattern}")
         return value
 
@@ -112,7 +112,7 @@ class Env:
         if value is None:
             return default
         items = tuple(part.strip() for part in value.split(","))
-        bad = [item for item in items if not pattern.match(item)]
+        bad = [item for item in items if not pattern.fullmatch(item)]
         if not items or bad:
             raise SettingsError(
                 ENV_PREFIX + name, f"expected a comma-separated list of names, got {value!r}"
@@ -142,8 +142,7 @@ def mask_url(url: str) -> str:
     if parts.password is None:
         return url
     user = parts.username or ""
-    host = parts.hostname or ""
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    netloc = f"{user}:***@{parts.netloc.rpartition('@')[2]}"
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
@@ -206,7 +205,7 @@ class IngestSettings:
     def from_env(cls, source: Mapping[str, str]) -> IngestSettings:
         env = Env(source)
         bootstrap = env.string("KAFKA_BOOTSTRAP", DEFAULT_KAFKA_BOOTSTRAP)
-        if not all(_HOSTPORT_RE.match(part.strip()) for part in bootstrap.split(",")):
+        if not all(_HOSTPORT_RE.fullmatch(part.strip()) for part in bootstrap.split(",")):
             raise SettingsError(
                 ENV_PREFIX + "KAFKA_BOOTSTRAP", f"expected host:port[,host:port], got {bootstrap!r}"
             )

@@ -1,0 +1,218 @@
+"""A private crm-events deployment for one test module (or one benchmark): ingest workers,
+edges and an nginx load balancer on free ports, over the shared Kafka and Redis, with a
+unique topic, consumer group and Redis prefix so that nothing is shared between tests.
+
+It also injects faults: stop/start, kill -9, SIGSTOP/SIGCONT of any process, and dropping
+one edge's Redis connections (CLIENT KILL).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+from redis.asyncio import Redis
+
+from devtools import nginx_conf
+from devtools.probes import HttpReady
+from devtools.supervisor import ProcessSpec, Supervisor
+
+from .backends import Backends
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Cluster:
+    run_dir: Path
+    backends: Backends
+    edges: int = 2
+    ingests: int = 1
+    env: Mapping[str, str] = field(default_factory=dict)
+    """Extra CRM_EVENTS_* settings for every ingest and edge process."""
+    with_nginx: bool = True
+
+    def __post_init__(self) -> None:
+        tag = uuid.uuid4().hex[:10]
+        self.topic = f"crm-test-{tag}"
+        self.group = f"crm-test-group-{tag}"
+        self.prefix = f"crm-test-{tag}"
+        self.sup = Supervisor(self.run_dir)
+        self.edge_ports = [free_port() for _ in range(self.edges)]
+        self.ingest_ports = [free_port() for _ in range(self.ingests)]
+        self.lb_port = free_port()
+        self._specs: dict[str, ProcessSpec] = {}
+        for i, port in enumerate(self.ingest_ports, start=1):
+            self._specs[f"ingest{i}"] = self._ingest_spec(i, port)
+        for i, port in enumerate(self.edge_ports, start=1):
+            self._specs[f"edge{i}"] = self._edge_spec(i, port)
+        if self.with_nginx:
+            self._specs["nginx"] = self._nginx_spec()
+
+    # -- process specs --------------------------------------------------------------------
+
+    def _common_env(self) -> dict[str, str]:
+        return {
+            "CRM_EVENTS_REDIS_URL": self.backends.redis_url,
+            "CRM_EVENTS_REDIS_PREFIX": self.prefix,
+            "CRM_EVENTS_LOG_LEVEL": "INFO",
+            **self.env,
+        }
+
+    def _ingest_spec(self, i: int, port: int) -> ProcessSpec:
+        env = {
+            **self._common_env(),
+            "CRM_EVENTS_KAFKA_BOOTSTRAP": self.backends.kafka_bootstrap,
+            "CRM_EVENTS_KAFKA_TOPIC": self.topic,
+            "CRM_EVENTS_KAFKA_GROUP": self.group,
+            "CRM_EVENTS_INGEST_PORT": str(port),
+            "CRM_EVENTS_NODE_ID": f"ingest-{i}",
+        }
+        return ProcessSpec(
+            name=f"ingest{i}",
+            argv=[sys.executable, "-m", "ingest"],
+            env=env,
+            ready=HttpReady(f"http://127.0.0.1:{port}/readyz"),
+            ready_timeout_s=90,
+            port=port,
+        )
+
+    def _edge_spec(self, i: int, port: int) -> ProcessSpec:
+        env = {
+            **self._common_env(),
+            "CRM_EVENTS_EDGE_PORT": str(port),
+            "CRM_EVENTS_NODE_ID": f"edge-{i}",
+        }
+        return ProcessSpec(
+            name=f"edge{i}",
+            argv=[sys.executable, "-m", "edge"],
+            env=env,
+            ready=HttpReady(f"http://127.0.0.1:{port}/readyz"),
+            ready_timeout_s=30,
+            port=port,
+        )
+
+    def _nginx_spec(self) -> ProcessSpec:
+        out = self.run_dir / "nginx"
+        main = nginx_conf.render(out, self.lb_port, self.edge_ports)
+        return ProcessSpec(
+            name="nginx",
+            argv=nginx_conf.nginx_argv(main),
+            ready=HttpReady(f"http://127.0.0.1:{self.lb_port}/nginx-health"),
+            ready_timeout_s=20,
+            port=self.lb_port,
+        )
+
+    # -- lifecycle and faults ---------------------------------------------------------------
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._specs)
+
+    def spec(self, name: str) -> ProcessSpec:
+        return self._specs[name]
+
+    def start(self, *names: str) -> None:
+        for name in names or self.names:
+            self.sup.start(self._specs[name])
+
+    def stop(self, *names: str, timeout_s: float = 10.0) -> None:
+        for name in names or list(reversed(self.names)):
+            self.sup.stop(name, timeout_s=timeout_s)
+
+    def kill9(self, name: str) -> None:
+        self.sup.kill9(name)
+
+    def pause(self, name: str) -> None:
+        self.sup.pause(name)
+
+    def resume(self, name: str) -> None:
+        self.sup.resume(name)
+
+    def is_running(self, name: str) -> bool:
+        return self.sup.is_running(name)
+
+    def log(self, name: str) -> str:
+        return self.sup.log_tail(name, 200)
+
+    # -- addresses --------------------------------------------------------------------------
+
+    def lb_url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.lb_port}{path}"
+
+    def edge_url(self, i: int, path: str) -> str:
+        return f"http://127.0.0.1:{self.edge_ports[i - 1]}{path}"
+
+    def ingest_url(self, i: int, path: str) -> str:
+        return f"http://127.0.0.1:{self.ingest_ports[i - 1]}{path}"
+
+    @property
+    def stream_key(self) -> str:
+        return f"{self.prefix}:stream"
+
+    @property
+    def dead_key(self) -> str:
+        return f"{self.prefix}:dead"
+
+    def redis(self) -> Redis:
+        return Redis.from_url(self.backends.redis_url)
+
+    # -- Kafka and Redis helpers -------------------------------------------------------------
+
+    async def produce(self, records: Iterable[tuple[bytes | None, bytes | None]]) -> list[Any]:
+        """Send ``(key, value)`` records with a plain Kafka producer; returns their metadata."""
+        producer = AIOKafkaProducer(bootstrap_servers=self.backends.kafka_bootstrap, acks="all")
+        await producer.start()
+        try:
+            futures = [await producer.send(self.topic, value=v, key=k) for k, v in records]
+            return [await f for f in futures]
+        finally:
+            await producer.stop()
+
+    async def partitions(self) -> int:
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.backends.kafka_bootstrap)
+        await admin.start()
+        try:
+            described = await admin.describe_topics([self.topic])
+        finally:
+            await admin.close()
+        return len(described[0]["partitions"])
+
+    async def drop_redis_connections(self, node_id: str) -> int:
+        """CLIENT KILL every Redis connection of one node (named ``<node>:<purpose>``)."""
+        redis = self.redis()
+        try:
+            killed = 0
+            for client in await redis.client_list():
+                if str(client.get("name", "")).startswith(f"{node_id}:"):
+                    await redis.client_kill_filter(_id=client["id"])
+                    killed += 1
+            return killed
+        finally:
+            await redis.aclose()
+
+
+def crm_event(seq: int, type_: str = "ContactCreated", key: str | None = None) -> bytes:
+    """A .NET-outbox style event carrying a sequence number for the tests' bookkeeping."""
+    return json.dumps(
+        {
+            "Type": type_,
+            "Ts": "2026-11-29T10:00:00Z",
+            "Seq": seq,
+            "AggregateId": key or f"agg-{seq % 30}",
+            "Data": {"Name": f"Customer {seq}", "Note": "ünïcode ✓"},
+        },
+        ensure_ascii=False,
+    ).encode()

@@ -1,0 +1,61 @@
+"""Fixtures over the real services: Kafka and Redis (see tests/harness/backends.py), plus
+private ingest/edge/nginx processes per test module."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness.backends import Backends, provide
+from tests.harness.cluster import Cluster
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/integration" in str(item.path):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def backends() -> Iterator[Backends]:
+    with provide() as found:
+        yield found
+
+
+def _start(cluster: Cluster) -> Cluster:
+    try:
+        cluster.start()
+    except Exception:
+        cluster.stop()
+        raise
+    return cluster
+
+
+@pytest.fixture(scope="module")
+def cluster(backends: Backends, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """Ingest, two edges and nginx with default settings."""
+    c = _start(Cluster(Path(tmp_path_factory.mktemp("cluster")), backends))
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def small_cluster(
+    backends: Backends, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
+    """A deployment with a short replay stream and a small event size limit."""
+    c = _start(
+        Cluster(
+            Path(tmp_path_factory.mktemp("small")),
+            backends,
+            env={
+                "CRM_EVENTS_STREAM_MAXLEN": "100",
+                "CRM_EVENTS_EVENT_MAX_BYTES": "4096",
+                "CRM_EVENTS_CLIENT_BUFFER_BYTES": "65536",
+            },
+        )
+    )
+    yield c
+    c.stop()

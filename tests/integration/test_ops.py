@@ -1,0 +1,202 @@
+"""Operations endpoints, readiness against a Redis that goes away, and SIGTERM handoff."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from devtools.probes import RedisReady
+from devtools.supervisor import ProcessSpec, Supervisor
+from tests.harness.backends import Backends
+from tests.harness.cluster import Cluster, crm_event, free_port
+from tests.integration.checks import assert_exactly_once_in_order
+from tests.sse_client import Collector
+from tests.waiting import eventually
+
+pytestmark = pytest.mark.timeout(240)
+
+EDGE_METRICS = {
+    "crm_events_sse_clients",
+    "crm_events_messages",
+    "crm_events_http_requests",
+    "crm_events_delivery_latency_seconds",
+    "crm_events_sse_disconnects",
+    "crm_events_sse_resumes",
+    "crm_events_sse_resets",
+    "crm_events_ready",
+}
+INGEST_METRICS = {
+    "crm_events_messages",
+    "crm_events_http_requests",
+    "crm_events_consumer_lag",
+    "crm_events_dead_letters",
+    "crm_events_ingest_records",
+    "crm_events_ingest_batch_duration_seconds",
+    "crm_events_ready",
+}
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+async def families(session: aiohttp.ClientSession, url: str) -> tuple[str, set[str]]:
+    async with session.get(url) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        text = await resp.text()
+    return text, {f.name for f in text_string_to_metric_families(text)}
+
+
+async def test_every_process_exports_parseable_metrics(
+    cluster: Cluster, session: aiohttp.ClientSession
+) -> None:
+    # Some traffic first, so that the lag gauge has partitions and the histogram samples.
+    await cluster.produce((None, crm_event(i)) for i in range(10))
+    async with session.get(cluster.edge_url(1, "/crm-events/history?n=1")) as resp:
+        assert resp.status == 200
+    targets = [(cluster.ingest_url(1, "/metrics"), INGEST_METRICS)] + [
+        (cluster.edge_url(i, "/metrics"), EDGE_METRICS) for i in (1, 2)
+    ]
+    for url, required in targets:
+        text, names = await families(session, url)
+        assert required <= names, f"{url} lacks {sorted(required - names)}"
+        promtool = shutil.which("promtool")
+        if promtool:
+            lint = subprocess.run(
+                [promtool, "check", "metrics"], input=text, capture_output=True, text=True
+            )
+            assert lint.returncode == 0, lint.stdout + lint.stderr
+
+    async def lag_reported() -> bool:
+        text, _ = await families(session, cluster.ingest_url(1, "/metrics"))
+        return 'crm_events_consumer_lag{partition="0"' in text
+
+    await eventually(lag_reported, 15, "consumer lag per partition")
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz"])
+async def test_health_endpoints(
+    cluster: Cluster, session: aiohttp.ClientSession, path: str
+) -> None:
+    for url in (cluster.ingest_url(1, path), cluster.edge_url(1, path), cluster.edge_url(2, path)):
+        async with session.get(url) as resp:
+            assert resp.status == 200, url
+            assert (await resp.json())["status"] in ("ok", "ready")
+
+
+@pytest.fixture(scope="module")
+def private_redis(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[Supervisor, ProcessSpec]]:
+    """A Redis of this module's own, so that stopping it disturbs no other test."""
+    run = Path(tmp_path_factory.mktemp("private-redis"))
+    port = free_port()
+    spec = ProcessSpec(
+        name="redis",
+        argv=[
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(run),
+        ],
+        ready=RedisReady("127.0.0.1", port),
+        ready_timeout_s=20,
+        port=port,
+    )
+    sup = Supervisor(run)
+    sup.start(spec)
+    yield sup, spec
+    sup.stop("redis")
+
+
+async def test_readyz_follows_redis(
+    backends: Backends,
+    private_redis: tuple[Supervisor, ProcessSpec],
+    tmp_path_factory: pytest.TempPathFactory,
+    session: aiohttp.ClientSession,
+) -> None:
+    sup, spec = private_redis
+    assert spec.port is not None
+    local = Backends(backends.kafka_bootstrap, f"redis://127.0.0.1:{spec.port}/0", "private")
+    c = Cluster(Path(tmp_path_factory.mktemp("ready")), local, edges=1, with_nginx=False)
+    c.start()
+    try:
+        urls = [c.edge_url(1, "/readyz"), c.ingest_url(1, "/readyz")]
+
+        async def statuses() -> list[int]:
+            out = []
+            for url in urls:
+                async with session.get(url) as resp:
+                    out.append(resp.status)
+            return out
+
+        assert await statuses() == [200, 200]
+        sup.stop("redis")
+        await eventually(lambda: _all(statuses, 503), 20, "readyz 503 without Redis")
+        async with session.get(c.edge_url(1, "/readyz")) as resp:
+            body = await resp.json()
+        assert body["error"] == "not_ready" and body["redis"] is False
+        async with session.get(c.edge_url(1, "/healthz")) as resp:
+            assert resp.status == 200, "alive even when not ready"
+        sup.start(spec)
+        await eventually(lambda: _all(statuses, 200), 30, "readyz 200 after Redis returns")
+        # And the pipeline works again end to end.
+        client = Collector(c.edge_url(1, "/crm-events")).start(session)
+        await client.wait_for(lambda col: col.node is not None, 10, "stream open")
+        await c.produce([(None, crm_event(7))])
+        await client.wait_for(lambda col: len(col.data_frames) >= 1, 30, "event after recovery")
+        await client.stop()
+    finally:
+        c.stop()
+
+
+async def _all(statuses: object, expected: int) -> bool:
+    got = await statuses()  # type: ignore[operator]
+    return all(s == expected for s in got)
+
+
+async def test_sigterm_closes_streams_and_clients_resume_on_the_other_edge(
+    backends: Backends, tmp_path_factory: pytest.TempPathFactory, session: aiohttp.ClientSession
+) -> None:
+    c = Cluster(Path(tmp_path_factory.mktemp("sigterm")), backends)
+    c.start()
+    try:
+        base = 70_000
+        client = Collector(c.lb_url("/crm-events")).start(session)
+        await client.wait_for(lambda col: col.node is not None, 10, "stream open")
+        await c.produce((None, crm_event(base + i)) for i in range(50))
+        await client.wait_for(lambda col: len(col.data_frames) >= 50, 30, "50 events")
+        serving = "edge1" if client.node == "edge-1" else "edge2"
+        t0 = time.monotonic()
+        c.stop(serving, timeout_s=10)
+        took = time.monotonic() - t0
+        await eventually(client.ended.is_set, 5, "the stream to end on SIGTERM")
+        assert took < 5, f"edge took {took:.1f}s to exit"
+        assert "closing streams for shutdown" in c.log(serving)
+        # Reconnect through the LB, as EventSource would, with the last id.
+        last = client.data_frames[-1].id or ""
+        await c.produce((None, crm_event(base + 50 + i)) for i in range(50))
+        again = Collector(c.lb_url("/crm-events"), headers={"Last-Event-ID": last}).start(session)
+        await again.wait_for(lambda col: len(col.data_frames) >= 50, 30, "the next 50 events")
+        assert again.node != client.node
+        assert_exactly_once_in_order(again.data_frames, set(range(base + 50, base + 100)))
+        await again.stop()
+    finally:
+        c.stop()

@@ -1,0 +1,213 @@
+"""Kafka -> ingest -> Redis -> edges -> nginx, end to end on the real services."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+
+from tests.harness.cluster import Cluster, crm_event
+from tests.integration.checks import assert_exactly_once_in_order
+from tests.sse_client import Collector
+from tests.waiting import eventually
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+async def stream_count(cluster: Cluster, session: aiohttp.ClientSession) -> float:
+    total = 0.0
+    for i in range(1, cluster.edges + 1):
+        async with session.get(cluster.edge_url(i, "/readyz")) as resp:
+            total += (await resp.json())["clients"]
+    return total
+
+
+async def test_ingest_created_the_topic_with_three_partitions(cluster: Cluster) -> None:
+    assert await cluster.partitions() == 3
+
+
+async def test_thousand_events_reach_three_clients_exactly_once(
+    cluster: Cluster, session: aiohttp.ClientSession
+) -> None:
+    before = await stream_count(cluster, session)
+    clients = [
+        Collector(cluster.lb_url("/crm-events")).start(session),
+        Collector(cluster.lb_url("/crm-events")).start(session),
+        Collector(cluster.edge_url(2, "/crm-events")).start(session),
+    ]
+    await eventually(
+        lambda: _at_least(cluster, session, before + 3), 15, "three SSE clients connected"
+    )
+    base = 10_000
+    metadata = await cluster.produce(
+        (f"agg-{i % 30}".encode(), crm_event(base + i, key=f"agg-{i % 30}")) for i in range(1000)
+    )
+    assert {m.partition for m in metadata} == {0, 1, 2}, "the keys must use all 3 partitions"
+    for c in clients:
+        await c.wait_for(
+            lambda c: len([f for f in c.data_frames if f.json()["event"]["Seq"] >= base]) >= 1000,
+            60,
+            "1000 events",
+        )
+    for c in clients:
+        mine = [f for f in c.data_frames if f.json()["event"]["Seq"] >= base]
+        assert_exactly_once_in_order(mine, set(range(base, base + 1000)))
+        assert c.status == 200
+    # The event object reaches the browser unchanged.
+    original = crm_event(base, key="agg-0")
+    first = next(f for f in clients[0].data_frames if f.json()["event"]["Seq"] == base)
+    assert first.json()["event"] == json.loads(original)
+    assert first.json()["type"] == "ContactCreated"
+    for c in clients:
+        await c.stop()
+
+
+async def _at_least(cluster: Cluster, session: aiohttp.ClientSession, n: float) -> bool:
+    return await stream_count(cluster, session) >= n
+
+
+async def test_resume_on_the_other_edge_after_event_k(
+    cluster: Cluster, session: aiohttp.ClientSession
+) -> None:
+    base = 20_000
+    first = Collector(cluster.lb_url("/crm-events")).start(session)
+    await first.wait_for(lambda c: c.node is not None, 10, "the stream to open")
+    await cluster.produce((None, crm_event(base + i)) for i in range(200))
+    await first.wait_for(lambda c: len(c.data_frames) >= 200, 30, "200 events")
+    await first.stop()
+    k = 120
+    kth = first.data_frames[k]
+    # Records without a key spread over the partitions, so stream order is not Seq order:
+    # what comes after event k is everything the client had not seen by then.
+    seen_by_k = {f.json()["event"]["Seq"] for f in first.data_frames[: k + 1]}
+    # More events flow while the client is away.
+    await cluster.produce((None, crm_event(base + 200 + i)) for i in range(100))
+    other = 2 if first.node == "edge-1" else 1
+    second = Collector(
+        cluster.edge_url(other, "/crm-events"), headers={"Last-Event-ID": kth.id or ""}
+    ).start(session)
+    await second.wait_for(lambda c: len(c.data_frames) >= 300 - k - 1, 30, "events after k")
+    assert second.node == f"edge-{other}" and second.node != first.node
+    assert all(f.event == "message" for f in second.received), "no reset expected"
+    assert_exactly_once_in_order(second.data_frames, set(range(base, base + 300)) - seen_by_k)
+    await second.stop()
+
+
+async def test_resume_through_the_load_balancer_with_query_id(
+    cluster: Cluster, session: aiohttp.ClientSession
+) -> None:
+    base = 30_000
+    await cluster.produce((None, crm_event(base + i)) for i in range(50))
+
+    async def history() -> list[dict[str, object]]:
+        async with session.get(cluster.lb_url("/crm-events/history?n=50")) as resp:
+            items: list[dict[str, object]] = (await resp.json())["items"]
+        return items
+
+    async def all_fifty() -> bool:
+        seqs = {i["event"]["Seq"] for i in await history()}  # type: ignore[index]
+        return seqs == set(range(base, base + 50))
+
+    await eventually(all_fifty, 30, "the 50 events in history")
+    items = await history()
+    after = items[9]["id"]
+    client = Collector(cluster.lb_url(f"/crm-events?last_event_id={after}")).start(session)
+    await client.wait_for(lambda c: len(c.data_frames) >= 40, 30, "40 events")
+    later = {i["event"]["Seq"] for i in items[10:]}  # type: ignore[index]
+    assert_exactly_once_in_order(client.data_frames, later)
+    await client.stop()
+
+
+async def test_history_latest_and_cursor_paging(
+    cluster: Cluster, session: aiohttp.ClientSession
+) -> None:
+    base = 40_000
+    types = ["DealWon", "TicketOpened"]
+    # One key, so one partition: stream order is Seq order and history order is checkable.
+    key = b"deal-history"
+    await cluster.produce(
+        (key, crm_event(base + i, types[i % 2], "deal-history")) for i in range(250)
+    )
+
+    async def tail_is_ours() -> bool:
+        async with session.get(cluster.lb_url("/crm-events/history?n=1")) as resp:
+            items = (await resp.json())["items"]
+        return bool(items) and items[-1]["event"]["Seq"] == base + 249
+
+    await eventually(tail_is_ours, 30, "the last produced event in history")
+    async with session.get(cluster.lb_url("/crm-events/history?n=100")) as resp:
+        assert resp.status == 200
+        body = await resp.json()
+    assert [i["event"]["Seq"] for i in body["items"]] == list(range(base + 150, base + 250))
+    ids = [i["id"] for i in body["items"]]
+    assert ids == sorted(ids, key=lambda s: tuple(map(int, s.split("-"))))
+
+    # Default n is 100.
+    async with session.get(cluster.lb_url("/crm-events/history")) as resp:
+        assert (await resp.json())["count"] == 100
+
+    # Page forward from before our batch, with a type filter, in pages of 30.
+    async with session.get(cluster.lb_url("/crm-events/history?n=250")) as resp:
+        start = (await resp.json())["items"][0]["id"]
+    # `start` is our first event; step back one id so it is included.
+    ms, seq = map(int, start.split("-"))
+    cursor = f"{ms}-{seq - 1}" if seq else f"{ms - 1}-18446744073709551615"
+    seen: list[int] = []
+    pages = 0
+    while True:
+        url = f"/crm-events/history?n=30&types=DealWon&after={cursor}"
+        async with session.get(cluster.lb_url(url)) as resp:
+            page = await resp.json()
+        pages += 1
+        if not page["items"]:
+            break
+        seen += [i["event"]["Seq"] for i in page["items"]]
+        assert {i["type"] for i in page["items"]} == {"DealWon"}
+        cursor = page["next_after"]
+        assert pages < 20
+    ours = [s for s in seen if base <= s < base + 250]
+    assert ours == list(range(base, base + 250, 2)), "pages overlap or skip"
+    assert len(seen) == len(set(seen))
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "code"),
+    [
+        ("/crm-events/history?n=abc", 400, "invalid_n"),
+        ("/crm-events/history?n=0", 400, "invalid_n"),
+        ("/crm-events/history?n=1000000000", 400, "invalid_n"),
+        ("/crm-events/history?after=yesterday", 400, "invalid_id"),
+        ("/crm-events/history?types=Deal%20Won", 400, "invalid_types"),
+        ("/crm-events?last_event_id=not-an-id", 400, "invalid_id"),
+        ("/crm-events?types=,", 400, "invalid_types"),
+        ("/crm-events/nope", 404, "not_found"),
+        ("/definitely/not/here", 404, "not_found"),
+    ],
+)
+async def test_bad_requests_get_json_errors_through_the_lb(
+    cluster: Cluster, session: aiohttp.ClientSession, path: str, status: int, code: str
+) -> None:
+    async with session.get(cluster.lb_url(path)) as resp:
+        assert resp.status == status
+        assert resp.content_type == "application/json"
+        body = await resp.json()
+    assert body["error"] == code
+    assert isinstance(body["message"], str) and body["message"]
+
+
+async def test_sse_headers_through_the_lb(cluster: Cluster, session: aiohttp.ClientSession) -> None:
+    async with session.get(cluster.lb_url("/crm-events")) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"] == "text/event-stream"
+        assert resp.headers["Cache-Control"] == "no-cache"
+        first = await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 10)
+        assert first.startswith(b"retry: ")

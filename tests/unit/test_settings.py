@@ -1,0 +1,244 @@
+"""shared.settings: defaults from an empty mapping, one clear error per malformed value, and
+no password in any repr."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import pytest
+
+from shared import settings as s
+from shared.errors import SettingsError
+from shared.settings import EdgeSettings, IngestSettings, RedisSettings, mask_url
+
+FromEnv = Callable[[Mapping[str, str]], Any]
+
+
+def test_redis_defaults() -> None:
+    redis = RedisSettings()
+
+    assert redis.url == s.DEFAULT_REDIS_URL
+    assert redis.prefix == s.DEFAULT_REDIS_PREFIX
+    assert redis.timeout_s == s.DEFAULT_REDIS_TIMEOUT_S
+
+
+def test_ingest_defaults_from_an_empty_mapping() -> None:
+    got = IngestSettings.from_env({})
+
+    assert got.redis == RedisSettings()
+    assert got.node_id.startswith("ingest-")
+    assert (
+        got.log_level,
+        got.kafka_bootstrap,
+        got.kafka_topic,
+        got.kafka_group,
+        got.kafka_partitions,
+        got.kafka_replication_factor,
+        got.host,
+        got.port,
+        got.batch_max_records,
+        got.poll_timeout_ms,
+        got.stream_maxlen,
+        got.dead_maxlen,
+        got.event_max_bytes,
+        got.type_fields,
+        got.backoff_max_s,
+    ) == (
+        "INFO",
+        "127.0.0.1:9092",
+        "aetherlink.events",
+        "crm-events-ingest",
+        3,
+        1,
+        "127.0.0.1",
+        9020,
+        s.DEFAULT_BATCH_MAX_RECORDS,
+        s.DEFAULT_POLL_TIMEOUT_MS,
+        s.DEFAULT_STREAM_MAXLEN,
+        s.DEFAULT_DEAD_MAXLEN,
+        s.DEFAULT_EVENT_MAX_BYTES,
+        ("Type", "type", "eventType"),
+        s.DEFAULT_BACKOFF_MAX_S,
+    )
+
+
+def test_edge_defaults_from_an_empty_mapping() -> None:
+    got = EdgeSettings.from_env({})
+
+    assert got.redis == RedisSettings()
+    assert got.node_id.startswith("edge-")
+    assert (
+        got.log_level,
+        got.host,
+        got.port,
+        got.ping_interval_s,
+        got.retry_ms,
+        got.client_buffer_bytes,
+        got.history_default_n,
+        got.history_max_n,
+        got.resume_page,
+        got.shutdown_grace_s,
+        got.backoff_max_s,
+    ) == (
+        "INFO",
+        "127.0.0.1",
+        9011,
+        15.0,
+        s.DEFAULT_RETRY_MS,
+        s.DEFAULT_CLIENT_BUFFER_BYTES,
+        100,
+        1000,
+        s.DEFAULT_RESUME_PAGE,
+        s.DEFAULT_SHUTDOWN_GRACE_S,
+        s.DEFAULT_BACKOFF_MAX_S,
+    )
+
+
+def test_blank_values_count_as_unset() -> None:
+    got = EdgeSettings.from_env({"CRM_EVENTS_EDGE_PORT": "  ", "CRM_EVENTS_LOG_LEVEL": ""})
+
+    assert got.port == s.DEFAULT_EDGE_PORT
+    assert got.log_level == "INFO"
+
+
+@pytest.mark.parametrize(
+    ("from_env", "env", "attr", "expected"),
+    [
+        pytest.param(EdgeSettings.from_env, {"EDGE_PORT": "0"}, "port", 0, id="port-0"),
+        pytest.param(EdgeSettings.from_env, {"EDGE_PORT": "65535"}, "port", 65535, id="port-max"),
+        pytest.param(EdgeSettings.from_env, {"EDGE_PORT": " 9100 "}, "port", 9100, id="port-ws"),
+        pytest.param(
+            EdgeSettings.from_env, {"LOG_LEVEL": "debug"}, "log_level", "DEBUG", id="level-case"
+        ),
+        pytest.param(
+            EdgeSettings.from_env,
+            {"HISTORY_MAX_N": "10"},
+            "history_default_n",
+            10,
+            id="default-n-follows-small-max",
+        ),
+        pytest.param(
+            IngestSettings.from_env,
+            {"EVENT_TYPE_FIELDS": " kind , Type "},
+            "type_fields",
+            ("kind", "Type"),
+            id="type-fields",
+        ),
+        pytest.param(
+            IngestSettings.from_env,
+            {"KAFKA_BOOTSTRAP": "a:1, b.example:9093,[::1]:9094"},
+            "kafka_bootstrap",
+            "a:1, b.example:9093,[::1]:9094",
+            id="bootstrap-list",
+        ),
+    ],
+)
+def test_good_values(from_env: FromEnv, env: dict[str, str], attr: str, expected: Any) -> None:
+    got = from_env({s.ENV_PREFIX + k: v for k, v in env.items()})
+
+    assert getattr(got, attr) == expected
+
+
+EDGE = EdgeSettings.from_env
+INGEST = IngestSettings.from_env
+
+BAD = [
+    pytest.param(EDGE, {"EDGE_PORT": "abc"}, "EDGE_PORT", id="edge-port-abc"),
+    pytest.param(EDGE, {"EDGE_PORT": "70000"}, "EDGE_PORT", id="edge-port-70000"),
+    pytest.param(EDGE, {"EDGE_PORT": "-1"}, "EDGE_PORT", id="edge-port-negative"),
+    pytest.param(EDGE, {"EDGE_PORT": "9011.5"}, "EDGE_PORT", id="edge-port-float"),
+    pytest.param(EDGE, {"EDGE_PORT": "1\n2"}, "EDGE_PORT", id="edge-port-newline"),
+    pytest.param(EDGE, {"REDIS_URL": "http://x"}, "REDIS_URL", id="redis-url-http"),
+    pytest.param(EDGE, {"REDIS_URL": "redis://"}, "REDIS_URL", id="redis-url-no-host"),
+    pytest.param(EDGE, {"REDIS_URL": "127.0.0.1:6379"}, "REDIS_URL", id="redis-url-no-scheme"),
+    pytest.param(EDGE, {"REDIS_URL": "redis://h:port/0"}, "REDIS_URL", id="redis-url-bad-port"),
+    pytest.param(EDGE, {"LOG_LEVEL": "LOUD"}, "LOG_LEVEL", id="log-level-loud"),
+    pytest.param(
+        EDGE, {"HISTORY_DEFAULT_N": "1001"}, "HISTORY_DEFAULT_N", id="default-n-over-default-max"
+    ),
+    pytest.param(
+        EDGE,
+        {"HISTORY_DEFAULT_N": "50", "HISTORY_MAX_N": "10"},
+        "HISTORY_DEFAULT_N",
+        id="default-n-over-max",
+    ),
+    pytest.param(EDGE, {"HISTORY_MAX_N": "0"}, "HISTORY_MAX_N", id="max-n-zero"),
+    pytest.param(EDGE, {"REDIS_PREFIX": "crm events"}, "REDIS_PREFIX", id="prefix-space"),
+    pytest.param(EDGE, {"REDIS_PREFIX": "crm/events"}, "REDIS_PREFIX", id="prefix-slash"),
+    pytest.param(EDGE, {"SSE_PING_INTERVAL_S": "fast"}, "SSE_PING_INTERVAL_S", id="ping-fast"),
+    pytest.param(EDGE, {"SSE_PING_INTERVAL_S": "nan"}, "SSE_PING_INTERVAL_S", id="ping-nan"),
+    pytest.param(EDGE, {"CLIENT_BUFFER_BYTES": "10"}, "CLIENT_BUFFER_BYTES", id="buffer-tiny"),
+    pytest.param(EDGE, {"NODE_ID": "edge 1"}, "NODE_ID", id="node-id-space"),
+    pytest.param(INGEST, {"KAFKA_BOOTSTRAP": "nohost"}, "KAFKA_BOOTSTRAP", id="bootstrap-nohost"),
+    pytest.param(
+        INGEST, {"KAFKA_BOOTSTRAP": "a:9092,nohost"}, "KAFKA_BOOTSTRAP", id="bootstrap-second-bad"
+    ),
+    pytest.param(INGEST, {"KAFKA_BOOTSTRAP": "a:9092,"}, "KAFKA_BOOTSTRAP", id="bootstrap-empty"),
+    pytest.param(INGEST, {"KAFKA_TOPIC": "bad topic"}, "KAFKA_TOPIC", id="topic-space"),
+    pytest.param(INGEST, {"EVENT_TYPE_FIELDS": "a,,b"}, "EVENT_TYPE_FIELDS", id="fields-empty"),
+    pytest.param(INGEST, {"EVENT_TYPE_FIELDS": "a,"}, "EVENT_TYPE_FIELDS", id="fields-trailing"),
+    pytest.param(INGEST, {"EVENT_TYPE_FIELDS": "a b"}, "EVENT_TYPE_FIELDS", id="fields-space"),
+    pytest.param(INGEST, {"EVENT_TYPE_FIELDS": "1st"}, "EVENT_TYPE_FIELDS", id="fields-digit"),
+    pytest.param(INGEST, {"LOG_LEVEL": "LOUD"}, "LOG_LEVEL", id="ingest-log-level"),
+    pytest.param(INGEST, {"REDIS_URL": "http://x"}, "REDIS_URL", id="ingest-redis-url"),
+    pytest.param(INGEST, {"EVENT_MAX_BYTES": "1"}, "EVENT_MAX_BYTES", id="max-bytes-tiny"),
+]
+
+
+@pytest.mark.parametrize(("from_env", "env", "var"), BAD)
+def test_malformed_value_raises_an_error_naming_the_variable(
+    from_env: FromEnv, env: dict[str, str], var: str
+) -> None:
+    name = s.ENV_PREFIX + var
+
+    with pytest.raises(SettingsError) as info:
+        from_env({s.ENV_PREFIX + k: v for k, v in env.items()})
+
+    assert info.value.name == name
+    assert str(info.value).startswith(name + ": ")
+    assert "\n" not in str(info.value)
+
+
+def test_redis_url_error_does_not_echo_the_password() -> None:
+    with pytest.raises(SettingsError) as info:
+        EdgeSettings.from_env({"CRM_EVENTS_REDIS_URL": "redis://user:secret@host:port/0"})
+
+    assert "secret" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        pytest.param(
+            "redis://user:secret@host:6379/0", "redis://user:***@host:6379/0", id="user-password"
+        ),
+        pytest.param("redis://:secret@host/0", "redis://:***@host/0", id="password-only"),
+        pytest.param("rediss://user:secret@host:6380/1", "rediss://user:***@host:6380/1", id="tls"),
+        pytest.param("redis://host:6379/0", "redis://host:6379/0", id="no-password"),
+        pytest.param(
+            "redis://user:se@cret@host:6379/0", "redis://user:***@host:6379/0", id="at-in-password"
+        ),
+        pytest.param(
+            "redis://user:secret@[::1]:6379/0", "redis://user:***@[::1]:6379/0", id="ipv6-host"
+        ),
+    ],
+)
+def test_mask_url(url: str, masked: str) -> None:
+    assert mask_url(url) == masked
+
+
+def test_redis_settings_repr_masks_the_password() -> None:
+    text = repr(RedisSettings(url="redis://user:secret@host:6379/0"))
+
+    assert "secret" not in text
+    assert "redis://user:***@host:6379/0" in text
+
+
+@pytest.mark.parametrize("from_env", [EDGE, INGEST], ids=["edge", "ingest"])
+def test_settings_repr_as_printed_by_check_config_masks_the_password(from_env: FromEnv) -> None:
+    got = from_env({"CRM_EVENTS_REDIS_URL": "redis://user:secret@host:6379/0"})
+
+    assert got.redis.url == "redis://user:secret@host:6379/0"
+    assert "secret" not in repr(got)
+    assert "user:***@host" in repr(got)
