@@ -24,6 +24,9 @@ from .writer import ApplyResult, BatchWriter
 
 log = logging.getLogger(__name__)
 
+PROBE_INTERVAL_S = 2.0
+PROBE_TIMEOUT_S = 5.0
+
 
 class _Assignment(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, worker: IngestWorker) -> None:
@@ -136,16 +139,20 @@ class IngestWorker:
         log.info(
             "consumer started", extra={"topic": self._s.kafka_topic, "group": self._s.kafka_group}
         )
+        next_probe = 0.0
         try:
             while True:
                 batches: dict[TopicPartition, list[Any]] = await consumer.getmany(
                     timeout_ms=self._s.poll_timeout_ms, max_records=self._s.batch_max_records
                 )
-                self.kafka_ok = True
-                backoff.reset()
                 if batches:
+                    self.kafka_ok = True
+                    backoff.reset()
                     await self._handle(consumer, batches)
-                await self._update_lag(consumer)
+                now = time.monotonic()
+                if now >= next_probe:
+                    next_probe = now + PROBE_INTERVAL_S
+                    await self._probe(consumer)
         finally:
             self.joined = False
             await consumer.stop()
@@ -221,16 +228,32 @@ class IngestWorker:
                     },
                 )
 
-    async def _update_lag(self, consumer: AIOKafkaConsumer) -> None:
-        for tp in consumer.assignment():
+    async def _probe(self, consumer: AIOKafkaConsumer) -> None:
+        """Ask the brokers for the end offsets of our partitions: proves Kafka answers (the
+        consumer itself retries silently while a broker is down, returning empty batches)
+        and gives the consumer lag per partition."""
+        assigned = list(consumer.assignment())
+        try:
+            if assigned:
+                ends: dict[TopicPartition, int] = await asyncio.wait_for(
+                    consumer.end_offsets(assigned), PROBE_TIMEOUT_S
+                )
+            else:
+                await asyncio.wait_for(consumer.topics(), PROBE_TIMEOUT_S)
+                ends = {}
+        except (KafkaError, TimeoutError) as exc:
+            if self.kafka_ok:
+                log.warning("kafka does not answer", extra={"error": repr(exc)})
+            self.kafka_ok = False
+            self._metrics.backend_errors.labels(backend="kafka").inc()
+            return
+        if not self.kafka_ok:
+            log.info("kafka answers")
+        self.kafka_ok = True
+        for tp, end in ends.items():
             try:
-                highwater = consumer.highwater(tp)
-                # A known highwater means a fetch happened, so the position is valid and
-                # position() answers without waiting.
-                position = None if highwater is None else await consumer.position(tp)
-            except (IllegalStateError, AssertionError):
-                continue  # revoked by a rebalance while we looked
-            if highwater is None or position is None:
-                continue
-            self._metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, highwater - position))
+                position = await asyncio.wait_for(consumer.position(tp), PROBE_TIMEOUT_S)
+            except (IllegalStateError, TimeoutError, KafkaError):
+                continue  # revoked by a rebalance, or no position yet
+            self._metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, end - position))
             self._lag_partitions.add(tp.partition)

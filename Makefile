@@ -1,0 +1,42 @@
+# One command per task; each target also works on its own (it installs what it needs first).
+# Settings come from CRM_EVENTS_* environment variables (see devtools/stack.py and README).
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+BIN := .venv/bin
+STACK := $(BIN)/crm-events-stack
+
+.PHONY: help install up down status lint unit test
+
+help:
+	@echo "make install   Debian packages, .venv, Kafka jars (idempotent, fast when done)"
+	@echo "make up        start the local stack (Kafka, Redis, ingest, edges, nginx, producer)"
+	@echo "make down      stop what 'make up' started"
+	@echo "make status    table of the stack's parts"
+	@echo "make lint      ruff and mypy"
+	@echo "make unit      unit tests only (no services)"
+	@echo "make test      lint, then all tests against a local Kafka and Redis"
+
+install:
+	@bash scripts/install.sh
+
+up: install
+	@$(STACK) up
+
+# No install here: with no .venv there is nothing of ours to stop.
+down:
+	@if [[ -x $(STACK) ]]; then $(STACK) down; else echo "no .venv: nothing to stop"; fi
+
+status:
+	@if [[ -x $(STACK) ]]; then $(STACK) status; else echo "no .venv: run 'make install'"; fi
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+unit: install
+	@bash scripts/test.sh --unit
+
+test: lint
+	@bash scripts/test.sh

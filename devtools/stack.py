@@ -1,0 +1,656 @@
+"""The local crm-events stack without Docker: settings, its parts, and ``crm-events-stack``.
+
+Parts, in start order: ``kafka``, ``redis``, ``ingest``, ``edge1`` … ``edgeN``, ``nginx``,
+``producer``. Each is a :class:`~devtools.supervisor.ProcessSpec` built from
+:class:`StackSettings`; a :class:`~devtools.supervisor.Supervisor` on the run directory starts
+and stops them through pidfiles, so ``down`` stops exactly what ``up`` started.
+
+Library use (test harness, benchmarks)::
+
+    settings = StackSettings(run_dir=tmp_path, redis_port=free_port(), edge_ports=(p1, p2), ...)
+    stack = Stack(settings)
+    stack.start(["redis", "edge1", "edge2", "nginx"])
+    stack.supervisor.pause("edge1")
+    stack.down()
+
+Settings (environment, all optional):
+
+=================================  =================  ========================================
+variable                           default            meaning
+=================================  =================  ========================================
+CRM_EVENTS_RUN_DIR                 <checkout>/run     pidfiles, logs, configs, Kafka/Redis data
+CRM_EVENTS_KAFKA_PORT              9092               Kafka client listener (127.0.0.1)
+CRM_EVENTS_KAFKA_CONTROLLER_PORT   19093              KRaft controller listener
+CRM_EVENTS_KAFKA_TOPIC             aetherlink.events  topic the producer writes, ingest reads
+CRM_EVENTS_KAFKA_PARTITIONS        3                  partitions when the stack creates it
+CRM_EVENTS_REDIS_PORT              6379               Redis
+CRM_EVENTS_INGEST_PORT             9020               ingest worker's /healthz /readyz /metrics
+CRM_EVENTS_EDGE_PORTS              9011,9012          one edge per port: edge1, edge2, …
+CRM_EVENTS_LB_PORT                 9010               nginx in front of the edges
+CRM_EVENTS_PRODUCER_RATE           5                  sample events per second
+=================================  =================  ========================================
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+
+from devtools import kafka_local, nginx_conf
+from devtools.probes import HttpReady, KafkaReady, RedisReady
+from devtools.supervisor import (
+    NotRunningError,
+    ProcessSpec,
+    ProcState,
+    StartError,
+    StartResult,
+    Supervisor,
+    SupervisorError,
+)
+
+__all__ = [
+    "DEFAULT_EDGE_PORTS",
+    "DEFAULT_INGEST_PORT",
+    "DEFAULT_KAFKA_CONTROLLER_PORT",
+    "DEFAULT_KAFKA_PARTITIONS",
+    "DEFAULT_KAFKA_PORT",
+    "DEFAULT_KAFKA_TOPIC",
+    "DEFAULT_LB_PORT",
+    "DEFAULT_PRODUCER_RATE",
+    "DEFAULT_REDIS_PORT",
+    "HOST",
+    "PartStatus",
+    "SettingsError",
+    "Stack",
+    "StackSettings",
+    "build_specs",
+    "checkout_dir",
+    "edge_spec",
+    "ingest_spec",
+    "kafka_spec",
+    "main",
+    "nginx_spec",
+    "producer_spec",
+    "redis_spec",
+]
+
+log = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+DEFAULT_KAFKA_PORT = 9092
+DEFAULT_KAFKA_CONTROLLER_PORT = 19093
+DEFAULT_KAFKA_TOPIC = "aetherlink.events"
+DEFAULT_KAFKA_PARTITIONS = 3
+DEFAULT_REDIS_PORT = 6379
+DEFAULT_INGEST_PORT = 9020
+DEFAULT_EDGE_PORTS: tuple[int, ...] = (9011, 9012)
+DEFAULT_LB_PORT = 9010
+DEFAULT_PRODUCER_RATE = 5.0
+
+KAFKA_READY_TIMEOUT_S = 90.0
+# A clean broker shutdown (controlled shutdown, log flush) takes a few seconds.
+KAFKA_STOP_TIMEOUT_S = 30.0
+SERVICE_READY_TIMEOUT_S = 60.0
+SERVICE_STOP_TIMEOUT_S = 10.0
+
+_TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+
+
+class SettingsError(ValueError):
+    """A setting has a bad value; the message is one line and names the variable."""
+
+
+def checkout_dir() -> Path:
+    """The repository checkout this module belongs to."""
+    return Path(__file__).resolve().parent.parent
+
+
+@dataclasses.dataclass(frozen=True)
+class StackSettings:
+    run_dir: Path
+    kafka_port: int = DEFAULT_KAFKA_PORT
+    kafka_controller_port: int = DEFAULT_KAFKA_CONTROLLER_PORT
+    kafka_topic: str = DEFAULT_KAFKA_TOPIC
+    kafka_partitions: int = DEFAULT_KAFKA_PARTITIONS
+    redis_port: int = DEFAULT_REDIS_PORT
+    ingest_port: int = DEFAULT_INGEST_PORT
+    edge_ports: tuple[int, ...] = DEFAULT_EDGE_PORTS
+    lb_port: int = DEFAULT_LB_PORT
+    producer_rate: float = DEFAULT_PRODUCER_RATE
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "run_dir", Path(self.run_dir).resolve())
+        object.__setattr__(self, "edge_ports", tuple(self.edge_ports))
+        if not self.edge_ports:
+            raise SettingsError("CRM_EVENTS_EDGE_PORTS: at least one edge port is needed")
+        if not self.producer_rate > 0 or not math.isfinite(self.producer_rate):
+            raise SettingsError(
+                f"CRM_EVENTS_PRODUCER_RATE: expected events per second > 0, "
+                f"got {self.producer_rate!r}"
+            )
+        if self.kafka_partitions < 1:
+            raise SettingsError(
+                f"CRM_EVENTS_KAFKA_PARTITIONS: expected >= 1, got {self.kafka_partitions}"
+            )
+        if not _TOPIC_RE.match(self.kafka_topic):
+            raise SettingsError(
+                f"CRM_EVENTS_KAFKA_TOPIC: expected 1-249 of [A-Za-z0-9._-], "
+                f"got {self.kafka_topic!r}"
+            )
+        seen: dict[int, str] = {}
+        for var, port in self._ports():
+            if not 1 <= port <= 65535:
+                raise SettingsError(f"{var}: expected a TCP port 1-65535, got {port}")
+            if port in seen:
+                raise SettingsError(f"{var}: port {port} is also used by {seen[port]}")
+            seen[port] = var
+
+    def _ports(self) -> list[tuple[str, int]]:
+        return [
+            ("CRM_EVENTS_KAFKA_PORT", self.kafka_port),
+            ("CRM_EVENTS_KAFKA_CONTROLLER_PORT", self.kafka_controller_port),
+            ("CRM_EVENTS_REDIS_PORT", self.redis_port),
+            ("CRM_EVENTS_INGEST_PORT", self.ingest_port),
+            *(("CRM_EVENTS_EDGE_PORTS", p) for p in self.edge_ports),
+            ("CRM_EVENTS_LB_PORT", self.lb_port),
+        ]
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], *, checkout: Path | None = None) -> StackSettings:
+        """Read the ``CRM_EVENTS_*`` variables; raises :class:`SettingsError` on a bad value."""
+
+        def port(var: str, default: int) -> int:
+            raw = env.get(var, "").strip()
+            if not raw:
+                return default
+            try:
+                return int(raw)
+            except ValueError:
+                raise SettingsError(f"{var}: expected a TCP port 1-65535, got {raw!r}") from None
+
+        raw_edges = env.get("CRM_EVENTS_EDGE_PORTS", "").strip()
+        edge_ports = DEFAULT_EDGE_PORTS
+        if raw_edges:
+            try:
+                edge_ports = tuple(int(p) for p in raw_edges.split(","))
+            except ValueError:
+                raise SettingsError(
+                    f"CRM_EVENTS_EDGE_PORTS: expected comma-separated ports, got {raw_edges!r}"
+                ) from None
+
+        raw_rate = env.get("CRM_EVENTS_PRODUCER_RATE", "").strip()
+        rate = DEFAULT_PRODUCER_RATE
+        if raw_rate:
+            try:
+                rate = float(raw_rate)
+            except ValueError:
+                raise SettingsError(
+                    f"CRM_EVENTS_PRODUCER_RATE: expected events per second > 0, got {raw_rate!r}"
+                ) from None
+
+        raw_parts = env.get("CRM_EVENTS_KAFKA_PARTITIONS", "").strip()
+        partitions = DEFAULT_KAFKA_PARTITIONS
+        if raw_parts:
+            try:
+                partitions = int(raw_parts)
+            except ValueError:
+                raise SettingsError(
+                    f"CRM_EVENTS_KAFKA_PARTITIONS: expected an integer >= 1, got {raw_parts!r}"
+                ) from None
+
+        raw_run = env.get("CRM_EVENTS_RUN_DIR", "").strip()
+        run_dir = Path(raw_run).expanduser() if raw_run else (checkout or checkout_dir()) / "run"
+        return cls(
+            run_dir=run_dir,
+            kafka_port=port("CRM_EVENTS_KAFKA_PORT", DEFAULT_KAFKA_PORT),
+            kafka_controller_port=port(
+                "CRM_EVENTS_KAFKA_CONTROLLER_PORT", DEFAULT_KAFKA_CONTROLLER_PORT
+            ),
+            kafka_topic=env.get("CRM_EVENTS_KAFKA_TOPIC", "").strip() or DEFAULT_KAFKA_TOPIC,
+            kafka_partitions=partitions,
+            redis_port=port("CRM_EVENTS_REDIS_PORT", DEFAULT_REDIS_PORT),
+            ingest_port=port("CRM_EVENTS_INGEST_PORT", DEFAULT_INGEST_PORT),
+            edge_ports=edge_ports,
+            lb_port=port("CRM_EVENTS_LB_PORT", DEFAULT_LB_PORT),
+            producer_rate=rate,
+        )
+
+    @property
+    def kafka_bootstrap(self) -> str:
+        return f"{HOST}:{self.kafka_port}"
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://{HOST}:{self.redis_port}/0"
+
+    @property
+    def lb_url(self) -> str:
+        return f"http://{HOST}:{self.lb_port}"
+
+    def edge_url(self, port: int) -> str:
+        return f"http://{HOST}:{port}"
+
+    @property
+    def ingest_url(self) -> str:
+        return f"http://{HOST}:{self.ingest_port}"
+
+    @property
+    def edge_names(self) -> list[str]:
+        return [f"edge{i}" for i in range(1, len(self.edge_ports) + 1)]
+
+    @property
+    def part_names(self) -> list[str]:
+        """All parts, in start order."""
+        return ["kafka", "redis", "ingest", *self.edge_names, "nginx", "producer"]
+
+
+# -- the parts -------------------------------------------------------------------------------
+
+
+def _python_entry(script: str, module: str) -> list[str]:
+    """The console script installed next to the running interpreter (the checkout's .venv),
+    falling back to ``python -m`` so a missing script link does not stop the stack."""
+    candidate = Path(sys.executable).parent / script
+    if candidate.is_file():
+        return [str(candidate)]
+    return [sys.executable, "-m", module]
+
+
+def _binary(name: str) -> str:
+    found = shutil.which(name)
+    if found is not None:
+        return found
+    # Daemons live in sbin, which a non-root PATH often lacks.
+    for d in ("/usr/sbin", "/usr/local/sbin"):
+        if (Path(d) / name).is_file():
+            return str(Path(d) / name)
+    return name  # spawning then fails with "cannot run 'name'", at start time
+
+
+def kafka_spec(settings: StackSettings) -> ProcessSpec:
+    layout = kafka_local.KafkaLayout.under(settings.run_dir)
+    log_file = Supervisor(settings.run_dir).logfile("kafka")
+
+    def prepare() -> None:
+        try:
+            kafka_local.render_config(
+                layout,
+                kafka_port=settings.kafka_port,
+                controller_port=settings.kafka_controller_port,
+                partitions=settings.kafka_partitions,
+                log_file=log_file,
+            )
+            kafka_local.ensure_formatted(layout, controller_port=settings.kafka_controller_port)
+        except kafka_local.KafkaError as exc:
+            raise StartError(f"kafka: {exc}") from exc
+
+    def after_ready() -> None:
+        n = kafka_local.ensure_topic(
+            settings.kafka_bootstrap, settings.kafka_topic, settings.kafka_partitions
+        )
+        if n != settings.kafka_partitions:
+            log.warning(
+                "topic %s has %d partitions, not %d (it existed before)",
+                settings.kafka_topic,
+                n,
+                settings.kafka_partitions,
+            )
+
+    return ProcessSpec(
+        name="kafka",
+        argv=kafka_local.broker_argv(layout),
+        cwd=layout.home,
+        ready=KafkaReady(settings.kafka_bootstrap),
+        ready_timeout_s=KAFKA_READY_TIMEOUT_S,
+        stop_timeout_s=KAFKA_STOP_TIMEOUT_S,
+        port=settings.kafka_port,
+        prepare=prepare,
+        after_ready=after_ready,
+    )
+
+
+def redis_conf_text(settings: StackSettings, data_dir: Path) -> str:
+    return (
+        "# Generated by devtools/stack.py; rewritten on every start.\n"
+        f"port {settings.redis_port}\n"
+        f"bind {HOST}\n"
+        "protected-mode no\n"
+        "daemonize no\n"
+        # stdout goes to the supervisor's log of this part.
+        'logfile ""\n'
+        f'dir "{data_dir}"\n'
+        "appendonly yes\n"
+        "appendfsync everysec\n"
+        # The append-only file is the persistence; no RDB snapshots on top.
+        'save ""\n'
+    )
+
+
+def redis_spec(settings: StackSettings) -> ProcessSpec:
+    home = settings.run_dir / "redis"
+    conf = home / "redis.conf"
+
+    def prepare() -> None:
+        (home / "data").mkdir(parents=True, exist_ok=True)
+        conf.write_text(redis_conf_text(settings, home / "data"))
+
+    return ProcessSpec(
+        name="redis",
+        argv=[_binary("redis-server"), str(conf)],
+        cwd=home,
+        ready=RedisReady(HOST, settings.redis_port),
+        ready_timeout_s=SERVICE_READY_TIMEOUT_S,
+        port=settings.redis_port,
+        prepare=prepare,
+    )
+
+
+def ingest_spec(settings: StackSettings) -> ProcessSpec:
+    return ProcessSpec(
+        name="ingest",
+        argv=_python_entry("crm-events-ingest", "ingest"),
+        env={
+            "CRM_EVENTS_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+            "CRM_EVENTS_KAFKA_TOPIC": settings.kafka_topic,
+            "CRM_EVENTS_KAFKA_PARTITIONS": str(settings.kafka_partitions),
+            "CRM_EVENTS_REDIS_URL": settings.redis_url,
+            "CRM_EVENTS_INGEST_PORT": str(settings.ingest_port),
+            "CRM_EVENTS_NODE_ID": "ingest-1",
+        },
+        cwd=settings.run_dir,
+        ready=HttpReady(f"{settings.ingest_url}/readyz"),
+        ready_timeout_s=SERVICE_READY_TIMEOUT_S,
+        stop_timeout_s=SERVICE_STOP_TIMEOUT_S,
+        port=settings.ingest_port,
+    )
+
+
+def edge_spec(settings: StackSettings, index: int) -> ProcessSpec:
+    """Edge number ``index`` (1-based), on ``settings.edge_ports[index - 1]``."""
+    port = settings.edge_ports[index - 1]
+    return ProcessSpec(
+        name=f"edge{index}",
+        argv=_python_entry("crm-events-edge", "edge"),
+        env={
+            "CRM_EVENTS_REDIS_URL": settings.redis_url,
+            "CRM_EVENTS_EDGE_PORT": str(port),
+            "CRM_EVENTS_NODE_ID": f"edge-{index}",
+        },
+        cwd=settings.run_dir,
+        ready=HttpReady(f"{settings.edge_url(port)}/readyz"),
+        ready_timeout_s=SERVICE_READY_TIMEOUT_S,
+        stop_timeout_s=SERVICE_STOP_TIMEOUT_S,
+        port=port,
+    )
+
+
+def nginx_spec(settings: StackSettings) -> ProcessSpec:
+    home = settings.run_dir / "nginx"
+    main_conf = home / nginx_conf.MAIN_CONF
+
+    def prepare() -> None:
+        nginx_conf.render(home, settings.lb_port, settings.edge_ports, host=HOST)
+
+    return ProcessSpec(
+        name="nginx",
+        argv=nginx_conf.nginx_argv(main_conf, nginx=_binary("nginx")),
+        cwd=home,
+        ready=HttpReady(f"{settings.lb_url}/nginx-health"),
+        ready_timeout_s=SERVICE_READY_TIMEOUT_S,
+        stop_timeout_s=SERVICE_STOP_TIMEOUT_S,
+        port=settings.lb_port,
+        prepare=prepare,
+    )
+
+
+def producer_spec(settings: StackSettings, *, count: int = 0) -> ProcessSpec:
+    return ProcessSpec(
+        name="producer",
+        argv=_python_entry("crm-events-producer", "devtools.producer"),
+        env={
+            "CRM_EVENTS_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+            "CRM_EVENTS_KAFKA_TOPIC": settings.kafka_topic,
+            "CRM_EVENTS_PRODUCER_RATE": repr(settings.producer_rate),
+            "CRM_EVENTS_PRODUCER_COUNT": str(count),
+        },
+        cwd=settings.run_dir,
+        # No endpoint to ask: ready as soon as it runs (it retries Kafka on its own).
+        ready=None,
+        stop_timeout_s=SERVICE_STOP_TIMEOUT_S,
+    )
+
+
+def build_specs(settings: StackSettings) -> list[ProcessSpec]:
+    """Every part, in start order."""
+    return [
+        kafka_spec(settings),
+        redis_spec(settings),
+        ingest_spec(settings),
+        *(edge_spec(settings, i) for i in range(1, len(settings.edge_ports) + 1)),
+        nginx_spec(settings),
+        producer_spec(settings),
+    ]
+
+
+# -- the stack -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PartStatus:
+    name: str
+    pid: int | None
+    state: ProcState
+    #: None when the part has no readiness check or is not running.
+    ready: bool | None
+    port: int | None
+
+
+class Stack:
+    """The parts of one :class:`StackSettings`, managed through one run directory."""
+
+    def __init__(self, settings: StackSettings) -> None:
+        self.settings = settings
+        self.supervisor = Supervisor(settings.run_dir)
+        self.specs: dict[str, ProcessSpec] = {s.name: s for s in build_specs(settings)}
+
+    def select(self, parts: Iterable[str] | None) -> list[ProcessSpec]:
+        """Specs of the named parts (default: all), in start order; SettingsError if unknown."""
+        if parts is None:
+            return list(self.specs.values())
+        wanted = list(dict.fromkeys(parts))
+        unknown = [p for p in wanted if p not in self.specs]
+        if unknown:
+            raise SettingsError(
+                f"unknown part(s) {', '.join(unknown)}; parts are: {', '.join(self.specs)}"
+            )
+        # Always in start order, whatever order they were named in.
+        return [s for s in self.specs.values() if s.name in wanted]
+
+    def start(
+        self,
+        parts: Iterable[str] | None = None,
+        *,
+        report: Callable[[StartResult], None] | None = None,
+    ) -> list[StartResult]:
+        """Start the named parts (default: all) that are not running, in start order, each
+        ready before the next starts. Raises StartError on the first part that fails."""
+        results = []
+        for spec in self.select(parts):
+            result = self.supervisor.start(spec)
+            if report is not None:
+                report(result)
+            results.append(result)
+        return results
+
+    def stop(self, parts: Iterable[str] | None = None) -> list[str]:
+        """Stop the named parts (default: every part with a pidfile, including parts this
+        configuration no longer has, e.g. after CRM_EVENTS_EDGE_PORTS shrank) in reverse start
+        order. Returns the names that were running."""
+        if parts is None:
+            names = list(reversed(self.specs))
+            names += [n for n in self.supervisor.known() if n not in names]
+        else:
+            names = [s.name for s in reversed(self.select(parts))]
+        stopped = []
+        for name in names:
+            spec = self.specs.get(name)
+            if spec is None:
+                was_running = self.supervisor.stop(name, SERVICE_STOP_TIMEOUT_S)
+            else:
+                was_running = self.supervisor.stop(name, spec.stop_timeout_s, spec.stop_signal)
+            if was_running:
+                stopped.append(name)
+        return stopped
+
+    def down(self) -> list[str]:
+        return self.stop(None)
+
+    def status(self, parts: Iterable[str] | None = None) -> list[PartStatus]:
+        rows = []
+        for spec in self.select(parts):
+            state = self.supervisor.state(spec.name)
+            ready: bool | None = None
+            if state is ProcState.RUNNING and spec.ready is not None:
+                ready = spec.ready()
+            rows.append(
+                PartStatus(spec.name, self.supervisor.pid(spec.name), state, ready, spec.port)
+            )
+        return rows
+
+    def urls(self) -> list[tuple[str, str]]:
+        s = self.settings
+        rows = [
+            ("load balancer", f"{s.lb_url}/crm-events"),
+            ("", f"{s.lb_url}/crm-events/history?n=100"),
+        ]
+        for name, port in zip(s.edge_names, s.edge_ports, strict=True):
+            base = s.edge_url(port)
+            rows += [(name, f"{base}/healthz  {base}/readyz  {base}/metrics")]
+        rows += [
+            ("ingest", f"{s.ingest_url}/metrics  {s.ingest_url}/readyz"),
+            ("kafka", f"{s.kafka_bootstrap}  topic {s.kafka_topic}"),
+            ("redis", s.redis_url),
+            ("logs", str(self.supervisor.log_dir)),
+        ]
+        return rows
+
+
+# -- CLI -------------------------------------------------------------------------------------
+
+
+def _print_result(result: StartResult) -> None:
+    when = f" ready in {result.ready_after_s:.1f} s" if result.ready_after_s is not None else ""
+    what = "started" if result.spawned else "already running"
+    print(f"[stack] {result.name:<9} {what} (pid {result.pid}){when}", flush=True)
+
+
+def _print_status(rows: Sequence[PartStatus]) -> None:
+    print(f"{'PART':<10} {'PID':>8}  {'STATE':<8} {'READY':<6} PORT")
+    for r in rows:
+        ready = "-" if r.ready is None else ("yes" if r.ready else "no")
+        pid = "-" if r.pid is None else str(r.pid)
+        port = "-" if r.port is None else str(r.port)
+        print(f"{r.name:<10} {pid:>8}  {r.state.value:<8} {ready:<6} {port}")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="crm-events-stack",
+        description="Run the crm-events local stack (Kafka, Redis, ingest, edges, nginx, "
+        "producer) as background processes with pidfiles under the run directory.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("up", help="start every part that is not running, then print the URLs")
+    sub.add_parser("down", help="stop every part this run directory started, in reverse order")
+    st = sub.add_parser(
+        "status", help="table of parts; with PARTs, exit 0 only if all of them are alive"
+    )
+    st.add_argument("parts", nargs="*", metavar="PART")
+    for name, text in (
+        ("start", "start the named parts (in start order) and wait until ready"),
+        ("stop", "stop the named parts (SIGTERM, then SIGKILL after a timeout)"),
+        ("kill", "SIGKILL the named parts (they show as dead; 'up' restarts them)"),
+        ("pause", "SIGSTOP the named parts"),
+        ("resume", "SIGCONT the named parts"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("parts", nargs="+", metavar="PART")
+    return parser
+
+
+def _run(args: argparse.Namespace, stack: Stack) -> int:
+    sup = stack.supervisor
+    cmd: str = args.command
+    if cmd == "up":
+        stack.start(None, report=_print_result)
+        print("\ncrm-events local stack is up:")
+        for label, url in stack.urls():
+            print(f"  {label:<14} {url}")
+        return 0
+    if cmd == "down":
+        stopped = stack.down()
+        print(f"[stack] stopped: {', '.join(stopped)}" if stopped else "[stack] nothing running")
+        return 0
+    if cmd == "status":
+        rows = stack.status(args.parts or None)
+        _print_status(rows)
+        if args.parts and any(r.pid is None for r in rows):
+            return 3
+        return 0
+    if cmd == "start":
+        stack.start(args.parts, report=_print_result)
+        return 0
+    if cmd == "stop":
+        stopped = stack.stop(args.parts)
+        for name in [s.name for s in reversed(stack.select(args.parts))]:
+            print(f"[stack] {name:<9} {'stopped' if name in stopped else 'was not running'}")
+        return 0
+    signals: dict[str, Callable[[str], int]] = {
+        "kill": sup.kill9,
+        "pause": sup.pause,
+        "resume": sup.resume,
+    }
+    rc = 0
+    for spec in stack.select(args.parts):
+        try:
+            pid = signals[cmd](spec.name)
+            print(f"[stack] {spec.name:<9} {cmd} sent (pid {pid})")
+        except NotRunningError as exc:
+            print(f"crm-events-stack: {exc}", file=sys.stderr)
+            rc = 1
+    return rc
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="crm-events-stack: %(message)s")
+    # The readiness probes poll a broker that is still starting; aiokafka would log each
+    # refused attempt as an error.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    try:
+        stack = Stack(StackSettings.from_env(os.environ))
+        return _run(args, stack)
+    except SettingsError as exc:
+        print(f"crm-events-stack: error: {exc}", file=sys.stderr)
+        return 2
+    except SupervisorError as exc:
+        print(f"crm-events-stack: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # Output piped into a pager or `head` that quit early: not an error of ours.
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+#!/usr/bin/env bash
+# Prepare this checkout to run the local stack and the tests, on Debian 12, as root.
+#
+#   1. Debian packages: redis-server nginx-light openssl prometheus prometheus-alertmanager
+#      (plus a JRE, Maven and python3-venv when missing); the services their postinst would
+#      auto-start are kept off, because the stack runs its own instances on its own ports.
+#   2. .venv in the checkout with the project installed editable, with test and dev extras.
+#   3. The Kafka broker jars from Maven Central (deploy/kafka/kafka-pom.xml) into
+#      <run dir>/kafka/libs.
+#
+# Idempotent: each step keeps a stamp and is skipped while its input is unchanged, so a second
+# run takes a second or two. Settings: CRM_EVENTS_RUN_DIR (default <checkout>/run),
+# CRM_EVENTS_PYTHON (default python3, must be >= 3.11).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+RUN_DIR="${CRM_EVENTS_RUN_DIR:-$ROOT/run}"
+PYTHON="${CRM_EVENTS_PYTHON:-python3}"
+VENV="$ROOT/.venv"
+POM="$ROOT/deploy/kafka/kafka-pom.xml"
+KAFKA_LIBS="$RUN_DIR/kafka/libs"
+APT_PACKAGES=(redis-server nginx-light openssl prometheus prometheus-alertmanager)
+# Services those packages ship; none of them may keep running in the background.
+DISTRO_SERVICES=(redis-server nginx prometheus prometheus-alertmanager prometheus-node-exporter)
+# The stack's default ports (see devtools/stack.py).
+STACK_PORTS=(9092 19093 6379 9020 9011 9012 9010)
+
+say() { printf '[install] %s\n' "$*"; }
+die() { printf '[install] error: %s\n' "$*" >&2; exit 1; }
+
+sha() { sha256sum "$@" | sha256sum | cut -d' ' -f1; }
+
+as_root() {
+    if [[ $(id -u) -eq 0 ]]; then "$@"
+    elif command -v sudo >/dev/null; then sudo "$@"
+    else die "need root for: $*"
+    fi
+}
+
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
+
+# --- 1. Debian packages -----------------------------------------------------------------------
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+    installed "$pkg" || missing+=("$pkg")
+done
+command -v java >/dev/null || missing+=(default-jre-headless)
+command -v mvn >/dev/null || missing+=(maven)
+command -v sha256sum >/dev/null || missing+=(coreutils)
+
+if ((${#missing[@]})); then
+    say "installing Debian packages: ${missing[*]}"
+    # Debian's policy-rc.d hook: exit 101 tells the packages' postinst not to start services.
+    policy=/usr/sbin/policy-rc.d
+    own_policy=0
+    if [[ ! -e $policy ]]; then
+        as_root sh -c "printf '#!/bin/sh\nexit 101\n' > $policy && chmod 755 $policy"
+        own_policy=1
+    fi
+    cleanup_policy() { if ((own_policy)); then as_root rm -f "$policy"; fi; }
+    trap cleanup_policy EXIT
+    lists_fresh=$(find /var/lib/apt/lists -maxdepth 1 -name '*_Packages*' -mtime -1 2>/dev/null | head -n1)
+    if [[ -z $lists_fresh ]]; then
+        say "apt-get update (package lists are missing or older than a day)..."
+        as_root apt-get update -qq
+    fi
+    if ! as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"; then
+        say "retrying after apt-get update..."
+        as_root apt-get update -qq
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+    fi
+    cleanup_policy
+    trap - EXIT
+fi
+
+# Stop the distribution's own instances if something started them anyway (an install made
+# before this script, a systemd host's boot).
+if [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null; then
+    for svc in "${DISTRO_SERVICES[@]}"; do
+        if systemctl is-enabled --quiet "$svc" 2>/dev/null || systemctl is-active --quiet "$svc" 2>/dev/null; then
+            say "disabling the distribution's $svc service"
+            as_root systemctl disable --now --quiet "$svc" 2>/dev/null || true
+        fi
+    done
+else
+    for svc in "${DISTRO_SERVICES[@]}"; do
+        if [[ -x /etc/init.d/$svc ]] && /etc/init.d/"$svc" status >/dev/null 2>&1; then
+            say "stopping the distribution's $svc service"
+            as_root /etc/init.d/"$svc" stop >/dev/null 2>&1 || true
+        fi
+    done
+fi
+
+# Anything still listening on a stack port is reported, not killed: it may be the stack itself
+# (make up) or someone else's process.
+if command -v ss >/dev/null; then
+    for port in "${STACK_PORTS[@]}"; do
+        users=$(ss -Hltnp "sport = :$port" 2>/dev/null | grep -o 'users:.*' | head -n1 || true)
+        [[ -n $users ]] || continue
+        ours=0
+        for pid in $(grep -o 'pid=[0-9]*' <<<"$users" | cut -d= -f2); do
+            if grep -qs "\"pid\": $pid," "$RUN_DIR"/pids/*.pid; then ours=1; fi
+        done
+        if ((!ours)); then
+            say "note: port $port is already in use by $users; the stack cannot use it while it is"
+        fi
+    done
+fi
+
+# --- 2. Python virtualenv ---------------------------------------------------------------------
+
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null \
+    || die "$PYTHON is missing or older than 3.11 (set CRM_EVENTS_PYTHON)"
+py_id=$("$PYTHON" -c 'import sys; print(sys.version)')
+venv_stamp="$VENV/.crm-events-install"
+want_venv=$(printf '%s\n%s\n' "$py_id" "$(sha "$ROOT/pyproject.toml")")
+
+if [[ ! -x $VENV/bin/python ]]; then
+    if ! "$PYTHON" -c 'import ensurepip' 2>/dev/null; then
+        say "installing python3-venv (ensurepip is missing)"
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv
+    fi
+    say "creating .venv"
+    "$PYTHON" -m venv "$VENV"
+fi
+if [[ ! -f $venv_stamp || $(cat "$venv_stamp") != "$want_venv" ]]; then
+    say "installing the project into .venv (new or pyproject.toml changed: up to ~1 min)..."
+    # pip's build backend is chatty even with -q; its output is kept for when it fails.
+    pip_log="$VENV/pip-install.log"
+    if ! { "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip \
+           && "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[test,dev]"; \
+         } >"$pip_log" 2>&1; then
+        tail -n 40 "$pip_log" >&2
+        die "pip install failed (full log: $pip_log)"
+    fi
+    printf '%s' "$want_venv" > "$venv_stamp"
+else
+    say ".venv is up to date"
+fi
+
+# --- 3. Kafka broker jars ---------------------------------------------------------------------
+
+libs_stamp="$KAFKA_LIBS/.crm-events-pom.sha256"
+want_libs=$(sha "$POM")
+if [[ ! -f $libs_stamp || $(cat "$libs_stamp") != "$want_libs" ]]; then
+    say "fetching Kafka jars from Maven Central (first time: ~1 min)..."
+    mkdir -p "$RUN_DIR/kafka"
+    tmp="$(mktemp -d "$RUN_DIR/kafka/libs.tmp.XXXXXX")"
+    # Maven's own cache (~/.m2) makes later copies quick; the copy goes to a fresh directory
+    # and replaces libs/ whole, so jars of an older version never linger on the classpath.
+    # Maven's console library writes colour resets even in batch mode; strip them.
+    if ! mvn -q -B -Dstyle.color=never -f "$POM" \
+        org.apache.maven.plugins:maven-dependency-plugin:3.8.1:copy-dependencies \
+        -DoutputDirectory="$tmp" -DincludeScope=runtime 2>&1 \
+        | sed -e 's/\x1b\[[0-9;]*m//g' -e '/^[[:space:]]*$/d'; then
+        rm -rf "$tmp"
+        die "fetching the Kafka jars failed (see Maven's output above)"
+    fi
+    printf '%s' "$want_libs" > "$tmp/.crm-events-pom.sha256"
+    rm -rf "$KAFKA_LIBS"
+    mv "$tmp" "$KAFKA_LIBS"
+    say "Kafka jars ready: $(find "$KAFKA_LIBS" -name '*.jar' | wc -l) jars in $KAFKA_LIBS"
+else
+    say "Kafka jars are up to date"
+fi
+
+say "done"
