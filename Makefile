@@ -7,7 +7,7 @@ SHELL := /bin/bash
 BIN := .venv/bin
 STACK := $(BIN)/crm-events-stack
 
-.PHONY: help install up down status lint unit test
+.PHONY: help install up down status lint unit test chaos
 
 help:
 	@echo "make install   Debian packages, .venv, Kafka jars (idempotent, fast when done)"
@@ -17,6 +17,7 @@ help:
 	@echo "make lint      ruff and mypy"
 	@echo "make unit      unit tests only (no services)"
 	@echo "make test      lint, then all tests against a local Kafka and Redis"
+	@echo "make chaos     the full chaos test alone (20,000 events, faults, 20 clients)"
 
 install:
 	@bash scripts/install.sh
@@ -40,3 +41,10 @@ unit: install
 
 test: lint
 	@bash scripts/test.sh
+
+# Seed with CRM_EVENTS_CHAOS_SEED=N to replay a run; the report is printed and kept in run/.
+chaos: install
+	@mkdir -p run
+	CRM_EVENTS_CHAOS_EVENTS=$${CRM_EVENTS_CHAOS_EVENTS:-20000} \
+	CRM_EVENTS_CHAOS_REPORT=$${CRM_EVENTS_CHAOS_REPORT:-run/chaos-report.json} \
+	bash scripts/test.sh tests/integration/test_chaos.py -s -q

@@ -26,17 +26,28 @@ class Frame:
 async def frames(
     response: aiohttp.ClientResponse, comments: list[str] | None = None
 ) -> AsyncIterator[Frame]:
-    """Yield each dispatched event; comment lines go to ``comments`` when given."""
+    """Yield each dispatched event; comment lines go to ``comments`` when given.
+
+    Reads whole chunks and splits on the blank line that ends each event, which costs far
+    less per frame than reading line by line (the tests run many clients in one process)."""
+    buffer = b""
+    async for chunk in response.content.iter_any():
+        buffer += chunk
+        if b"\n\n" not in buffer:
+            continue
+        *blocks, buffer = buffer.split(b"\n\n")
+        for block in blocks:
+            frame = _parse_block(block.decode("utf-8"), comments)
+            if frame is not None:
+                yield frame
+
+
+def _parse_block(block: str, comments: list[str] | None) -> Frame | None:
     event_id: str | None = None
     event = "message"
     data: list[str] = []
-    async for raw in response.content:
-        line = raw.decode("utf-8").rstrip("\r\n")
-        if not line:
-            if data:
-                yield Frame(event_id, event, "\n".join(data))
-            event, data = "message", []
-            continue
+    for raw in block.split("\n"):
+        line = raw.rstrip("\r")
         if line.startswith(":"):
             if comments is not None:
                 comments.append(line[1:].strip())
@@ -49,6 +60,9 @@ async def frames(
             event = value
         elif name == "data":
             data.append(value)
+    if not data:
+        return None
+    return Frame(event_id, event, "\n".join(data))
 
 
 @dataclass

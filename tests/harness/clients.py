@@ -39,7 +39,8 @@ class ResumingClient:
     failures: int = 0
     last_id: str | None = None
     resume_times_s: list[float] = field(default_factory=list)
-    """Per reconnect: from losing the stream to the first event after it."""
+    """Per reconnect: from losing the stream to the new stream being open (the server has
+    checked the position; the missed events follow at once)."""
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = None
 
@@ -60,6 +61,9 @@ class ResumingClient:
                         self.failures += 1
                     else:
                         self.connects += 1
+                        if lost_at is not None:
+                            self.resume_times_s.append(time.monotonic() - lost_at)
+                            lost_at = None
                         async for frame in frames(resp, comments):
                             if frame.event == "reset":
                                 self.resets.append(json.loads(frame.data))
@@ -67,9 +71,6 @@ class ResumingClient:
                             else:
                                 self.ids.append(frame.id or "")
                                 self.datas.append(frame.data)
-                                if lost_at is not None:
-                                    self.resume_times_s.append(time.monotonic() - lost_at)
-                                    lost_at = None
                             if frame.id:
                                 self.last_id = frame.id
                         self.nodes += [
