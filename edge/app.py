@@ -10,17 +10,21 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from shared.breaker import BreakerMetrics, CircuitBreaker
 from shared.httpkit import add_ops_routes, make_middlewares
 from shared.keys import RedisKeys
 from shared.redis_client import make_redis
 from shared.settings import EdgeSettings
 
+from .auth import Authenticator
 from .bus import Bus
 from .bus_redis import RedisBus
 from .context import EdgeContext
 from .history import history_handler
 from .hub import Hub
+from .limits import ConnectionLimiter, RateLimiter, size_limit_middleware
 from .metrics import EdgeMetrics
+from .ops_page import add_ops_page_routes
 from .stream import stream_handler
 from .subscription import Subscription
 
@@ -39,7 +43,15 @@ def create_app(
     by default a Redis bus is created and closed with the app."""
     registry = registry if registry is not None else CollectorRegistry()
     metrics = EdgeMetrics(registry, settings.node_id)
-    app = web.Application(middlewares=make_middlewares(metrics))
+    breakers = BreakerMetrics(registry)
+    # Built here, not in the lifecycle, so a bad key file fails before the port is bound.
+    authenticator = Authenticator(settings.auth)
+    app = web.Application(
+        middlewares=[
+            *make_middlewares(metrics),
+            size_limit_middleware(settings.limits, metrics.limit_rejections),
+        ]
+    )
     hub = Hub()
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -54,10 +66,24 @@ def create_app(
                 redis, pubsub_redis, RedisKeys(settings.redis.prefix), BUS_PING_INTERVAL_S
             )
             closers = [redis.aclose, pubsub_redis.aclose]
-        subscription = Subscription(
-            active_bus, hub, metrics, settings.resume_page, settings.backoff_max_s
+        b = settings.breaker
+        breaker = CircuitBreaker("redis", breakers, b.failures, b.reset_s, settings.backoff_max_s)
+        subscription = Subscription(active_bus, hub, metrics, settings.resume_page, breaker)
+        limits = settings.limits
+        ctx = EdgeContext(
+            settings,
+            metrics,
+            hub,
+            active_bus,
+            subscription,
+            auth=authenticator,
+            connections=ConnectionLimiter(
+                limits.max_connections, limits.max_connections_per_ip, metrics.limit_rejections
+            ),
+            history_rate=RateLimiter(
+                limits.history_rate_per_s, limits.history_burst, metrics.limit_rejections
+            ),
         )
-        ctx = EdgeContext(settings, metrics, hub, active_bus, subscription)
         app[CONTEXT] = ctx
         task = asyncio.create_task(subscription.run(), name="edge-subscription")
         log.info("edge started", extra={"port": settings.port, "redis": repr(settings.redis)})
@@ -84,8 +110,10 @@ def create_app(
         ctx = app[CONTEXT]
         subscribed = ctx.subscription.ready.is_set()
         redis_ok = await ctx.bus.ping()
-        ok = subscribed and redis_ok and not ctx.shutting_down
+        circuit = ctx.subscription.breaker.state.name.lower()
+        ok = subscribed and redis_ok and ctx.subscription.breaker.closed and not ctx.shutting_down
         return ok, {
+            "circuit": circuit,
             "redis": redis_ok,
             "subscribed": subscribed,
             "clients": hub.client_count,
@@ -102,5 +130,6 @@ def create_app(
     app.on_shutdown.append(on_shutdown)
     app.router.add_get("/crm-events", crm_events)
     app.router.add_get("/crm-events/history", history)
+    add_ops_page_routes(app)
     add_ops_routes(app, registry, metrics, ready)
     return app

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Final, Protocol
 
+from shared.events import NO_MATCH, parse_match
 from shared.ids import StreamId
 from shared.sse import event_frame_trusted
 
@@ -22,10 +23,28 @@ class Entry:
     """Kafka record timestamp, for the delivery-latency histogram."""
     data: bytes
     frame: bytes
+    match: frozenset[tuple[str, str]] = frozenset()
+    """The event's match fields (see ``shared.events.match_token``)."""
 
     @classmethod
-    def build(cls, id_bytes: bytes, type_: bytes, ts_ms: int, data: bytes, id_: StreamId) -> Entry:
-        return cls(id_, id_bytes, type_, ts_ms, data, event_frame_trusted(id_bytes, data))
+    def build(
+        cls,
+        id_bytes: bytes,
+        type_: bytes,
+        ts_ms: int,
+        data: bytes,
+        id_: StreamId,
+        match: bytes = NO_MATCH,
+    ) -> Entry:
+        return cls(
+            id_,
+            id_bytes,
+            type_,
+            ts_ms,
+            data,
+            event_frame_trusted(id_bytes, data),
+            parse_match(match),
+        )
 
 
 @dataclass(frozen=True, slots=True)

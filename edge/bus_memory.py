@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+from shared.events import NO_MATCH
 from shared.ids import ZERO, StreamId
 
 from .bus import SUBSCRIBED, BusDisconnected, Entry, StreamInfo, _Subscribed
@@ -30,13 +31,16 @@ class MemoryBus:
         self._feeds: list[asyncio.Queue[object]] = []
         self.healthy = True
 
-    def publish(self, events: list[tuple[bytes, int, bytes]]) -> list[Entry]:
-        """Append ``(type, ts_ms, envelope)`` events, trim, and publish them as one batch."""
+    def publish(
+        self, events: list[tuple[bytes, int, bytes]], match: bytes = NO_MATCH
+    ) -> list[Entry]:
+        """Append ``(type, ts_ms, envelope)`` events (all with the same match token), trim,
+        and publish them as one batch."""
         batch = []
         for type_, ts, data in events:
             self._seq += 1
             sid = StreamId(self._ms, self._seq)
-            entry = Entry.build(sid.encode(), type_, ts, data, sid)
+            entry = Entry.build(sid.encode(), type_, ts, data, sid, match)
             if not self._exists:
                 self._exists = True
                 self._genesis = sid

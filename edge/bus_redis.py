@@ -12,6 +12,7 @@ from typing import Any, cast
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
+from shared.events import NO_MATCH
 from shared.ids import ZERO, StreamId, parse_id_bytes
 from shared.keys import RedisKeys
 
@@ -21,16 +22,23 @@ log = logging.getLogger(__name__)
 
 
 def parse_live_payload(payload: bytes) -> list[Entry]:
-    """Decode one published batch: lines of ``<id> <type> <ts> <envelope>``."""
+    """Decode one published batch: lines of ``<id> <type> <ts> <match> <envelope>``."""
     entries = []
     for line in payload.split(b"\n"):
-        id_b, type_b, ts_b, data = line.split(b" ", 3)
-        entries.append(Entry.build(id_b, type_b, int(ts_b), data, parse_id_bytes(id_b)))
+        id_b, type_b, ts_b, match, data = line.split(b" ", 4)
+        entries.append(Entry.build(id_b, type_b, int(ts_b), data, parse_id_bytes(id_b), match))
     return entries
 
 
 def _entry(id_b: bytes, fields: dict[bytes, bytes]) -> Entry:
-    return Entry.build(id_b, fields[b"t"], int(fields[b"ts"]), fields[b"d"], parse_id_bytes(id_b))
+    return Entry.build(
+        id_b,
+        fields[b"t"],
+        int(fields[b"ts"]),
+        fields[b"d"],
+        parse_id_bytes(id_b),
+        fields.get(b"m", NO_MATCH),
+    )
 
 
 class RedisBus:

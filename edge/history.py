@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -11,7 +12,7 @@ from shared.ids import StreamId
 
 from .bus import BusUnavailable, Entry
 from .context import EdgeContext
-from .params import parse_history_params
+from .params import TooManyTypes, parse_history_params
 from .resume import Reset, check_position
 
 # Bounds the work of one filtered request on a stream where the wanted types are rare.
@@ -23,34 +24,33 @@ def _item(entry: Entry) -> bytes:
     return b'{"id":"' + entry.id_bytes + b'",' + entry.data[1:]
 
 
-async def _latest(
-    ctx: EdgeContext, n: int, types: frozenset[bytes] | None
-) -> tuple[list[Entry], bool]:
-    page = max(n, min(ctx.settings.resume_page, n * SCAN_FACTOR)) if types else n
+Wants = Callable[[Entry], bool] | None
+
+
+async def _latest(ctx: EdgeContext, n: int, wants: Wants) -> list[Entry]:
+    """The newest ``n`` matching entries, oldest first. A filtered scan stops after
+    ``n * SCAN_FACTOR`` entries, so a rare type returns fewer rather than scanning forever."""
+    page = max(n, min(ctx.settings.resume_page, n * SCAN_FACTOR)) if wants else n
     budget = n * SCAN_FACTOR
     picked: list[Entry] = []
     before: StreamId | None = None
     scanned = 0
-    while len(picked) < n:
+    while len(picked) < n and scanned < budget:
         rows = await ctx.bus.read_before(before, page)
-        if not rows:
-            return picked[::-1], True
         scanned += len(rows)
-        picked.extend(e for e in rows if types is None or e.type in types)
-        before = rows[-1].id
+        picked.extend(e for e in rows if wants is None or wants(e))
         if len(rows) < page:
-            return picked[:n][::-1], True
-        if scanned >= budget:
-            return picked[:n][::-1], False
-    return picked[:n][::-1], False
+            break
+        before = rows[-1].id
+    return picked[:n][::-1]
 
 
 async def _after(
-    ctx: EdgeContext, after: StreamId, n: int, types: frozenset[bytes] | None
+    ctx: EdgeContext, after: StreamId, n: int, wants: Wants
 ) -> tuple[list[Entry], StreamId]:
     """Entries after the cursor, and the cursor for the next page (the last id scanned,
     so a filtered page never rescans what it skipped)."""
-    page = max(n, min(ctx.settings.resume_page, n * SCAN_FACTOR)) if types else n
+    page = max(n, min(ctx.settings.resume_page, n * SCAN_FACTOR)) if wants else n
     budget = n * SCAN_FACTOR
     picked: list[Entry] = []
     cursor = after
@@ -60,7 +60,7 @@ async def _after(
         if not rows:
             break
         for entry in rows:
-            if types is None or entry.type in types:
+            if wants is None or wants(entry):
                 picked.append(entry)
                 if len(picked) == n:
                     return picked, entry.id
@@ -71,14 +71,32 @@ async def _after(
     return picked, cursor
 
 
+def _predicate(types: frozenset[bytes] | None, required: frozenset[tuple[str, str]]) -> Wants:
+    if types is None and not required:
+        return None
+    return lambda e: (types is None or e.type in types) and required <= e.match
+
+
 async def history_handler(request: web.Request, ctx: EdgeContext) -> web.Response:
-    params = parse_history_params(
-        request.query, ctx.settings.history_default_n, ctx.settings.history_max_n
-    )
+    settings = ctx.settings
+    try:
+        params = parse_history_params(
+            request.query,
+            settings.history_default_n,
+            settings.history_max_n,
+            settings.limits.max_types,
+        )
+    except TooManyTypes:
+        ctx.metrics.limit_rejections.labels(limit="types").inc()
+        raise
+    grant = ctx.grant(request)
+    types = ctx.narrow(grant, params.types)
+    ctx.history_rate.take(ctx.client_ip(request))
+    wants = _predicate(types, grant.match)
     reset_json = b"null"
     try:
         if params.after is None:
-            entries, _complete = await _latest(ctx, params.n, params.types)
+            entries = await _latest(ctx, params.n, wants)
             next_after = entries[-1].id if entries else None
         else:
             decision = check_position(params.after, await ctx.bus.info())
@@ -86,7 +104,7 @@ async def history_handler(request: web.Request, ctx: EdgeContext) -> web.Respons
             if isinstance(decision, Reset):
                 reset_json = json.dumps(decision.payload(), separators=(",", ":")).encode()
                 start = decision.after
-            entries, cursor = await _after(ctx, start, params.n, params.types)
+            entries, cursor = await _after(ctx, start, params.n, wants)
             next_after = cursor
     except BusUnavailable as exc:
         raise ApiError(

@@ -1,6 +1,7 @@
 """In-process fan-out: one Redis subscription feeds every client of this edge.
 
-Clients are grouped by their type filter. For each published batch the hub builds, per
+Clients are grouped by what they may and want to see: their type filter and the field
+values their token requires (e.g. one tenant). For each published batch the hub builds, per
 group, one bytes object holding the frames that group wants, and appends that same object
 to every client's bounded buffer: no per-client encoding, no per-client Redis call, one
 wake-up per client per batch (frames of a burst coalesce into one socket write).
@@ -21,6 +22,8 @@ from shared.ids import ZERO, StreamId
 from .bus import Entry
 
 TypeKey = frozenset[bytes] | None
+Match = frozenset[tuple[str, str]]
+GroupKey = tuple[TypeKey, Match]
 
 
 class Client:
@@ -35,11 +38,19 @@ class Client:
         "limit",
         "min_id",
         "oldest_ts_ms",
+        "required",
         "types",
     )
 
-    def __init__(self, types: TypeKey, limit_bytes: int, abort: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        types: TypeKey,
+        limit_bytes: int,
+        abort: Callable[[], None],
+        required: Match = frozenset(),
+    ) -> None:
         self.types = types
+        self.required = required
         self.limit = limit_bytes
         self._abort = abort
         self._chunks: list[bytes] = []
@@ -50,6 +61,13 @@ class Client:
         """While set, live entries at or below it are skipped (already sent from history)."""
         self.oldest_ts_ms = 0
         """Kafka timestamp of the oldest live event waiting in the buffer (0: none)."""
+
+    @property
+    def group(self) -> GroupKey:
+        return (self.types, self.required)
+
+    def wants(self, entry: Entry) -> bool:
+        return (self.types is None or entry.type in self.types) and self.required <= entry.match
 
     @property
     def closed(self) -> bool:
@@ -98,7 +116,7 @@ class Client:
 
 class Hub:
     def __init__(self, clock_ms: Callable[[], int] | None = None) -> None:
-        self._groups: dict[TypeKey, set[Client]] = {}
+        self._groups: dict[GroupKey, set[Client]] = {}
         self._behind: set[Client] = set()
         self.last_id: StreamId = ZERO
         """Newest id handed to clients; entries at or below it are dropped as repeats."""
@@ -114,18 +132,18 @@ class Hub:
 
         With ``resume_after`` newer than the hub (the client saw events on a faster edge),
         live entries up to it are skipped for this client so nothing arrives twice."""
-        self._groups.setdefault(client.types, set()).add(client)
+        self._groups.setdefault(client.group, set()).add(client)
         if resume_after is not None and resume_after > self.last_id:
             client.min_id = resume_after
             self._behind.add(client)
         return self.last_id
 
     def detach(self, client: Client) -> None:
-        group = self._groups.get(client.types)
+        group = self._groups.get(client.group)
         if group is not None:
             group.discard(client)
             if not group:
-                del self._groups[client.types]
+                del self._groups[client.group]
         self._behind.discard(client)
 
     def dispatch(self, entries: list[Entry]) -> int:
@@ -138,8 +156,13 @@ class Hub:
             if not entries:
                 return 0
         self.last_id = entries[-1].id
-        for key, clients in self._groups.items():
-            selected = entries if key is None else [e for e in entries if e.type in key]
+        for (types, required), clients in self._groups.items():
+            if types is None and not required:
+                selected = entries
+            else:
+                selected = [
+                    e for e in entries if (types is None or e.type in types) and required <= e.match
+                ]
             if not selected:
                 continue
             chunk = b"".join([e.frame for e in selected])

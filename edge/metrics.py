@@ -6,10 +6,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from shared.metrics import CommonMetrics
 
+from .limits import LIMITS
+
 # 0.05 and 0.1 are boundaries on purpose: the latency SLO is expressed on them.
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
-DISCONNECT_REASONS = ("client_closed", "slow", "shutdown", "error")
+DISCONNECT_REASONS = ("client_closed", "slow", "shutdown", "token_expired", "error")
+AUTH_FAILURES = ("unauthorized", "forbidden")
 RESET_REASONS = ("trimmed", "stream_lost", "stream_empty", "unknown_position")
 
 
@@ -24,7 +27,7 @@ class EdgeMetrics(CommonMetrics):
         )
         self.disconnects = Counter(
             "crm_events_sse_disconnects",
-            "SSE streams ended, by reason (client_closed, slow, shutdown, error).",
+            "SSE streams ended, by reason (client_closed, slow, shutdown, token_expired, error).",
             ["reason"],
             registry=registry,
         )
@@ -62,6 +65,24 @@ class EdgeMetrics(CommonMetrics):
             "Events read from the stream to fill a gap after the subscription came back.",
             registry=registry,
         )
+        self.auth_failures = Counter(
+            "crm_events_auth_failures",
+            "Requests refused by authentication (unauthorized: 401) or authorisation "
+            "(forbidden: 403).",
+            ["reason"],
+            registry=registry,
+        )
+        self.limit_rejections = Counter(
+            "crm_events_limit_rejections",
+            "Requests refused by a limit: connections, connections_per_ip, history_rate, "
+            "request_line, headers, types.",
+            ["limit"],
+            registry=registry,
+        )
+        for reason in AUTH_FAILURES:
+            self.auth_failures.labels(reason=reason)
+        for limit in LIMITS:
+            self.limit_rejections.labels(limit=limit)
         for reason in DISCONNECT_REASONS:
             self.disconnects.labels(reason=reason)
         for outcome in ("resumed", "reset"):

@@ -38,7 +38,11 @@ def _single(query: MultiMapping[str], name: str) -> str | None:
     return values[0] if values else None
 
 
-def parse_types(raw: str | None) -> frozenset[bytes] | None:
+class TooManyTypes(ApiError):
+    """``types=`` lists more types than allowed (counted as a limit rejection)."""
+
+
+def parse_types(raw: str | None, max_types: int = MAX_TYPES) -> frozenset[bytes] | None:
     if raw is None:
         return None
     if len(raw) > MAX_TYPES_PARAM_LEN:
@@ -51,8 +55,8 @@ def parse_types(raw: str | None) -> frozenset[bytes] | None:
             "'types' must be a comma-separated list of event types "
             "(letters, digits, '_', '.', ':', '-'; no empty items)",
         )
-    if len(set(items)) > MAX_TYPES:
-        raise ApiError(400, "invalid_types", f"'types' lists more than {MAX_TYPES} types")
+    if len(set(items)) > max_types:
+        raise TooManyTypes(400, "invalid_types", f"'types' lists more than {max_types} types")
     return frozenset(item.encode() for item in items)
 
 
@@ -63,7 +67,9 @@ def parse_stream_id(raw: str, name: str) -> StreamId:
         raise ApiError(400, "invalid_id", f"'{name}': {exc}") from None
 
 
-def parse_stream_params(query: MultiMapping[str], headers: Mapping[str, str]) -> StreamParams:
+def parse_stream_params(
+    query: MultiMapping[str], headers: Mapping[str, str], max_types: int = MAX_TYPES
+) -> StreamParams:
     # The header wins: a browser sends it on every automatic reconnect with the newest id,
     # while the URL keeps the ?last_event_id= the page was loaded with.
     header = headers.get("Last-Event-ID", "").strip()
@@ -73,10 +79,12 @@ def parse_stream_params(query: MultiMapping[str], headers: Mapping[str, str]) ->
         last = parse_stream_id(header, "Last-Event-ID")
     elif from_query:
         last = parse_stream_id(from_query, "last_event_id")
-    return StreamParams(last, parse_types(_single(query, "types")))
+    return StreamParams(last, parse_types(_single(query, "types"), max_types))
 
 
-def parse_history_params(query: MultiMapping[str], default_n: int, max_n: int) -> HistoryParams:
+def parse_history_params(
+    query: MultiMapping[str], default_n: int, max_n: int, max_types: int = MAX_TYPES
+) -> HistoryParams:
     raw_n = _single(query, "n")
     n = default_n
     if raw_n is not None:
@@ -85,4 +93,4 @@ def parse_history_params(query: MultiMapping[str], default_n: int, max_n: int) -
         n = int(raw_n)
     raw_after = _single(query, "after")
     after = parse_stream_id(raw_after, "after") if raw_after is not None else None
-    return HistoryParams(n, after, parse_types(_single(query, "types")))
+    return HistoryParams(n, after, parse_types(_single(query, "types"), max_types))

@@ -14,10 +14,11 @@ from shared.httpkit import ApiError
 from shared.ids import StreamId
 from shared.sse import comment_frame, control_frame, retry_frame
 
+from .auth import Grant
 from .bus import BusUnavailable
 from .context import EdgeContext
 from .hub import Client
-from .params import parse_stream_params
+from .params import TooManyTypes, parse_stream_params
 from .resume import Reset, Resume, check_position
 
 log = logging.getLogger(__name__)
@@ -42,16 +43,37 @@ async def _wait_ready(ctx: EdgeContext) -> None:
 
 
 async def stream_handler(request: web.Request, ctx: EdgeContext) -> web.StreamResponse:
-    params = parse_stream_params(request.query, request.headers)
+    settings, metrics = ctx.settings, ctx.metrics
+    try:
+        params = parse_stream_params(request.query, request.headers, settings.limits.max_types)
+    except TooManyTypes:
+        metrics.limit_rejections.labels(limit="types").inc()
+        raise
+    grant = ctx.grant(request)
+    types = ctx.narrow(grant, params.types)
     if ctx.shutting_down:
         raise ApiError(503, "shutting_down", "this edge is shutting down", {"Retry-After": "1"})
-    await _wait_ready(ctx)
-    settings, metrics, hub = ctx.settings, ctx.metrics, ctx.hub
+    ip = ctx.client_ip(request)
+    ctx.connections.acquire(ip)
+    try:
+        return await _serve(request, ctx, params.last_event_id, types, grant)
+    finally:
+        ctx.connections.release(ip)
 
+
+async def _serve(
+    request: web.Request,
+    ctx: EdgeContext,
+    last_event_id: StreamId | None,
+    types: frozenset[bytes] | None,
+    grant: Grant,
+) -> web.StreamResponse:
+    settings, metrics, hub = ctx.settings, ctx.metrics, ctx.hub
+    await _wait_ready(ctx)
     decision: Resume | Reset | None = None
-    if params.last_event_id is not None:
+    if last_event_id is not None:
         try:
-            decision = check_position(params.last_event_id, await ctx.bus.info())
+            decision = check_position(last_event_id, await ctx.bus.info())
         except BusUnavailable as exc:
             raise ApiError(
                 503,
@@ -68,7 +90,7 @@ async def stream_handler(request: web.Request, ctx: EdgeContext) -> web.StreamRe
         if transport is not None:
             transport.abort()
 
-    client = Client(params.types, settings.client_buffer_bytes, abort)
+    client = Client(types, settings.client_buffer_bytes, abort, grant.match)
     resume_after = decision.after if decision is not None else None
     head = hub.attach(client, resume_after)
     metrics.clients.inc()
@@ -76,6 +98,11 @@ async def stream_handler(request: web.Request, ctx: EdgeContext) -> web.StreamRe
     # The ping task ends when the peer goes away; that must wake this handler too.
     closer = asyncio.ensure_future(response.wait())
     closer.add_done_callback(lambda _: client.close("client_closed"))
+    expiry: asyncio.TimerHandle | None = None
+    if grant.expires_at is not None:
+        expiry = asyncio.get_running_loop().call_later(
+            max(0.0, grant.expires_at - time.time()), client.close, "token_expired"
+        )
     reason = "error"
     try:
         preface = retry_frame(settings.retry_ms) + comment_frame(f"node {settings.node_id}")
@@ -101,6 +128,15 @@ async def stream_handler(request: web.Request, ctx: EdgeContext) -> web.StreamRe
                 continue
             await client.wait()
         reason = client.close_reason or "error"
+        if reason == "token_expired":
+            # Tell the client why before the stream ends, so it renews its token rather
+            # than reconnect with the expired one.
+            await response.write(
+                control_frame(
+                    "auth_expired",
+                    {"error": "token_expired", "message": "the access token has expired"},
+                )
+            )
     except (ConnectionResetError, BrokenPipeError):
         reason = client.close_reason or "client_closed"
     except asyncio.CancelledError:
@@ -111,6 +147,8 @@ async def stream_handler(request: web.Request, ctx: EdgeContext) -> web.StreamRe
         reason = "error"
         log.warning("replay failed: redis unavailable")
     finally:
+        if expiry is not None:
+            expiry.cancel()
         hub.detach(client)
         metrics.clients.dec()
         metrics.disconnects.labels(reason=reason).inc()
@@ -128,13 +166,12 @@ async def _replay(
     """Send the stored entries in ``(after, head]``; live entries after ``head`` are
     already collecting in the client's buffer."""
     cursor = after
-    types = client.types
     while cursor < head and not client.closed:
         entries = await ctx.bus.read_after(cursor, ctx.settings.resume_page, until=head)
         if not entries:
             break
         cursor = entries[-1].id
-        frames = [e.frame for e in entries if types is None or e.type in types]
+        frames = [e.frame for e in entries if client.wants(e)]
         if frames:
             await response.write(b"".join(frames))
             ctx.metrics.replayed.inc(len(frames))

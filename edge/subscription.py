@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from shared.backoff import Backoff
+from shared.breaker import CircuitBreaker
 from shared.sse import control_frame
 
 from .bus import SUBSCRIBED, Bus, BusDisconnected, BusUnavailable
@@ -22,22 +22,28 @@ from .resume import Reset, check_position
 
 log = logging.getLogger(__name__)
 
+CLOSED_RETRY_S = 0.1
+"""Pause before resubscribing while the circuit is still closed."""
+
 
 class Subscription:
     def __init__(
-        self, bus: Bus, hub: Hub, metrics: EdgeMetrics, page: int, backoff_max_s: float
+        self, bus: Bus, hub: Hub, metrics: EdgeMetrics, page: int, breaker: CircuitBreaker
     ) -> None:
         self._bus = bus
         self._hub = hub
         self._metrics = metrics
         self._page = page
-        self._backoff_max_s = backoff_max_s
+        self.breaker = breaker
         self.ready = asyncio.Event()
 
     async def run(self) -> None:
-        backoff = Backoff(cap_s=self._backoff_max_s)
         connected_once = False
         while True:
+            delay = self.breaker.wait_s()
+            if delay > 0:
+                await asyncio.sleep(delay)
+                continue
             try:
                 async for item in self._bus.live():
                     if item is SUBSCRIBED:
@@ -45,7 +51,7 @@ class Subscription:
                             self._metrics.bus_reconnects.inc()
                         await self._repair()
                         connected_once = True
-                        backoff.reset()
+                        self.breaker.success()
                         self._set_ready(True)
                     elif isinstance(item, list):
                         self._metrics.messages.inc(self._hub.dispatch(item))
@@ -54,7 +60,8 @@ class Subscription:
                 raise
             except (BusDisconnected, BusUnavailable) as exc:
                 self._set_ready(False)
-                delay = backoff.next_delay()
+                self.breaker.failure()
+                delay = max(self.breaker.wait_s(), CLOSED_RETRY_S)
                 log.warning(
                     "redis subscription lost; reconnecting",
                     extra={

@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from shared.breaker import BreakerMetrics, CircuitBreaker
 from shared.httpkit import add_ops_routes, make_middlewares
 from shared.keys import RedisKeys
 from shared.redis_client import make_redis
@@ -27,6 +28,7 @@ SETTINGS = web.AppKey("settings", IngestSettings)
 METRICS = web.AppKey("metrics", IngestMetrics)
 REDIS = web.AppKey("redis", Redis)
 WORKER = web.AppKey("worker", IngestWorker)
+REGISTRY = web.AppKey("registry", CollectorRegistry)
 
 
 def create_app(
@@ -37,6 +39,7 @@ def create_app(
     app = web.Application(middlewares=make_middlewares(metrics))
     app[SETTINGS] = settings
     app[METRICS] = metrics
+    app[REGISTRY] = registry
 
     async def ready() -> tuple[bool, dict[str, object]]:
         worker = app.get(WORKER)
@@ -45,8 +48,11 @@ def create_app(
             redis_ok = bool(await asyncio.wait_for(app[REDIS].ping(), timeout=1.0))
         detail: dict[str, object] = {
             "redis": redis_ok,
-            "kafka": bool(worker and worker.kafka_ok),
             "group_joined": bool(worker and worker.joined),
+            "circuits": {
+                "kafka": worker.kafka.state.name.lower() if worker else "unknown",
+                "redis": worker.redis.state.name.lower() if worker else "unknown",
+            },
         }
         return bool(worker and worker.ready and redis_ok), detail
 
@@ -66,7 +72,19 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         settings.stream_maxlen,
         settings.dead_maxlen,
     )
-    worker = IngestWorker(settings, writer, app[METRICS])
+    breakers = BreakerMetrics(app[REGISTRY])
+    b = settings.breaker
+    worker = IngestWorker(
+        settings,
+        writer,
+        app[METRICS],
+        kafka_breaker=CircuitBreaker(
+            "kafka", breakers, b.failures, b.reset_s, settings.backoff_max_s
+        ),
+        redis_breaker=CircuitBreaker(
+            "redis", breakers, b.failures, b.reset_s, settings.backoff_max_s
+        ),
+    )
     app[WORKER] = worker
     task = asyncio.create_task(worker.run(), name="ingest-worker")
     log.info(

@@ -28,10 +28,17 @@ class Prepared:
     f1: bytes
     f2: bytes
     f3: bytes
+    f4: bytes = b""
     dead_reason: DeadReason | None = None
 
 
-def prepare(record: RawRecord, *, max_bytes: int, type_fields: tuple[str, ...]) -> Prepared:
+def prepare(
+    record: RawRecord,
+    *,
+    max_bytes: int,
+    type_fields: tuple[str, ...],
+    match_fields: tuple[str, ...] = (),
+) -> Prepared:
     outcome = decode_record(
         record.value,
         key=record.key,
@@ -40,6 +47,7 @@ def prepare(record: RawRecord, *, max_bytes: int, type_fields: tuple[str, ...]) 
         timestamp_ms=record.timestamp,
         max_bytes=max_bytes,
         type_fields=type_fields,
+        match_fields=match_fields,
     )
     if isinstance(outcome, Dead):
         # Keep what fits; the full record stays in Kafka at topic/partition/offset.
@@ -51,7 +59,7 @@ def prepare(record: RawRecord, *, max_bytes: int, type_fields: tuple[str, ...]) 
             outcome.reason.value.encode(),
             outcome.detail.encode("utf-8", "replace"),
             value,
-            outcome.reason,
+            dead_reason=outcome.reason,
         )
     return Prepared(
         record.partition,
@@ -60,11 +68,12 @@ def prepare(record: RawRecord, *, max_bytes: int, type_fields: tuple[str, ...]) 
         outcome.type.encode(),
         b"%d" % record.timestamp,
         outcome.data,
+        outcome.match,
     )
 
 
 def script_args(records: Iterable[Prepared]) -> list[bytes | int]:
     args: list[bytes | int] = []
     for r in records:
-        args.extend((r.partition, r.offset, r.kind, r.f1, r.f2, r.f3))
+        args.extend((r.partition, r.offset, r.kind, r.f1, r.f2, r.f3, r.f4))
     return args

@@ -14,10 +14,11 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import IllegalStateError, KafkaError, TopicAlreadyExistsError
 
-from shared.backoff import Backoff
+from shared.breaker import CircuitBreaker
 from shared.errors import RedisUnavailable
 from shared.settings import IngestSettings
 
+from .kafka_config import client_options
 from .metrics import IngestMetrics
 from .records import Prepared, RawRecord, prepare
 from .writer import ApplyResult, BatchWriter
@@ -25,6 +26,8 @@ from .writer import ApplyResult, BatchWriter
 log = logging.getLogger(__name__)
 
 PROBE_INTERVAL_S = 2.0
+CLOSED_RETRY_S = 0.2
+"""Pause between retries while the circuit is still closed (below its failure threshold)."""
 PROBE_TIMEOUT_S = 5.0
 
 
@@ -54,20 +57,23 @@ class IngestWorker:
         settings: IngestSettings,
         writer: BatchWriter,
         metrics: IngestMetrics,
+        kafka_breaker: CircuitBreaker,
+        redis_breaker: CircuitBreaker,
         consumer_factory: Callable[[], AIOKafkaConsumer] | None = None,
     ) -> None:
         self._s = settings
         self._writer = writer
         self._metrics = metrics
         self._consumer_factory = consumer_factory or self._default_consumer
+        self.kafka = kafka_breaker
+        self.redis = redis_breaker
         self.joined = False
-        self.redis_ok = True
-        self.kafka_ok = False
+        self.kafka_answered = False
         self._lag_partitions: set[int] = set()
 
     @property
     def ready(self) -> bool:
-        return self.joined and self.kafka_ok and self.redis_ok
+        return self.joined and self.kafka_answered and self.kafka.closed and self.redis.closed
 
     def _default_consumer(self) -> AIOKafkaConsumer:
         return AIOKafkaConsumer(
@@ -77,6 +83,7 @@ class IngestWorker:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=self._s.batch_max_records,
+            **client_options(self._s.kafka_security),
         )
 
     def forget_partition(self, tp: TopicPartition) -> None:
@@ -86,7 +93,9 @@ class IngestWorker:
 
     async def ensure_topic(self) -> None:
         admin = AIOKafkaAdminClient(
-            bootstrap_servers=self._s.kafka_bootstrap, client_id=self._s.node_id
+            bootstrap_servers=self._s.kafka_bootstrap,
+            client_id=self._s.node_id,
+            **client_options(self._s.kafka_security),
         )
         await admin.start()
         try:
@@ -113,26 +122,25 @@ class IngestWorker:
             await admin.close()
 
     async def run(self) -> None:
-        """Consume until cancelled, riding out Kafka outages with backoff."""
-        backoff = Backoff(cap_s=self._s.backoff_max_s)
+        """Consume until cancelled, riding out Kafka outages through the circuit breaker."""
         while True:
+            delay = self.kafka.wait_s()
+            if delay > 0:
+                await asyncio.sleep(delay)
+                continue
             try:
                 await self.ensure_topic()
-                await self._consume(backoff)
+                await self._consume()
             except asyncio.CancelledError:
                 raise
             except KafkaError as exc:
-                self.kafka_ok = False
                 self.joined = False
+                self.kafka.failure()
                 self._metrics.backend_errors.labels(backend="kafka").inc()
-                delay = backoff.next_delay()
-                log.warning(
-                    "kafka unavailable, retrying",
-                    extra={"error": repr(exc), "retry_in_s": round(delay, 2)},
-                )
-                await asyncio.sleep(delay)
+                log.warning("kafka unavailable, retrying", extra={"error": repr(exc)})
+                await asyncio.sleep(max(self.kafka.wait_s(), CLOSED_RETRY_S))
 
-    async def _consume(self, backoff: Backoff) -> None:
+    async def _consume(self) -> None:
         consumer = self._consumer_factory()
         consumer.subscribe([self._s.kafka_topic], listener=_Assignment(self))
         await consumer.start()
@@ -146,11 +154,10 @@ class IngestWorker:
                     timeout_ms=self._s.poll_timeout_ms, max_records=self._s.batch_max_records
                 )
                 if batches:
-                    self.kafka_ok = True
-                    backoff.reset()
                     await self._handle(consumer, batches)
                 now = time.monotonic()
-                if now >= next_probe:
+                # While the circuit is open the probe waits for its half-open turn.
+                if now >= next_probe and self.kafka.wait_s() == 0:
                     next_probe = now + PROBE_INTERVAL_S
                     await self._probe(consumer)
         finally:
@@ -168,6 +175,7 @@ class IngestWorker:
                         RawRecord(r.partition, r.offset, r.timestamp, r.key, r.value),
                         max_bytes=self._s.event_max_bytes,
                         type_fields=self._s.type_fields,
+                        match_fields=self._s.match_fields,
                     )
                 )
         result = await self._apply_until_done(prepared)
@@ -185,22 +193,28 @@ class IngestWorker:
             )
 
     async def _apply_until_done(self, prepared: list[Prepared]) -> ApplyResult:
-        """Retry the same batch until Redis takes it: nothing is committed to Kafka before."""
-        backoff = Backoff(cap_s=self._s.backoff_max_s)
+        """Retry the same batch until Redis takes it: nothing is committed to Kafka before.
+        Memory stays bounded: no new batch is fetched while this one is held."""
+        held = False
         while True:
+            delay = self.redis.wait_s()
+            if delay > 0:
+                await asyncio.sleep(delay)
+                continue
             started = time.perf_counter()
             try:
                 result = await self._writer.apply(prepared)
             except RedisUnavailable as exc:
-                if self.redis_ok:
+                if not held:
                     log.warning("redis unavailable; holding the batch", extra={"error": str(exc)})
-                self.redis_ok = False
+                held = True
+                self.redis.failure()
                 self._metrics.backend_errors.labels(backend="redis").inc()
-                await asyncio.sleep(backoff.next_delay())
+                await asyncio.sleep(max(self.redis.wait_s(), CLOSED_RETRY_S))
                 continue
-            if not self.redis_ok:
+            if held:
                 log.info("redis is back; batch applied")
-            self.redis_ok = True
+            self.redis.success()
             self._metrics.batch_seconds.observe(time.perf_counter() - started)
             return result
 
@@ -242,14 +256,13 @@ class IngestWorker:
                 await asyncio.wait_for(consumer.topics(), PROBE_TIMEOUT_S)
                 ends = {}
         except (KafkaError, TimeoutError) as exc:
-            if self.kafka_ok:
+            if self.kafka.closed:
                 log.warning("kafka does not answer", extra={"error": repr(exc)})
-            self.kafka_ok = False
+            self.kafka.failure()
             self._metrics.backend_errors.labels(backend="kafka").inc()
             return
-        if not self.kafka_ok:
-            log.info("kafka answers")
-        self.kafka_ok = True
+        self.kafka_answered = True
+        self.kafka.success()
         for tp, end in ends.items():
             try:
                 position = await asyncio.wait_for(consumer.position(tp), PROBE_TIMEOUT_S)

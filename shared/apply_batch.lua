@@ -4,14 +4,14 @@
 --
 -- KEYS[1] stream  KEYS[2] dead stream  KEYS[3] offsets hash  KEYS[4] genesis
 -- ARGV[1] stream maxlen  ARGV[2] dead maxlen  ARGV[3] topic  ARGV[4] channel
--- ARGV[5] record count, then 6 values per record:
---   partition, offset, kind ("e" event | "d" dead), f1, f2, f3
---   e: f1 type, f2 kafka timestamp ms, f3 envelope JSON
---   d: f1 reason, f2 detail, f3 raw value (possibly truncated)
+-- ARGV[5] record count, then 7 values per record:
+--   partition, offset, kind ("e" event | "d" dead), f1, f2, f3, f4
+--   e: f1 type, f2 kafka timestamp ms, f3 envelope JSON, f4 match token
+--   d: f1 reason, f2 detail, f3 raw value (possibly truncated), f4 unused
 -- Returns {written, duplicates, dead, last stream id or ""}.
 --
--- Published payload: one line per event, "<id> <type> <ts> <envelope>\n"; ids, types and
--- timestamps hold no spaces, and the envelope is one line of JSON.
+-- Published payload: one line per event, "<id> <type> <ts> <match> <envelope>"; ids, types,
+-- timestamps and match tokens hold no spaces, and the envelope is one line of JSON.
 local stream, dead, offsets, genesis = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local maxlen, dead_maxlen, topic, channel = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local n = tonumber(ARGV[5])
@@ -24,7 +24,7 @@ local last_id = ""
 local fresh = redis.call('EXISTS', stream) == 0
 
 for i = 0, n - 1 do
-  local base = 6 + i * 6
+  local base = 6 + i * 7
   local partition = ARGV[base]
   local offset = tonumber(ARGV[base + 1])
   local kind = ARGV[base + 2]
@@ -39,12 +39,13 @@ for i = 0, n - 1 do
   else
     if kind == 'e' then
       local id = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*',
-        't', ARGV[base + 3], 'ts', ARGV[base + 4], 'd', ARGV[base + 5])
+        't', ARGV[base + 3], 'ts', ARGV[base + 4], 'm', ARGV[base + 6], 'd', ARGV[base + 5])
       if fresh then
         redis.call('SET', genesis, id)
         fresh = false
       end
-      lines[#lines + 1] = id .. ' ' .. ARGV[base + 3] .. ' ' .. ARGV[base + 4] .. ' ' .. ARGV[base + 5]
+      lines[#lines + 1] = id .. ' ' .. ARGV[base + 3] .. ' ' .. ARGV[base + 4] .. ' '
+        .. ARGV[base + 6] .. ' ' .. ARGV[base + 5]
       last_id = id
       written = written + 1
     else

@@ -18,9 +18,34 @@ import re
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
+from urllib.parse import quote, unquote
 
 # Types become filter keys and label-free log fields, so keep them to a safe alphabet.
 TYPE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+
+
+NO_MATCH = b"-"
+
+
+def match_token(obj: dict[str, Any], fields: tuple[str, ...]) -> bytes:
+    """Scalar values of ``fields`` as one space-free token, for claim filtering at the edge."""
+    parts = []
+    for name in fields:
+        value = obj.get(name)
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            continue
+        parts.append(quote(name, safe="") + "=" + quote(str(value), safe=""))
+    return "&".join(parts).encode() if parts else NO_MATCH
+
+
+def parse_match(token: bytes) -> frozenset[tuple[str, str]]:
+    if token == NO_MATCH or not token:
+        return frozenset()
+    pairs = []
+    for part in token.decode().split("&"):
+        name, _, value = part.partition("=")
+        pairs.append((unquote(name), unquote(value)))
+    return frozenset(pairs)
 
 
 class DeadReason(StrEnum):
@@ -38,6 +63,8 @@ class Envelope:
     type: str
     data: bytes
     """Compact one-line JSON envelope, UTF-8."""
+    match: bytes = NO_MATCH
+    """The event's match fields as ``field=value&...`` (percent-encoded), or ``-``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +105,7 @@ def decode_record(
     timestamp_ms: int,
     max_bytes: int,
     type_fields: tuple[str, ...],
+    match_fields: tuple[str, ...] = (),
 ) -> Envelope | Dead:
     """Validate one Kafka record value and build its envelope, or say why it is dead."""
     if value is None or len(value) == 0:
@@ -126,4 +154,4 @@ def decode_record(
     except RecursionError:
         # Nesting just under the parser's limit parses, but the envelope adds two levels.
         return Dead(DeadReason.NOT_JSON, "the JSON value is nested too deeply")
-    return Envelope(type=event_type, data=data)
+    return Envelope(type=event_type, data=data, match=match_token(obj, match_fields))

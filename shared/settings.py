@@ -10,16 +10,19 @@ from __future__ import annotations
 import os
 import re
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 from .errors import SettingsError
+from .security_settings import (
+    AuthSettings,
+    BreakerSettings,
+    KafkaSecurity,
+    LimitSettings,
+    RedisTls,
+)
+from .settings_env import DEFAULT_REDIS_URL, ENV_PREFIX, Env, mask_url
 
-ENV_PREFIX = "CRM_EVENTS_"
-
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_REDIS_PREFIX = "crm-events"
 DEFAULT_KAFKA_BOOTSTRAP = "127.0.0.1:9092"
 DEFAULT_KAFKA_TOPIC = "aetherlink.events"
@@ -35,6 +38,7 @@ DEFAULT_STREAM_MAXLEN = 100_000
 DEFAULT_DEAD_MAXLEN = 10_000
 DEFAULT_EVENT_MAX_BYTES = 64 * 1024
 DEFAULT_TYPE_FIELDS = ("Type", "type", "eventType")
+DEFAULT_MATCH_FIELDS = ("TenantId",)
 DEFAULT_PING_INTERVAL_S = 15.0
 DEFAULT_RETRY_MS = 2000
 DEFAULT_CLIENT_BUFFER_BYTES = 1024 * 1024
@@ -51,100 +55,6 @@ _FIELD_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _HOSTPORT_RE = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
 
-T = TypeVar("T")
-
-
-class Env:
-    """Reads ``CRM_EVENTS_*`` variables from a mapping, converting and validating each."""
-
-    def __init__(self, source: Mapping[str, str]) -> None:
-        self._source = source
-
-    def raw(self, name: str) -> str | None:
-        value = self._source.get(ENV_PREFIX + name)
-        if value is None or value.strip() == "":
-            return None
-        return value.strip()
-
-    def _get(self, name: str, default: T, convert: Callable[[str], T], what: str) -> T:
-        value = self.raw(name)
-        if value is None:
-            return default
-        try:
-            return convert(value)
-        except ValueError:
-            raise SettingsError(ENV_PREFIX + name, f"expected {what}, got {value!r}") from None
-
-    def string(self, name: str, default: str, pattern: re.Pattern[str] | None = None) -> str:
-        value = self.raw(name)
-        if value is None:
-            return default
-        if pattern is not None and not pattern.fullmatch(value):
-            raise SettingsError(ENV_PREFIX + name, f"{value!r} does not match {pattern.pattern}")
-        return value
-
-    def integer(self, name: str, default: int, minimum: int, maximum: int) -> int:
-        value = self._get(name, default, int, "an integer")
-        if not minimum <= value <= maximum:
-            raise SettingsError(
-                ENV_PREFIX + name, f"{value} is outside the allowed range {minimum}..{maximum}"
-            )
-        return value
-
-    def number(self, name: str, default: float, minimum: float, maximum: float) -> float:
-        value = self._get(name, default, float, "a number")
-        if not minimum <= value <= maximum:
-            raise SettingsError(
-                ENV_PREFIX + name, f"{value} is outside the allowed range {minimum}..{maximum}"
-            )
-        return value
-
-    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
-        value = self.string(name, default).upper()
-        if value not in choices:
-            raise SettingsError(ENV_PREFIX + name, f"expected one of {', '.join(choices)}")
-        return value
-
-    def names(
-        self, name: str, default: tuple[str, ...], pattern: re.Pattern[str]
-    ) -> tuple[str, ...]:
-        value = self.raw(name)
-        if value is None:
-            return default
-        items = tuple(part.strip() for part in value.split(","))
-        bad = [item for item in items if not pattern.fullmatch(item)]
-        if not items or bad:
-            raise SettingsError(
-                ENV_PREFIX + name, f"expected a comma-separated list of names, got {value!r}"
-            )
-        return items
-
-    def redis_url(self) -> str:
-        value = self.string("REDIS_URL", DEFAULT_REDIS_URL)
-        parts = urlsplit(value)
-        if parts.scheme not in ("redis", "rediss", "unix") or (
-            parts.scheme != "unix" and not parts.hostname
-        ):
-            raise SettingsError(
-                ENV_PREFIX + "REDIS_URL",
-                "expected redis://[user:password@]host:port/db, rediss://... or unix://...",
-            )
-        try:
-            _ = parts.port
-        except ValueError:
-            raise SettingsError(ENV_PREFIX + "REDIS_URL", "the port is not a number") from None
-        return value
-
-
-def mask_url(url: str) -> str:
-    """The URL with any password replaced, for logs and ``repr``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    netloc = f"{user}:***@{parts.netloc.rpartition('@')[2]}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-
 
 @dataclass(frozen=True, slots=True)
 class RedisSettings:
@@ -154,6 +64,8 @@ class RedisSettings:
     """Prefix of every key and channel this deployment uses."""
     timeout_s: float = DEFAULT_REDIS_TIMEOUT_S
     """Socket timeout of ordinary Redis commands, in seconds."""
+    tls: RedisTls = field(default_factory=RedisTls)
+    """CA and client certificate for ``rediss://``, and a password read from a file."""
 
     def __repr__(self) -> str:
         return (
@@ -167,6 +79,7 @@ class RedisSettings:
             url=env.redis_url(),
             prefix=env.string("REDIS_PREFIX", DEFAULT_REDIS_PREFIX, _PREFIX_RE),
             timeout_s=env.number("REDIS_TIMEOUT_S", DEFAULT_REDIS_TIMEOUT_S, 0.1, 300.0),
+            tls=RedisTls.from_env(env),
         )
 
 
@@ -199,7 +112,12 @@ class IngestSettings:
     """Records whose value is larger are dead letters (reason ``too_large``)."""
     type_fields: tuple[str, ...] = DEFAULT_TYPE_FIELDS
     """Fields of the event object tried in order for its type."""
+    match_fields: tuple[str, ...] = DEFAULT_MATCH_FIELDS
+    """Top-level event fields copied beside each event so that edges can enforce a token's
+    field-equality claims (e.g. a tenant) without parsing events per client."""
     backoff_max_s: float = DEFAULT_BACKOFF_MAX_S
+    kafka_security: KafkaSecurity = field(default_factory=KafkaSecurity)
+    breaker: BreakerSettings = field(default_factory=BreakerSettings)
 
     @classmethod
     def from_env(cls, source: Mapping[str, str]) -> IngestSettings:
@@ -232,7 +150,10 @@ class IngestSettings:
             dead_maxlen=env.integer("DEAD_MAXLEN", DEFAULT_DEAD_MAXLEN, 10, 100_000_000),
             event_max_bytes=env.integer("EVENT_MAX_BYTES", DEFAULT_EVENT_MAX_BYTES, 64, 16 << 20),
             type_fields=env.names("EVENT_TYPE_FIELDS", DEFAULT_TYPE_FIELDS, _FIELD_RE),
+            match_fields=env.names("EVENT_MATCH_FIELDS", DEFAULT_MATCH_FIELDS, _FIELD_RE),
             backoff_max_s=env.number("BACKOFF_MAX_S", DEFAULT_BACKOFF_MAX_S, 0.1, 600.0),
+            kafka_security=KafkaSecurity.from_env(env),
+            breaker=BreakerSettings.from_env(env),
         )
 
 
@@ -256,6 +177,10 @@ class EdgeSettings:
     shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
     """Seconds to let streams close on SIGTERM before the process exits."""
     backoff_max_s: float = DEFAULT_BACKOFF_MAX_S
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    """Built directly (tests), auth is off; from the environment it defaults to jwt."""
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    breaker: BreakerSettings = field(default_factory=BreakerSettings)
 
     @classmethod
     def from_env(cls, source: Mapping[str, str]) -> EdgeSettings:
@@ -283,4 +208,7 @@ class EdgeSettings:
             resume_page=env.integer("RESUME_PAGE", DEFAULT_RESUME_PAGE, 1, 100_000),
             shutdown_grace_s=env.number("SHUTDOWN_GRACE_S", DEFAULT_SHUTDOWN_GRACE_S, 0.0, 600.0),
             backoff_max_s=env.number("BACKOFF_MAX_S", DEFAULT_BACKOFF_MAX_S, 0.1, 600.0),
+            auth=AuthSettings.from_env(env),
+            limits=LimitSettings.from_env(env),
+            breaker=BreakerSettings.from_env(env),
         )

@@ -68,6 +68,9 @@ class Cluster:
             "CRM_EVENTS_REDIS_URL": self.backends.redis_url,
             "CRM_EVENTS_REDIS_PREFIX": self.prefix,
             "CRM_EVENTS_LOG_LEVEL": "INFO",
+            # Auth is on by default in production; tests that exercise it pass their own
+            # CRM_EVENTS_AUTH_MODE and key through ``env``.
+            "CRM_EVENTS_AUTH_MODE": "off",
             **self.env,
         }
 

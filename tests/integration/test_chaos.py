@@ -28,7 +28,7 @@ from tests.harness.kafka_control import KafkaControl, kafka_control
 from tests.waiting import eventually
 
 EVENTS = int(os.environ.get("CRM_EVENTS_CHAOS_EVENTS", "3000"))
-RATE = float(os.environ.get("CRM_EVENTS_CHAOS_RATE", "1000"))
+RATE = float(os.environ.get("CRM_EVENTS_CHAOS_RATE", "1200"))
 CLIENTS = int(os.environ.get("CRM_EVENTS_CHAOS_CLIENTS", "20"))
 INVALID_EVERY = 997
 

@@ -15,6 +15,13 @@ import pytest
 from shared.cli import load
 from shared.settings import EdgeSettings, IngestSettings
 
+
+def edge_from_env(env: Mapping[str, str]) -> EdgeSettings:
+    """``EdgeSettings.from_env`` with auth off: auth defaults to jwt and needs a key, which
+    tests/unit/test_security_settings.py covers."""
+    return EdgeSettings.from_env({"CRM_EVENTS_AUTH_MODE": "off", **env})
+
+
 REPO = Path(__file__).resolve().parents[2]
 PROG = "crm-events-test"
 FromEnv = Callable[[Mapping[str, str]], Any]
@@ -38,7 +45,7 @@ def test_unknown_argument_exits_2_with_one_line_naming_it(
     argv: list[str], culprit: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit) as info:
-        load(PROG, argv, {}, EdgeSettings.from_env)
+        load(PROG, argv, {}, edge_from_env)
 
     assert info.value.code == 2
     lines = stderr_lines(capsys)
@@ -50,9 +57,9 @@ def test_unknown_argument_exits_2_with_one_line_naming_it(
 @pytest.mark.parametrize(
     ("from_env", "env"),
     [
-        pytest.param(EdgeSettings.from_env, {"CRM_EVENTS_EDGE_PORT": "abc"}, id="edge-port"),
-        pytest.param(EdgeSettings.from_env, {"CRM_EVENTS_EDGE_PORT": "1\n2"}, id="port-newline"),
-        pytest.param(EdgeSettings.from_env, {"CRM_EVENTS_LOG_LEVEL": "LO\nUD"}, id="level-newline"),
+        pytest.param(edge_from_env, {"CRM_EVENTS_EDGE_PORT": "abc"}, id="edge-port"),
+        pytest.param(edge_from_env, {"CRM_EVENTS_EDGE_PORT": "1\n2"}, id="port-newline"),
+        pytest.param(edge_from_env, {"CRM_EVENTS_LOG_LEVEL": "LO\nUD"}, id="level-newline"),
         pytest.param(
             IngestSettings.from_env, {"CRM_EVENTS_KAFKA_TOPIC": "bad topic"}, id="ingest-topic"
         ),
@@ -85,9 +92,7 @@ def test_bad_setting_exits_2_with_one_line_naming_the_variable(
     ],
 )
 def test_load_returns_settings_and_check_only(argv: list[str], check_only: bool) -> None:
-    settings, got_check_only = load(
-        PROG, argv, {"CRM_EVENTS_EDGE_PORT": "9100"}, EdgeSettings.from_env
-    )
+    settings, got_check_only = load(PROG, argv, {"CRM_EVENTS_EDGE_PORT": "9100"}, edge_from_env)
 
     assert isinstance(settings, EdgeSettings)
     assert settings.port == 9100
@@ -99,7 +104,7 @@ def test_help_exits_0_with_usage_even_when_settings_are_bad(
     flag: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit) as info:
-        load(PROG, [flag], {"CRM_EVENTS_EDGE_PORT": "abc"}, EdgeSettings.from_env)
+        load(PROG, [flag], {"CRM_EVENTS_EDGE_PORT": "abc"}, edge_from_env)
 
     assert info.value.code == 0
     out = capsys.readouterr()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ingest.records import Prepared, RawRecord, prepare, script_args
-from shared.events import DeadReason, Envelope, decode_record
+from shared.events import DeadReason, Envelope, decode_record, parse_match
 from shared.settings import DEFAULT_TYPE_FIELDS
 
 MAX_BYTES = 256
@@ -46,7 +46,7 @@ def test_event_becomes_kind_e_with_type_timestamp_and_envelope(ts: int, f2: byte
         type_fields=DEFAULT_TYPE_FIELDS,
     )
     assert isinstance(expected, Envelope)
-    assert got == Prepared(2, 41, b"e", b"ContactCreated", f2, expected.data, None)
+    assert got == Prepared(2, 41, b"e", b"ContactCreated", f2, expected.data, b"-", None)
     assert got.f2.isdigit()
     # The published line is "<id> <type> <ts> <envelope>": none of them may break it.
     assert b" " not in got.f1 + got.f2
@@ -97,15 +97,15 @@ def test_dead_detail_with_a_lone_surrogate_type_is_still_utf8() -> None:
     got.f2.decode("utf-8")
 
 
-def test_script_args_are_six_values_per_record_in_order() -> None:
+def test_script_args_are_seven_values_per_record_in_order() -> None:
     event = run(record(b'{"Type":"A"}', partition=0, offset=5))
     dead = run(record(b"nope", partition=1, offset=9))
 
     args = script_args([event, dead])
 
     assert args == [
-        0, 5, b"e", event.f1, event.f2, event.f3,
-        1, 9, b"d", b"not_json", dead.f2, b"nope",
+        0, 5, b"e", event.f1, event.f2, event.f3, b"-",
+        1, 9, b"d", b"not_json", dead.f2, b"nope", b"",
     ]  # fmt: skip
 
 
@@ -118,5 +118,18 @@ def test_script_args_accepts_any_iterable() -> None:
 
     args = script_args(p for p in prepared)
 
-    assert len(args) == 18
-    assert args[1::6] == [0, 1, 2]
+    assert len(args) == 21
+    assert args[1::7] == [0, 1, 2]
+
+
+def test_match_fields_travel_as_one_token() -> None:
+    got = prepare(
+        record(b'{"Type":"A","TenantId":"t 1/&x","Region":"eu","N":7,"Flag":true}'),
+        max_bytes=MAX_BYTES,
+        type_fields=DEFAULT_TYPE_FIELDS,
+        match_fields=("TenantId", "N", "Flag", "Missing"),
+    )
+    # Percent-encoded so the token never holds a space, '&' or '=' of its own; booleans and
+    # absent fields are left out.
+    assert got.f4 == b"TenantId=t%201%2F%26x&N=7"
+    assert parse_match(got.f4) == {("TenantId", "t 1/&x"), ("N", "7")}

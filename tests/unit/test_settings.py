@@ -12,6 +12,13 @@ from shared import settings as s
 from shared.errors import SettingsError
 from shared.settings import EdgeSettings, IngestSettings, RedisSettings, mask_url
 
+
+def edge_from_env(env: Mapping[str, str]) -> EdgeSettings:
+    """``EdgeSettings.from_env`` with auth off: auth defaults to jwt and needs a key, which
+    tests/unit/test_security_settings.py covers."""
+    return EdgeSettings.from_env({"CRM_EVENTS_AUTH_MODE": "off", **env})
+
+
 FromEnv = Callable[[Mapping[str, str]], Any]
 
 
@@ -64,7 +71,7 @@ def test_ingest_defaults_from_an_empty_mapping() -> None:
 
 
 def test_edge_defaults_from_an_empty_mapping() -> None:
-    got = EdgeSettings.from_env({})
+    got = edge_from_env({})
 
     assert got.redis == RedisSettings()
     assert got.node_id.startswith("edge-")
@@ -96,7 +103,7 @@ def test_edge_defaults_from_an_empty_mapping() -> None:
 
 
 def test_blank_values_count_as_unset() -> None:
-    got = EdgeSettings.from_env({"CRM_EVENTS_EDGE_PORT": "  ", "CRM_EVENTS_LOG_LEVEL": ""})
+    got = edge_from_env({"CRM_EVENTS_EDGE_PORT": "  ", "CRM_EVENTS_LOG_LEVEL": ""})
 
     assert got.port == s.DEFAULT_EDGE_PORT
     assert got.log_level == "INFO"
@@ -105,14 +112,12 @@ def test_blank_values_count_as_unset() -> None:
 @pytest.mark.parametrize(
     ("from_env", "env", "attr", "expected"),
     [
-        pytest.param(EdgeSettings.from_env, {"EDGE_PORT": "0"}, "port", 0, id="port-0"),
-        pytest.param(EdgeSettings.from_env, {"EDGE_PORT": "65535"}, "port", 65535, id="port-max"),
-        pytest.param(EdgeSettings.from_env, {"EDGE_PORT": " 9100 "}, "port", 9100, id="port-ws"),
+        pytest.param(edge_from_env, {"EDGE_PORT": "0"}, "port", 0, id="port-0"),
+        pytest.param(edge_from_env, {"EDGE_PORT": "65535"}, "port", 65535, id="port-max"),
+        pytest.param(edge_from_env, {"EDGE_PORT": " 9100 "}, "port", 9100, id="port-ws"),
+        pytest.param(edge_from_env, {"LOG_LEVEL": "debug"}, "log_level", "DEBUG", id="level-case"),
         pytest.param(
-            EdgeSettings.from_env, {"LOG_LEVEL": "debug"}, "log_level", "DEBUG", id="level-case"
-        ),
-        pytest.param(
-            EdgeSettings.from_env,
+            edge_from_env,
             {"HISTORY_MAX_N": "10"},
             "history_default_n",
             10,
@@ -140,7 +145,7 @@ def test_good_values(from_env: FromEnv, env: dict[str, str], attr: str, expected
     assert getattr(got, attr) == expected
 
 
-EDGE = EdgeSettings.from_env
+EDGE = edge_from_env
 INGEST = IngestSettings.from_env
 
 BAD = [
@@ -202,7 +207,7 @@ def test_malformed_value_raises_an_error_naming_the_variable(
 
 def test_redis_url_error_does_not_echo_the_password() -> None:
     with pytest.raises(SettingsError) as info:
-        EdgeSettings.from_env({"CRM_EVENTS_REDIS_URL": "redis://user:secret@host:port/0"})
+        edge_from_env({"CRM_EVENTS_REDIS_URL": "redis://user:secret@host:port/0"})
 
     assert "secret" not in str(info.value)
 

@@ -1,0 +1,187 @@
+"""Who may read which events: JWT verification and the grant it yields.
+
+A token comes from ``Authorization: Bearer``, else the auth cookie (a browser's
+EventSource cannot set headers, but sends cookies), else ``?access_token=`` when that is
+explicitly enabled. Its claims grant event types (``crm_types``: a list, or ``["*"]``) and
+may require field equality on events (``crm_match``: ``{"TenantId": "t-1"}``). The same
+grant applies to live delivery, resume and history. Tokens must carry ``exp``; a stream
+ends when its token expires.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt
+from aiohttp import web
+
+from shared.events import TYPE_RE
+from shared.httpkit import ApiError
+from shared.security_settings import AuthSettings
+
+WWW_AUTHENTICATE = {"WWW-Authenticate": 'Bearer realm="crm-events"'}
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    types: frozenset[bytes] | None
+    """Types the client may see; None means every type."""
+    match: frozenset[tuple[str, str]]
+    """Field values every delivered event must have."""
+    expires_at: float | None
+    """Unix time the grant ends (the token's ``exp``)."""
+    subject: str | None = None
+
+    def narrow(self, requested: frozenset[bytes] | None) -> frozenset[bytes] | None:
+        """The filter to apply for a request's ``types=``; refuses types not granted."""
+        if self.types is None:
+            return requested
+        if requested is None:
+            return self.types
+        missing = requested - self.types
+        if missing:
+            names = ", ".join(sorted(t.decode() for t in missing))
+            raise ApiError(403, "forbidden", f"the token does not grant the event types: {names}")
+        return requested
+
+
+OPEN = Grant(None, frozenset(), None, "anonymous")
+"""The grant of every request when authentication is off."""
+
+
+def _unauthorized(message: str, error: str = "invalid_token") -> ApiError:
+    headers = {"WWW-Authenticate": f'Bearer realm="crm-events", error="{error}"'}
+    return ApiError(401, "unauthorized", message, headers)
+
+
+class Authenticator:
+    def __init__(self, settings: AuthSettings) -> None:
+        self._s = settings
+        self._keys: dict[str, Any] = {}
+        self._key: Any = settings.secret if settings.secret is not None else None
+        if settings.public_key_pem is not None:
+            self._key = settings.public_key_pem
+        if settings.jwks_file is not None:
+            document = json.loads(Path(settings.jwks_file).read_text(encoding="utf-8"))
+            for jwk in jwt.PyJWKSet.from_dict(document).keys:
+                if jwk.key_id is None:
+                    raise ValueError("every key of the JWKS file needs a kid")
+                self._keys[jwk.key_id] = jwk.key
+
+    @property
+    def enabled(self) -> bool:
+        return self._s.enabled
+
+    def token_from(self, request: web.Request) -> str | None:
+        header = request.headers.get("Authorization")
+        if header is not None:
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise _unauthorized(
+                    "the Authorization header must be 'Bearer <token>'", "invalid_request"
+                )
+            return token.strip()
+        cookie = request.cookies.get(self._s.cookie)
+        if cookie:
+            return cookie
+        if self._s.query_token:
+            values = request.query.getall("access_token", [])
+            if len(values) > 1:
+                raise ApiError(400, "invalid_query", "'access_token' is given more than once")
+            if values:
+                return values[0]
+        return None
+
+    def authenticate(self, request: web.Request) -> Grant:
+        if not self.enabled:
+            return OPEN
+        token = self.token_from(request)
+        if token is None:
+            raise _unauthorized("a bearer token is required", "invalid_request")
+        return self.verify(token)
+
+    def _key_for(self, token: str) -> Any:
+        if not self._keys:
+            return self._key
+        try:
+            kid = jwt.get_unverified_header(token).get("kid")
+        except jwt.PyJWTError as exc:
+            raise _unauthorized(f"malformed token: {exc}") from None
+        if kid not in self._keys:
+            raise _unauthorized("the token's key id is not known")
+        return self._keys[kid]
+
+    def verify(self, token: str, now: float | None = None) -> Grant:
+        s = self._s
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                self._key_for(token),
+                algorithms=s.algorithms,
+                audience=s.audience,
+                issuer=s.issuer,
+                leeway=s.leeway_s,
+                options={"require": ["exp"], "verify_aud": s.audience is not None},
+            )
+        except jwt.ExpiredSignatureError:
+            raise _unauthorized("the token has expired") from None
+        except jwt.PyJWTError as exc:
+            raise _unauthorized(f"the token is not valid: {exc}") from None
+        grant = self._grant(claims)
+        if grant.expires_at is not None and grant.expires_at + s.leeway_s <= (now or time.time()):
+            raise _unauthorized("the token has expired")
+        return grant
+
+    def _grant(self, claims: dict[str, Any]) -> Grant:
+        raw_types = claims.get(self._s.types_claim)
+        if raw_types is None:
+            raise ApiError(403, "forbidden", f"the token has no '{self._s.types_claim}' claim")
+        if not isinstance(raw_types, list) or not all(isinstance(t, str) for t in raw_types):
+            raise _unauthorized(f"'{self._s.types_claim}' must be a list of event types")
+        types: frozenset[bytes] | None
+        if "*" in raw_types:
+            types = None
+        else:
+            if not all(TYPE_RE.fullmatch(t) for t in raw_types):
+                raise _unauthorized(f"'{self._s.types_claim}' holds an invalid event type")
+            types = frozenset(t.encode() for t in raw_types)
+        raw_match = claims.get(self._s.match_claim, {})
+        if not isinstance(raw_match, dict) or not all(
+            isinstance(k, str) and isinstance(v, str | int | float) and not isinstance(v, bool)
+            for k, v in raw_match.items()
+        ):
+            raise _unauthorized(f"'{self._s.match_claim}' must map field names to values")
+        exp = claims.get("exp")
+        subject = claims.get("sub")
+        return Grant(
+            types,
+            frozenset((k, str(v)) for k, v in raw_match.items()),
+            float(exp) if isinstance(exp, int | float) else None,
+            subject if isinstance(subject, str) else None,
+        )
+
+
+def issue_token(
+    secret: str,
+    *,
+    types: list[str],
+    match: dict[str, str] | None = None,
+    ttl_s: float = 3600,
+    subject: str = "developer",
+    now: float | None = None,
+) -> str:
+    """An HS256 token, for the local stack's development token and for tests."""
+    issued = now if now is not None else time.time()
+    claims: dict[str, Any] = {
+        "sub": subject,
+        "iat": int(issued),
+        "exp": int(issued + ttl_s),
+        "crm_types": types,
+    }
+    if match:
+        claims["crm_match"] = match
+    return jwt.encode(claims, secret, algorithm="HS256")

@@ -1,0 +1,144 @@
+"""How much one edge serves and one client may take: connection caps, a history rate limit,
+request size caps, and the client address behind the load balancer.
+
+Every refusal is an ``ApiError`` (JSON) and is counted in
+``crm_events_limit_rejections_total{limit}``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from aiohttp import web
+from prometheus_client import Counter
+
+from shared.httpkit import ApiError, Handler
+from shared.security_settings import LimitSettings
+
+LIMITS = ("connections", "connections_per_ip", "history_rate", "request_line", "headers", "types")
+MAX_TRACKED_CLIENTS = 100_000
+"""Bound on the per-address rate-limit table; the least recently seen are forgotten."""
+
+
+def client_ip(request: web.Request, trusted: frozenset[str]) -> str:
+    """The client's address: the peer, or — when the peer is a trusted proxy — the right-most
+    untrusted address of X-Forwarded-For (entries further left are client-supplied)."""
+    peer = request.remote or "unknown"
+    if not _is_trusted(peer, trusted):
+        return peer
+    forwarded = request.headers.get("X-Forwarded-For", "")
+    for hop in reversed([h.strip() for h in forwarded.split(",") if h.strip()]):
+        if not _is_trusted(hop, trusted):
+            return hop
+    return peer
+
+
+def _is_trusted(address: str, trusted: frozenset[str]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in ipaddress.ip_network(net, strict=False) for net in trusted)
+
+
+class ConnectionLimiter:
+    """Caps SSE streams per edge and per client address."""
+
+    def __init__(self, max_total: int, max_per_ip: int, rejected: Counter) -> None:
+        self.max_total = max_total
+        self.max_per_ip = max_per_ip
+        self._total = 0
+        self._per_ip: dict[str, int] = {}
+        self._rejected = rejected
+
+    def acquire(self, ip: str) -> None:
+        if self._total >= self.max_total:
+            self._rejected.labels(limit="connections").inc()
+            raise ApiError(
+                503, "edge_full", "this edge serves its maximum of streams", {"Retry-After": "5"}
+            )
+        held = self._per_ip.get(ip, 0)
+        if held >= self.max_per_ip:
+            self._rejected.labels(limit="connections_per_ip").inc()
+            raise ApiError(
+                429,
+                "too_many_connections",
+                f"at most {self.max_per_ip} streams per client address",
+                {"Retry-After": "5"},
+            )
+        self._total += 1
+        self._per_ip[ip] = held + 1
+
+    def release(self, ip: str) -> None:
+        self._total -= 1
+        left = self._per_ip.get(ip, 1) - 1
+        if left > 0:
+            self._per_ip[ip] = left
+        else:
+            self._per_ip.pop(ip, None)
+
+
+class RateLimiter:
+    """A token bucket per client address."""
+
+    def __init__(
+        self,
+        rate_per_s: float,
+        burst: int,
+        rejected: Counter,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.rate = rate_per_s
+        self.burst = burst
+        self._clock = clock
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        self._rejected = rejected
+
+    def take(self, ip: str) -> None:
+        now = self._clock()
+        tokens, stamp = self._buckets.pop(ip, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - stamp) * self.rate)
+        if tokens < 1.0:
+            self._buckets[ip] = (tokens, now)
+            self._rejected.labels(limit="history_rate").inc()
+            wait = math.ceil((1.0 - tokens) / self.rate)
+            raise ApiError(
+                429,
+                "rate_limited",
+                "too many history requests; slow down",
+                {"Retry-After": str(max(1, wait))},
+            )
+        self._buckets[ip] = (tokens - 1.0, now)
+        while len(self._buckets) > MAX_TRACKED_CLIENTS:
+            self._buckets.popitem(last=False)
+
+
+def size_limit_middleware(settings: LimitSettings, rejected: Counter) -> web.middleware:  # type: ignore[valid-type]
+    """Refuse oversized request lines (414) and header sections (431) with JSON errors.
+
+    aiohttp's own parser limits stay as a higher backstop; these are the configured caps."""
+    max_line = settings.max_request_line_bytes
+    max_headers = settings.max_header_bytes
+
+    @web.middleware
+    async def limit_sizes(request: web.Request, handler: Handler) -> web.StreamResponse:
+        # "GET <target> HTTP/1.1"
+        line = len(request.method) + len(request.raw_path) + 10
+        if line > max_line:
+            rejected.labels(limit="request_line").inc()
+            raise ApiError(
+                414, "request_line_too_long", f"the request line is longer than {max_line} bytes"
+            )
+        size = sum(len(k) + len(v) + 4 for k, v in request.raw_headers)
+        if size > max_headers:
+            rejected.labels(limit="headers").inc()
+            raise ApiError(
+                431, "headers_too_large", f"the request headers are larger than {max_headers} bytes"
+            )
+        return await handler(request)
+
+    return limit_sizes

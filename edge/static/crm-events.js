@@ -1,0 +1,791 @@
+// CRM events Command Center: an operator's live view of GET /crm-events (Server-Sent Events).
+//
+// Plain JavaScript, no build step, no dependencies; it talks only to its own origin:
+//
+//   1. backfill: GET /crm-events/history?n=100[&types=] fills the table (oldest to newest);
+//   2. stream:   new EventSource("/crm-events?last_event_id=<newest history id>[&types=]"), so
+//                the stream continues exactly after the backfill: no gap, no duplicate;
+//   3. the browser reconnects a dropped stream by itself, sending Last-Event-ID; when it gives
+//      up (an error status such as 502/503 from the load balancer) this page reconnects with
+//      ?last_event_id= and a backoff. A filter change or "resume" opens a new EventSource the
+//      same way. Ids are compared on arrival, so an event is never shown twice;
+//   4. `event: reset` (the position could not be resumed without a gap) shows a notice and
+//      moves the position to the reset's id, from which the stream is complete again;
+//   5. the last id is kept in sessionStorage: a reload continues where the page was
+//      (?last_event_id=<id> in the page's URL does the same once, e.g. from a bookmark).
+"use strict";
+
+(() => {
+  const HISTORY_N = 100;
+  const MAX_ROWS = 200;
+  const SPARK_SECONDS = 60;
+  const RATE_WINDOW_S = 5;
+  const LOG_MAX = 40;
+  const STORE_KEY = "crm-events:last-id";
+  const BACKOFF_BASE_MS = 1000;
+  const BACKOFF_MAX_MS = 15000;
+  const MAX_TYPES = 64;
+  const ID_RE = /^(\d+)-(\d+)$/;
+  const TYPE_RE = /^[A-Za-z0-9_.:-]{1,128}$/;
+  const AGGREGATE_FIELDS = ["AggregateId", "aggregateId", "aggregate_id"];
+  const TENANT_FIELDS = ["TenantId", "tenantId", "tenant_id"];
+  const PAYLOAD_FIELDS = ["Data", "data", "Payload", "payload"];
+  const META_FIELDS = new Set([
+    "Type", "type", "eventType", "Ts", "ts", "Timestamp", "timestamp", "EventId", "eventId",
+    "id", ...AGGREGATE_FIELDS, ...TENANT_FIELDS,
+  ]);
+
+  // The API lives at the root of this origin; the page is /ops/crm-events.
+  const API = new URL("../", window.location.href);
+  const $ = (id) => document.getElementById(id);
+  const el = {
+    status: $("status"),
+    statusText: $("status-text"),
+    pause: $("pause"),
+    pauseLabel: $("pause-label"),
+    resetNotice: $("reset-notice"),
+    resetText: $("reset-text"),
+    resetDetails: $("reset-details"),
+    resetDismiss: $("reset-dismiss"),
+    total: $("total"),
+    totalNote: $("total-note"),
+    rate: $("rate"),
+    peak: $("peak"),
+    sparkArea: $("spark-area"),
+    sparkLine: $("spark-line"),
+    protocol: $("protocol"),
+    reconnects: $("reconnects"),
+    duplicates: $("duplicates"),
+    lastId: $("last-id"),
+    filterForm: $("filter-form"),
+    typesInput: $("types-input"),
+    knownTypes: $("known-types"),
+    clearFilter: $("clear-filter"),
+    filterState: $("filter-state"),
+    body: $("events-body"),
+    eventsEmpty: $("events-empty"),
+    typeCounts: $("type-counts"),
+    typesEmpty: $("types-empty"),
+    connLog: $("conn-log"),
+  };
+
+  const state = {
+    types: null, // null = all types, else a sorted array
+    lastId: null, // position: the newest id processed (or a reset's boundary)
+    lastKey: null, // parsed lastId
+    es: null,
+    streamGen: 0, // callbacks of a replaced EventSource are ignored
+    startGen: 0, // a newer start (filter change) supersedes a pending backfill
+    paused: false,
+    attempts: 0, // failed connection attempts since the stream was last open
+    lost: false, // the stream dropped and has not been open since
+    reconnects: 0,
+    duplicates: 0,
+    retryTimer: 0,
+    persistTimer: 0,
+    resetPending: false, // a reset notice is shown and not dismissed
+    conn: "connecting",
+    total: 0,
+    fromHistory: 0,
+    live: 0,
+    counts: new Map(), // type -> count under the current filter
+    known: new Set(), // every type seen since the page loaded
+    perSecond: new Map(), // epoch second -> events arrived on the stream
+    pending: [], // rows not yet in the DOM, oldest first
+    frame: 0,
+    frameTimer: 0,
+    typeItems: new Map(), // type -> {li, button, count, bar}
+  };
+
+  // --- ids ---------------------------------------------------------------------------------
+
+  function parseId(id) {
+    const m = ID_RE.exec(id || "");
+    return m ? [BigInt(m[1]), BigInt(m[2])] : null;
+  }
+
+  function compareKeys(a, b) {
+    if (a[0] !== b[0]) return a[0] < b[0] ? -1 : 1;
+    if (a[1] !== b[1]) return a[1] < b[1] ? -1 : 1;
+    return 0;
+  }
+
+  function compareIds(a, b) {
+    const x = parseId(a);
+    const y = parseId(b);
+    return x && y ? compareKeys(x, y) : 0;
+  }
+
+  function setPosition(id) {
+    const key = parseId(id);
+    state.lastId = key ? id : null;
+    state.lastKey = key;
+    persistSoon();
+  }
+
+  // --- persistence (sessionStorage: per tab, survives a reload) ----------------------------
+
+  function persistNow() {
+    clearTimeout(state.persistTimer);
+    state.persistTimer = 0;
+    try {
+      if (state.lastId) sessionStorage.setItem(STORE_KEY, state.lastId);
+    } catch {
+      // Storage disabled: a reload then starts from the newest history, as a new tab does.
+    }
+  }
+
+  function persistSoon() {
+    if (!state.persistTimer) state.persistTimer = setTimeout(persistNow, 250);
+  }
+
+  function savedPosition() {
+    const params = new URLSearchParams(window.location.search);
+    const fromUrl = params.get("last_event_id");
+    if (fromUrl !== null) {
+      // Used once: later reloads continue from sessionStorage.
+      params.delete("last_event_id");
+      replaceQuery(params);
+      if (parseId(fromUrl)) return fromUrl;
+    }
+    try {
+      const stored = sessionStorage.getItem(STORE_KEY);
+      return parseId(stored) ? stored : null;
+    } catch {
+      return null;
+    }
+  }
+
+  function replaceQuery(params) {
+    const query = params.toString();
+    const url = window.location.pathname + (query ? `?${query}` : "") + window.location.hash;
+    window.history.replaceState(null, "", url);
+  }
+
+  // --- connection state ----------------------------------------------------------------------
+
+  const timeFormat = new Intl.DateTimeFormat(undefined, {
+    hour: "2-digit", minute: "2-digit", second: "2-digit", hourCycle: "h23",
+  });
+  const eventTimeFormat = new Intl.DateTimeFormat(undefined, {
+    hour: "2-digit", minute: "2-digit", second: "2-digit", fractionalSecondDigits: 3,
+    hourCycle: "h23",
+  });
+
+  function log(kind, text) {
+    const li = document.createElement("li");
+    li.dataset.state = kind;
+    const time = document.createElement("time");
+    const now = new Date();
+    time.dateTime = now.toISOString();
+    time.textContent = timeFormat.format(now);
+    const span = document.createElement("span");
+    span.textContent = text;
+    li.append(time, span);
+    el.connLog.prepend(li);
+    while (el.connLog.children.length > LOG_MAX) el.connLog.lastElementChild.remove();
+  }
+
+  function setConn(conn, logText) {
+    state.conn = conn;
+    showStatus();
+    if (logText) log(conn, logText);
+  }
+
+  function showStatus() {
+    let shown = state.conn;
+    let text;
+    switch (state.conn) {
+      case "live":
+        if (state.resetPending) {
+          shown = "reset";
+          text = "Reset received · live";
+        } else {
+          text = "Live";
+        }
+        break;
+      case "reconnecting":
+        text = `Reconnecting (attempt ${state.attempts})`;
+        break;
+      case "paused":
+        text = "Paused";
+        break;
+      default:
+        text = "Connecting…";
+    }
+    el.status.dataset.state = shown;
+    el.status.dataset.attempts = String(state.attempts);
+    el.statusText.textContent = text;
+    const mark = { live: "●", reset: "▲", reconnecting: "↻", paused: "❚❚" }[shown] || "…";
+    document.title = `${mark} ${text} · CRM events`;
+  }
+
+  // --- the stream ------------------------------------------------------------------------------
+
+  function streamUrl() {
+    const url = new URL("crm-events", API);
+    if (state.types) url.searchParams.set("types", state.types.join(","));
+    if (state.lastId) url.searchParams.set("last_event_id", state.lastId);
+    return url;
+  }
+
+  function closeStream() {
+    clearTimeout(state.retryTimer);
+    state.retryTimer = 0;
+    state.streamGen += 1;
+    if (state.es) {
+      state.es.close();
+      state.es = null;
+    }
+  }
+
+  function openStream() {
+    closeStream();
+    const gen = state.streamGen;
+    let es;
+    try {
+      es = new EventSource(streamUrl());
+    } catch (err) {
+      state.attempts += 1;
+      setConn("reconnecting", `Cannot open the stream: ${err.message}`);
+      scheduleReconnect();
+      return;
+    }
+    state.es = es;
+    es.onopen = () => {
+      if (gen !== state.streamGen) return;
+      const after = state.attempts;
+      state.attempts = 0;
+      if (state.lost) {
+        state.reconnects += 1;
+        state.lost = false;
+        setConn("live", `Live again after ${after} attempt${after === 1 ? "" : "s"}`);
+      } else {
+        setConn("live", state.lastId ? `Live, after ${state.lastId}` : "Live");
+      }
+      markDirty();
+    };
+    es.onmessage = (ev) => {
+      if (gen === state.streamGen) onEvent(ev.lastEventId, ev.data);
+    };
+    es.addEventListener("reset", (ev) => {
+      if (gen === state.streamGen) onReset(ev);
+    });
+    es.onerror = () => {
+      if (gen !== state.streamGen) return;
+      state.attempts += 1;
+      state.lost = true;
+      if (es.readyState === EventSource.CLOSED) {
+        // The browser gave up (an error status or a wrong content type): retry ourselves.
+        state.es = null;
+        setConn("reconnecting", `Stream refused (attempt ${state.attempts}); retrying`);
+        scheduleReconnect();
+      } else {
+        // CONNECTING: the browser retries after the server's retry: hint, with Last-Event-ID.
+        setConn(
+          "reconnecting",
+          state.attempts === 1 ? "Stream lost; reconnecting" : `Attempt ${state.attempts} failed`,
+        );
+      }
+    };
+  }
+
+  function scheduleReconnect() {
+    clearTimeout(state.retryTimer);
+    const exp = Math.min(BACKOFF_MAX_MS, BACKOFF_BASE_MS * 2 ** Math.min(state.attempts - 1, 6));
+    const delay = Math.round(exp * (0.5 + Math.random() / 2));
+    state.retryTimer = setTimeout(() => {
+      if (!state.paused) openStream();
+    }, delay);
+  }
+
+  function onEvent(id, data) {
+    const key = parseId(id);
+    if (key && state.lastKey && compareKeys(key, state.lastKey) <= 0) {
+      state.duplicates += 1;
+      markDirty();
+      return;
+    }
+    let envelope;
+    try {
+      envelope = JSON.parse(data);
+    } catch {
+      return;
+    }
+    if (key) setPosition(id);
+    const second = Math.floor(Date.now() / 1000);
+    state.perSecond.set(second, (state.perSecond.get(second) || 0) + 1);
+    state.live += 1;
+    addEvent(id, envelope, true);
+  }
+
+  function onReset(ev) {
+    let info = {};
+    try {
+      info = JSON.parse(ev.data) || {};
+    } catch {
+      // Still a reset; show what there is.
+    }
+    // The reset's id is the boundary from which the stream is complete; it may be lower than
+    // our position (a recreated stream), so it replaces the position rather than raise it.
+    const boundary = parseId(ev.lastEventId) ? ev.lastEventId : info.resume_from;
+    if (parseId(boundary)) setPosition(boundary);
+    state.resetPending = true;
+    showReset(info);
+    log("reset", `Reset received (${info.reason || "?"}): continuing after ${boundary || "?"}`);
+    showStatus();
+  }
+
+  function showReset(info) {
+    el.resetText.textContent = info.message || "The stream could not continue without a gap.";
+    el.resetDetails.replaceChildren();
+    const rows = [
+      ["Reason", info.reason],
+      ["Requested", info.requested],
+      ["Resumed from", info.resume_from],
+      ["Oldest available", info.oldest_available || "none"],
+    ];
+    for (const [label, value] of rows) {
+      if (value === undefined || value === null) continue;
+      const div = document.createElement("div");
+      const dt = document.createElement("dt");
+      dt.textContent = label;
+      const dd = document.createElement("dd");
+      dd.textContent = String(value);
+      div.append(dt, dd);
+      el.resetDetails.append(div);
+    }
+    el.resetNotice.hidden = false;
+    el.resetNotice.dataset.reason = info.reason || "";
+  }
+
+  // --- backfill, then the stream ---------------------------------------------------------------
+
+  async function fetchHistory(query) {
+    const url = new URL("crm-events/history", API);
+    for (const [name, value] of Object.entries(query)) {
+      if (value !== null && value !== undefined) url.searchParams.set(name, String(value));
+    }
+    const res = await fetch(url, { cache: "no-store", headers: { Accept: "application/json" } });
+    let body = null;
+    try {
+      body = await res.json();
+    } catch {
+      // not JSON: reported by status below
+    }
+    if (!res.ok) {
+      const why = body && body.message ? `${body.error}: ${body.message}` : `HTTP ${res.status}`;
+      throw new Error(why);
+    }
+    return body;
+  }
+
+  async function start(saved) {
+    const gen = ++state.startGen;
+    closeStream();
+    state.attempts = 0;
+    state.lost = false;
+    setConn("connecting", "Loading history");
+    const types = state.types ? state.types.join(",") : null;
+    let items = [];
+    let head = null;
+    let historyOk = true;
+    try {
+      const body = await fetchHistory({ n: HISTORY_N, types });
+      items = Array.isArray(body.items) ? body.items : [];
+      if (types && items.length === 0) {
+        // None of these types recently: anchor at the stream's newest id instead.
+        const latest = await fetchHistory({ n: 1 });
+        head = latest.items && latest.items.length ? latest.items[0].id : null;
+      }
+    } catch (err) {
+      historyOk = false;
+      log("connecting", `History unavailable (${err.message})`);
+    }
+    if (gen !== state.startGen) return;
+    const newest = items.length ? items[items.length - 1].id : head;
+    let anchor;
+    if (saved && items.length && compareIds(saved, items[0].id) < 0) {
+      // More happened since the saved position than the backfill holds: let the stream
+      // replay it all, in order, instead of showing the newest page first.
+      items = [];
+      anchor = saved;
+      log("connecting", `Catching up from ${saved}`);
+    } else if (saved) {
+      anchor = newest && compareIds(newest, saved) > 0 ? newest : saved;
+      if (anchor === saved) log("connecting", `Resuming after ${saved}`);
+    } else {
+      // An empty history: "0-0" asks for everything from the start, so an event written
+      // between the history request and the stream's start is not missed.
+      anchor = newest || (historyOk ? "0-0" : null);
+    }
+    for (const item of items) {
+      if (!item || !parseId(item.id)) continue;
+      const { id, ...envelope } = item;
+      state.fromHistory += 1;
+      addEvent(id, envelope, false);
+    }
+    if (items.length) log("connecting", `Backfilled ${items.length} from history`);
+    setPosition(anchor);
+    if (!state.paused) openStream();
+    else setConn("paused");
+    markDirty();
+  }
+
+  // --- events -> rows --------------------------------------------------------------------------
+
+  function pick(obj, names) {
+    if (!obj || typeof obj !== "object") return undefined;
+    for (const name of names) {
+      const value = obj[name];
+      if (value !== undefined && value !== null && value !== "") return value;
+    }
+    return undefined;
+  }
+
+  function scalar(value) {
+    if (value === null) return "null";
+    if (typeof value === "object") return null;
+    const text = String(value);
+    return text.length > 48 ? `${text.slice(0, 47)}…` : text;
+  }
+
+  function details(event) {
+    if (!event || typeof event !== "object") return [];
+    const payload = pick(event, PAYLOAD_FIELDS);
+    const source = payload && typeof payload === "object" ? payload : event;
+    const out = [];
+    for (const [name, value] of Object.entries(source)) {
+      if (source === event && (META_FIELDS.has(name) || PAYLOAD_FIELDS.includes(name))) continue;
+      if (value && typeof value === "object" && !Array.isArray(value)) {
+        for (const [inner, v] of Object.entries(value)) {
+          const text = scalar(v);
+          if (text !== null) out.push([`${name}.${inner}`, text]);
+          if (out.length >= 4) return out;
+        }
+        continue;
+      }
+      const text = scalar(value);
+      if (text !== null) out.push([name, text]);
+      if (out.length >= 4) break;
+    }
+    return out;
+  }
+
+  function hue(type) {
+    // Outcomes read at a glance; every other type gets a stable colour from its name.
+    if (/(Lost|Failed|Deleted|Rejected|Cancell?ed|Error)$/.test(type)) return 4;
+    if (/(Won|Resolved|Completed|Succeeded|Paid)$/.test(type)) return 145;
+    let h = 2166136261;
+    for (let i = 0; i < type.length; i += 1) {
+      h ^= type.charCodeAt(i);
+      h = Math.imul(h, 16777619);
+    }
+    return Math.abs(h) % 360;
+  }
+
+  function addEvent(id, envelope, live) {
+    const type = typeof envelope.type === "string" ? envelope.type : "?";
+    state.total += 1;
+    state.counts.set(type, (state.counts.get(type) || 0) + 1);
+    state.known.add(type);
+    state.pending.push({ id, envelope, type, live });
+    if (state.pending.length > 2 * MAX_ROWS) state.pending.splice(0, state.pending.length - MAX_ROWS);
+    markDirty();
+  }
+
+  function cell(className, text) {
+    const td = document.createElement("td");
+    td.className = className;
+    if (text !== undefined) td.textContent = text;
+    return td;
+  }
+
+  function makeRow({ id, envelope, type, live }) {
+    const event = envelope.event && typeof envelope.event === "object" ? envelope.event : {};
+    const tr = document.createElement("tr");
+    tr.dataset.id = id;
+    tr.dataset.type = type;
+    if (envelope.key !== undefined && envelope.key !== null) tr.dataset.key = String(envelope.key);
+    if (live) tr.className = "fresh";
+
+    const ts = Number(envelope.timestamp_ms);
+    const time = cell("time");
+    if (Number.isFinite(ts) && ts > 0) {
+      const date = new Date(ts);
+      const t = document.createElement("time");
+      t.dateTime = date.toISOString();
+      t.title = date.toISOString();
+      t.textContent = eventTimeFormat.format(date);
+      time.append(t);
+    } else {
+      time.textContent = "—";
+    }
+
+    const typeCell = cell("type");
+    const badge = document.createElement("span");
+    badge.className = "badge";
+    badge.textContent = type;
+    badge.style.setProperty("--hue", String(hue(type)));
+    typeCell.append(badge);
+
+    const aggregate = pick(event, AGGREGATE_FIELDS) ?? envelope.key ?? "—";
+    const tenant = pick(event, TENANT_FIELDS) ?? "—";
+
+    const detailCell = cell("details");
+    const parts = details(event);
+    parts.forEach(([name, value], i) => {
+      if (i) detailCell.append(" · ");
+      const k = document.createElement("span");
+      k.className = "k";
+      k.textContent = `${name} `;
+      detailCell.append(k, value);
+    });
+    detailCell.title = parts.map(([name, value]) => `${name}: ${value}`).join("\n");
+
+    const idCell = cell("id", id);
+    const where = document.createElement("small");
+    where.textContent = `p${envelope.partition ?? "?"} · offset ${envelope.offset ?? "?"}`;
+    idCell.append(where);
+
+    tr.append(time, typeCell, cell("agg", String(aggregate)), cell("tenant", String(tenant)),
+      detailCell, idCell);
+    return tr;
+  }
+
+  // --- rendering (batched per animation frame; a timer covers background tabs) --------------
+
+  function markDirty() {
+    if (!state.frame) state.frame = requestAnimationFrame(render);
+    if (!state.frameTimer) state.frameTimer = setTimeout(render, 500);
+  }
+
+  function render() {
+    cancelAnimationFrame(state.frame);
+    clearTimeout(state.frameTimer);
+    state.frame = 0;
+    state.frameTimer = 0;
+
+    if (state.pending.length) {
+      const batch = state.pending.slice(-MAX_ROWS);
+      state.pending = [];
+      const fragment = document.createDocumentFragment();
+      for (let i = batch.length - 1; i >= 0; i -= 1) fragment.append(makeRow(batch[i]));
+      el.body.prepend(fragment);
+      while (el.body.rows.length > MAX_ROWS) el.body.lastElementChild.remove();
+    }
+    el.eventsEmpty.hidden = el.body.rows.length > 0;
+
+    el.total.textContent = state.total.toLocaleString();
+    el.totalNote.textContent = state.total
+      ? `${state.live.toLocaleString()} live · ${state.fromHistory.toLocaleString()} from history`
+      : "none yet";
+    el.lastId.textContent = state.lastId && state.lastId !== "0-0" ? state.lastId : "—";
+    el.lastId.title = el.lastId.textContent;
+    el.duplicates.textContent = state.duplicates.toLocaleString();
+    el.reconnects.textContent = state.reconnects.toLocaleString();
+    renderTypes();
+  }
+
+  function renderTypes() {
+    const selected = new Set(state.types || []);
+    const types = [...state.known].sort((a, b) => a.localeCompare(b));
+    const max = Math.max(1, ...state.counts.values());
+    for (const type of types) {
+      let item = state.typeItems.get(type);
+      if (!item) {
+        item = makeTypeItem(type);
+        state.typeItems.set(type, item);
+        const option = document.createElement("option");
+        option.value = type;
+        el.knownTypes.append(option);
+      }
+      const count = state.counts.get(type) || 0;
+      item.count.textContent = count.toLocaleString();
+      item.bar.style.width = `${(100 * count) / max}%`;
+      item.button.setAttribute("aria-pressed", String(selected.has(type)));
+      item.li.dataset.count = String(count);
+    }
+    // Alphabetical and stable: buttons never move under the keyboard focus.
+    const order = types.map((t) => state.typeItems.get(t).li);
+    if (order.some((li, i) => el.typeCounts.children[i] !== li)) el.typeCounts.replaceChildren(...order);
+    el.typesEmpty.hidden = types.length > 0;
+  }
+
+  function makeTypeItem(type) {
+    const li = document.createElement("li");
+    li.dataset.type = type;
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "type-button";
+    button.setAttribute("aria-pressed", "false");
+    button.style.setProperty("--hue", String(hue(type)));
+    const name = document.createElement("span");
+    name.className = "type-name";
+    name.textContent = type;
+    const count = document.createElement("span");
+    count.className = "type-count";
+    const track = document.createElement("span");
+    track.className = "type-bar";
+    track.setAttribute("aria-hidden", "true");
+    const bar = document.createElement("span");
+    track.append(bar);
+    button.append(name, count, track);
+    button.title = `Show only ${type} (toggle)`;
+    button.addEventListener("click", () => toggleType(type));
+    li.append(button);
+    return { li, button, count, bar };
+  }
+
+  // --- rate and sparkline (once a second) ---------------------------------------------------
+
+  function tick() {
+    const now = Math.floor(Date.now() / 1000);
+    for (const second of state.perSecond.keys()) {
+      if (second < now - SPARK_SECONDS - 1) state.perSecond.delete(second);
+    }
+    // Completed seconds only: the current one is still filling.
+    const values = [];
+    for (let s = now - SPARK_SECONDS; s < now; s += 1) values.push(state.perSecond.get(s) || 0);
+    const peak = Math.max(0, ...values);
+    const recent = values.slice(-RATE_WINDOW_S).reduce((a, b) => a + b, 0) / RATE_WINDOW_S;
+    el.rate.textContent = recent.toFixed(1);
+    el.peak.textContent = peak.toLocaleString();
+
+    const width = 600;
+    const top = 6;
+    const bottom = 62;
+    const scale = Math.max(peak, 1);
+    const step = width / (values.length - 1);
+    const points = values.map((v, i) => [i * step, bottom - ((bottom - top) * v) / scale]);
+    const line = points.map(([x, y], i) => `${i ? "L" : "M"}${x.toFixed(1)},${y.toFixed(1)}`).join("");
+    el.sparkLine.setAttribute("d", line);
+    el.sparkArea.setAttribute("d", `${line}L${width},${bottom + 1}L0,${bottom + 1}Z`);
+  }
+
+  // --- filter, pause, keyboard ---------------------------------------------------------------
+
+  function parseTypes(text) {
+    const items = [...new Set(String(text || "").split(/[\s,]+/).filter(Boolean))];
+    const bad = items.filter((t) => !TYPE_RE.test(t));
+    if (bad.length) return { error: `Not an event type: ${bad.join(", ")}` };
+    if (items.length > MAX_TYPES) return { error: `At most ${MAX_TYPES} types` };
+    return { types: items.length ? items.sort() : null };
+  }
+
+  function describeFilter() {
+    // A filtered type is listed (and shown pressed) even before its first event.
+    for (const type of state.types || []) state.known.add(type);
+    el.filterState.textContent = state.types
+      ? `Showing ${state.types.join(", ")}`
+      : "Showing all types";
+    el.typesInput.value = state.types ? state.types.join(",") : "";
+  }
+
+  function setFilter(types) {
+    state.types = types;
+    const params = new URLSearchParams(window.location.search);
+    if (types) params.set("types", types.join(","));
+    else params.delete("types");
+    replaceQuery(params);
+    describeFilter();
+    // The table and counts now show the filtered stream: start over from its history.
+    state.pending = [];
+    el.body.replaceChildren();
+    state.counts.clear();
+    state.total = 0;
+    state.fromHistory = 0;
+    state.live = 0;
+    state.lastId = null;
+    state.lastKey = null;
+    log("connecting", types ? `Filter: ${types.join(", ")}` : "Filter cleared");
+    markDirty();
+    start(null);
+  }
+
+  function toggleType(type) {
+    const current = new Set(state.types || []);
+    if (current.has(type)) current.delete(type);
+    else current.add(type);
+    setFilter(current.size ? [...current].sort() : null);
+  }
+
+  function setPaused(paused) {
+    state.paused = paused;
+    el.pause.setAttribute("aria-pressed", String(paused));
+    el.pauseLabel.textContent = paused ? "Resume" : "Pause";
+    el.pause.querySelector(".button-icon").textContent = paused ? "▶" : "❚❚";
+    if (paused) {
+      closeStream();
+      persistNow();
+      setConn("paused", "Paused");
+    } else {
+      state.attempts = 0;
+      state.lost = false;
+      setConn("connecting", `Resuming after ${state.lastId || "now"}`);
+      openStream();
+    }
+  }
+
+  el.filterForm.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const parsed = parseTypes(el.typesInput.value);
+    if (parsed.error) {
+      el.typesInput.setCustomValidity(parsed.error);
+      el.typesInput.reportValidity();
+      el.filterState.textContent = parsed.error;
+      return;
+    }
+    el.typesInput.setCustomValidity("");
+    setFilter(parsed.types);
+  });
+  el.typesInput.addEventListener("input", () => el.typesInput.setCustomValidity(""));
+  el.clearFilter.addEventListener("click", () => setFilter(null));
+  el.pause.addEventListener("click", () => setPaused(!state.paused));
+  el.resetDismiss.addEventListener("click", () => {
+    el.resetNotice.hidden = true;
+    state.resetPending = false;
+    showStatus();
+    el.pause.focus();
+  });
+
+  document.addEventListener("keydown", (ev) => {
+    if (ev.defaultPrevented || ev.altKey || ev.ctrlKey || ev.metaKey) return;
+    const target = ev.target;
+    if (target instanceof HTMLElement && target.closest("input, textarea, select, [contenteditable]")) {
+      if (ev.key === "Escape" && target === el.typesInput) target.blur();
+      return;
+    }
+    if (ev.key === "/") {
+      ev.preventDefault();
+      el.typesInput.focus();
+      el.typesInput.select();
+    } else if (ev.key === "p" || ev.key === "P") {
+      ev.preventDefault();
+      setPaused(!state.paused);
+    }
+  });
+
+  window.addEventListener("pagehide", persistNow);
+  window.addEventListener("online", () => {
+    if (!state.paused && !state.es) openStream();
+  });
+
+  // --- go ----------------------------------------------------------------------------------------
+
+  const nav = performance.getEntriesByType("navigation")[0];
+  const protocolNames = { h2: "HTTP/2", h3: "HTTP/3", "http/1.1": "HTTP/1.1" };
+  const hop = nav && nav.nextHopProtocol;
+  el.protocol.textContent = hop
+    ? `${protocolNames[hop] || hop}${window.location.protocol === "https:" ? " · TLS" : ""}`
+    : "—";
+  el.protocol.dataset.protocol = hop || "";
+
+  const initial = parseTypes(new URLSearchParams(window.location.search).get("types"));
+  state.types = initial.error ? null : initial.types;
+  describeFilter();
+  showStatus();
+  tick();
+  setInterval(tick, 1000);
+  start(savedPosition());
+})();

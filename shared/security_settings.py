@@ -1,0 +1,285 @@
+"""Settings for who may connect and how much (edge), and for secure backends (both).
+
+Read from the same ``CRM_EVENTS_*`` mapping as the rest of the settings; a wrong value
+raises ``SettingsError`` naming the variable. Secrets are read from files (``*_FILE``) so
+that they never sit in the environment or in ``repr``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import SettingsError
+from .settings_env import ENV_PREFIX, Env
+
+AUTH_MODES = ("jwt", "off")
+KAFKA_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+DEFAULT_AUTH_COOKIE = "crm_events_token"
+DEFAULT_TYPES_CLAIM = "crm_types"
+DEFAULT_MATCH_CLAIM = "crm_match"
+DEFAULT_JWT_LEEWAY_S = 30
+DEFAULT_MAX_CONNECTIONS = 10_000
+DEFAULT_MAX_CONNECTIONS_PER_IP = 200
+DEFAULT_HISTORY_RATE_PER_S = 20.0
+DEFAULT_HISTORY_BURST = 40
+DEFAULT_MAX_TYPES = 64
+DEFAULT_MAX_REQUEST_LINE_BYTES = 4096
+DEFAULT_MAX_HEADER_BYTES = 16 * 1024
+DEFAULT_TRUSTED_PROXIES = ("127.0.0.1", "::1")
+DEFAULT_BREAKER_FAILURES = 3
+DEFAULT_BREAKER_RESET_S = 1.0
+
+_CLAIM_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,63}")
+_COOKIE_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_ORIGIN_RE = re.compile(r"https?://[A-Za-z0-9.\-\[\]:]+")
+
+
+def _read_secret(env: Env, name: str) -> str | None:
+    """The content of the file named by ``CRM_EVENTS_<name>``, stripped; None if unset."""
+    path = env.raw(name)
+    if path is None:
+        return None
+    try:
+        text = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise SettingsError(ENV_PREFIX + name, f"cannot read {path}: {exc.strerror}") from None
+    if not text:
+        raise SettingsError(ENV_PREFIX + name, f"{path} is empty")
+    return text
+
+
+def _existing_file(env: Env, name: str) -> str | None:
+    path = env.raw(name)
+    if path is not None and not Path(path).is_file():
+        raise SettingsError(ENV_PREFIX + name, f"no such file: {path}")
+    return path
+
+
+def _flag(env: Env, name: str, default: bool) -> bool:
+    value = env.raw(name)
+    if value is None:
+        return default
+    lowered = value.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(ENV_PREFIX + name, f"expected true or false, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    mode: str = "off"
+    """``jwt`` (the default when read from the environment) or ``off``."""
+    secret: str | None = field(default=None, repr=False)
+    """HS256 shared secret (from ``CRM_EVENTS_JWT_SECRET_FILE``)."""
+    public_key_pem: str | None = field(default=None, repr=False)
+    """RS256/ES256 public key (from ``CRM_EVENTS_JWT_PUBLIC_KEY_FILE``)."""
+    jwks_file: str | None = None
+    """RS256/ES256 keys as a JWKS document; tokens pick theirs by ``kid``."""
+    audience: str | None = None
+    issuer: str | None = None
+    leeway_s: int = DEFAULT_JWT_LEEWAY_S
+    cookie: str = DEFAULT_AUTH_COOKIE
+    query_token: bool = False
+    """Accept ``?access_token=`` (URLs end up in logs and histories: off by default)."""
+    types_claim: str = DEFAULT_TYPES_CLAIM
+    match_claim: str = DEFAULT_MATCH_CLAIM
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode == "jwt"
+
+    @property
+    def algorithms(self) -> list[str]:
+        # Never offer HMAC when the key is public: that is the algorithm-confusion attack.
+        return ["HS256"] if self.secret is not None else ["RS256", "ES256"]
+
+    @classmethod
+    def from_env(cls, env: Env) -> AuthSettings:
+        mode = env.string("AUTH_MODE", "jwt").lower()
+        if mode not in AUTH_MODES:
+            raise SettingsError(ENV_PREFIX + "AUTH_MODE", "expected jwt or off")
+        secret = _read_secret(env, "JWT_SECRET_FILE")
+        public_key = _read_secret(env, "JWT_PUBLIC_KEY_FILE")
+        jwks = _existing_file(env, "JWT_JWKS_FILE")
+        if mode == "jwt":
+            given = [
+                n
+                for n, v in (("SECRET", secret), ("PUBLIC_KEY", public_key), ("JWKS", jwks))
+                if v is not None
+            ]
+            if not given:
+                raise SettingsError(
+                    ENV_PREFIX + "AUTH_MODE",
+                    "jwt (the default) needs CRM_EVENTS_JWT_SECRET_FILE, "
+                    "CRM_EVENTS_JWT_PUBLIC_KEY_FILE or CRM_EVENTS_JWT_JWKS_FILE; "
+                    "set CRM_EVENTS_AUTH_MODE=off to serve without authentication",
+                )
+            if len(given) > 1:
+                raise SettingsError(
+                    ENV_PREFIX + "JWT_" + given[1] + "_FILE", "give only one kind of JWT key"
+                )
+            if secret is not None and len(secret.encode()) < 32:
+                raise SettingsError(
+                    ENV_PREFIX + "JWT_SECRET_FILE", "an HS256 secret needs at least 32 bytes"
+                )
+        return cls(
+            mode=mode,
+            secret=secret,
+            public_key_pem=public_key,
+            jwks_file=jwks,
+            audience=env.raw("JWT_AUDIENCE"),
+            issuer=env.raw("JWT_ISSUER"),
+            leeway_s=env.integer("JWT_LEEWAY_S", DEFAULT_JWT_LEEWAY_S, 0, 600),
+            cookie=env.string("AUTH_COOKIE", DEFAULT_AUTH_COOKIE, _COOKIE_RE),
+            query_token=_flag(env, "AUTH_QUERY_TOKEN", False),
+            types_claim=env.string("JWT_TYPES_CLAIM", DEFAULT_TYPES_CLAIM, _CLAIM_RE),
+            match_claim=env.string("JWT_MATCH_CLAIM", DEFAULT_MATCH_CLAIM, _CLAIM_RE),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSettings:
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    """SSE streams one edge serves; past it, 503 with Retry-After."""
+    max_connections_per_ip: int = DEFAULT_MAX_CONNECTIONS_PER_IP
+    """SSE streams per client address on one edge; past it, 429."""
+    history_rate_per_s: float = DEFAULT_HISTORY_RATE_PER_S
+    """History requests per second per client address (token bucket); past it, 429."""
+    history_burst: int = DEFAULT_HISTORY_BURST
+    max_types: int = DEFAULT_MAX_TYPES
+    """Most event types one ``types=`` may list."""
+    max_request_line_bytes: int = DEFAULT_MAX_REQUEST_LINE_BYTES
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    """Total size of the request headers; past it, 431."""
+    trusted_proxies: frozenset[str] = frozenset(DEFAULT_TRUSTED_PROXIES)
+    """Peers whose X-Forwarded-For names the client (the load balancer)."""
+    cors_origins: frozenset[str] = frozenset()
+    """Origins allowed to call the API from a browser (empty: no CORS)."""
+
+    @classmethod
+    def from_env(cls, env: Env) -> LimitSettings:
+        proxies = env.names(
+            "TRUSTED_PROXIES", DEFAULT_TRUSTED_PROXIES, re.compile(r"[0-9a-fA-F.:/]+")
+        )
+        for proxy in proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise SettingsError(
+                    ENV_PREFIX + "TRUSTED_PROXIES", f"{proxy!r} is not an address or network"
+                ) from None
+        origins = env.raw("CORS_ORIGINS")
+        allowed: frozenset[str] = frozenset()
+        if origins is not None:
+            items = [o.strip().rstrip("/") for o in origins.split(",") if o.strip()]
+            bad = [o for o in items if not _ORIGIN_RE.fullmatch(o)]
+            if bad:
+                raise SettingsError(
+                    ENV_PREFIX + "CORS_ORIGINS",
+                    f"expected scheme://host[:port] origins, got {bad[0]!r}",
+                )
+            allowed = frozenset(items)
+        return cls(
+            max_connections=env.integer("MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS, 1, 1_000_000),
+            max_connections_per_ip=env.integer(
+                "MAX_CONNECTIONS_PER_IP", DEFAULT_MAX_CONNECTIONS_PER_IP, 1, 1_000_000
+            ),
+            history_rate_per_s=env.number(
+                "HISTORY_RATE_PER_S", DEFAULT_HISTORY_RATE_PER_S, 0.01, 1_000_000.0
+            ),
+            history_burst=env.integer("HISTORY_BURST", DEFAULT_HISTORY_BURST, 1, 1_000_000),
+            max_types=env.integer("MAX_TYPES", DEFAULT_MAX_TYPES, 1, 1024),
+            max_request_line_bytes=env.integer(
+                "MAX_REQUEST_LINE_BYTES", DEFAULT_MAX_REQUEST_LINE_BYTES, 256, 65_536
+            ),
+            max_header_bytes=env.integer(
+                "MAX_HEADER_BYTES", DEFAULT_MAX_HEADER_BYTES, 1024, 1 << 20
+            ),
+            trusted_proxies=frozenset(proxies),
+            cors_origins=allowed,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerSettings:
+    failures: int = DEFAULT_BREAKER_FAILURES
+    """Consecutive failures that open a backend's circuit."""
+    reset_s: float = DEFAULT_BREAKER_RESET_S
+    """First open period before a half-open probe; doubles (with jitter) while probes fail."""
+
+    @classmethod
+    def from_env(cls, env: Env) -> BreakerSettings:
+        return cls(
+            failures=env.integer("BREAKER_FAILURES", DEFAULT_BREAKER_FAILURES, 1, 1000),
+            reset_s=env.number("BREAKER_RESET_S", DEFAULT_BREAKER_RESET_S, 0.01, 600.0),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaSecurity:
+    protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = field(default=None, repr=False)
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Env) -> KafkaSecurity:
+        protocol = env.string("KAFKA_SECURITY_PROTOCOL", "PLAINTEXT").upper()
+        if protocol not in KAFKA_PROTOCOLS:
+            raise SettingsError(
+                ENV_PREFIX + "KAFKA_SECURITY_PROTOCOL",
+                f"expected one of {', '.join(KAFKA_PROTOCOLS)}",
+            )
+        mechanism = env.raw("KAFKA_SASL_MECHANISM")
+        username = env.raw("KAFKA_SASL_USERNAME")
+        password = _read_secret(env, "KAFKA_SASL_PASSWORD_FILE")
+        if protocol.startswith("SASL_"):
+            mechanism = (mechanism or "PLAIN").upper()
+            if mechanism not in SASL_MECHANISMS:
+                raise SettingsError(
+                    ENV_PREFIX + "KAFKA_SASL_MECHANISM",
+                    f"expected one of {', '.join(SASL_MECHANISMS)}",
+                )
+            if username is None or password is None:
+                raise SettingsError(
+                    ENV_PREFIX + "KAFKA_SASL_USERNAME",
+                    f"{protocol} needs CRM_EVENTS_KAFKA_SASL_USERNAME and "
+                    "CRM_EVENTS_KAFKA_SASL_PASSWORD_FILE",
+                )
+        return cls(
+            protocol=protocol,
+            sasl_mechanism=mechanism if protocol.startswith("SASL_") else None,
+            sasl_username=username,
+            sasl_password=password,
+            ca_file=_existing_file(env, "KAFKA_SSL_CA_FILE"),
+            cert_file=_existing_file(env, "KAFKA_SSL_CERT_FILE"),
+            key_file=_existing_file(env, "KAFKA_SSL_KEY_FILE"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RedisTls:
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    password: str | None = field(default=None, repr=False)
+    """From ``CRM_EVENTS_REDIS_PASSWORD_FILE``; overrides a password in the URL."""
+
+    @classmethod
+    def from_env(cls, env: Env) -> RedisTls:
+        return cls(
+            ca_file=_existing_file(env, "REDIS_TLS_CA_FILE"),
+            cert_file=_existing_file(env, "REDIS_TLS_CERT_FILE"),
+            key_file=_existing_file(env, "REDIS_TLS_KEY_FILE"),
+            password=_read_secret(env, "REDIS_PASSWORD_FILE"),
+        )
