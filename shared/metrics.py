@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 __all__ = ["CONTENT_TYPE_LATEST", "CommonMetrics", "render"]
@@ -37,6 +37,8 @@ class CommonMetrics:
             registry=registry,
         )
         self.info.labels(role=role, node=node_id).set(1)
+        # process_start_time_seconds and friends: restarts, memory and CPU per process.
+        ProcessCollector(registry=registry)
 
 
 def render(registry: CollectorRegistry) -> bytes:

@@ -1,0 +1,218 @@
+"""The Grafana dashboard and its provisioning, offline: the JSON schema (when the shared
+schemas are next to the checkout), what every panel must carry, every query parses (promtool)
+and reads only metrics the services export or rules record."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .support import (
+    DASHBOARD,
+    GRAFANA_SCHEMAS,
+    PROMETHEUS_SERIES,
+    PROVISIONING,
+    SERVICE_METRICS,
+    describe,
+    load_dashboard,
+    load_yaml,
+    metric_names,
+    panel_queries,
+    panels,
+    record_names,
+    run,
+    substitute,
+)
+
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+
+
+@pytest.fixture(scope="module")
+def dashboard() -> dict[str, Any]:
+    return load_dashboard()
+
+
+def _all_panels() -> list[dict[str, Any]]:
+    return list(panels(load_dashboard()))
+
+
+# -- the JSON schema ----------------------------------------------------------------------------
+
+
+def _schema(name: str) -> dict[str, Any]:
+    if not GRAFANA_SCHEMAS.is_dir():
+        pytest.skip(f"no Grafana schemas at {GRAFANA_SCHEMAS} (the shared folder is absent)")
+    data: dict[str, Any] = json.loads((GRAFANA_SCHEMAS / name).read_text())
+    return data
+
+
+def _validate(instance: Any, schema: dict[str, Any], definition: str | None = None) -> None:
+    import jsonschema
+
+    if definition is not None:
+        schema = {"$ref": f"#/definitions/{definition}", "definitions": schema["definitions"]}
+    validator = jsonschema.Draft7Validator(schema)
+    errors = sorted(validator.iter_errors(instance), key=lambda e: list(e.absolute_path))
+    assert not errors, "\n".join(
+        f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in errors[:10]
+    )
+
+
+def test_dashboard_matches_the_grafana_schema(dashboard: dict[str, Any]) -> None:
+    _validate(dashboard, _schema("dashboard.jsonschema.json"))
+
+
+@pytest.mark.parametrize("panel", _all_panels(), ids=lambda p: f"{p['id']}-{p['type']}")
+def test_panel_options_match_their_panel_schema(panel: dict[str, Any]) -> None:
+    """options and fieldConfig.defaults.custom against <type>.jsonschema.json, targets
+    against prometheus.jsonschema.json (panel kinds without a schema: options unchecked)."""
+    if not (GRAFANA_SCHEMAS / f"{panel['type']}.jsonschema.json").is_file():
+        _schema("dashboard.jsonschema.json")  # skips when the folder is absent
+        pytest.skip(f"no schema for panel type {panel['type']}")
+    schema = _schema(f"{panel['type']}.jsonschema.json")
+    _validate(panel["options"], schema, "Options")
+    custom = panel["fieldConfig"]["defaults"].get("custom")
+    if custom is not None and "FieldConfig" in schema["definitions"]:
+        _validate(custom, schema, "FieldConfig")
+    for target in panel.get("targets", []):
+        _validate(target, _schema("prometheus.jsonschema.json"))
+
+
+# -- what every panel carries -------------------------------------------------------------------
+
+
+def test_datasource_is_a_template_variable(dashboard: dict[str, Any]) -> None:
+    """File provisioning does not resolve __inputs/${DS_...}: a `datasource` variable does."""
+    assert "__inputs" not in dashboard
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    ds = variables["datasource"]
+    assert ds["type"] == "datasource" and ds["query"] == "prometheus"
+    for var in variables.values():
+        if var["type"] == "query":
+            assert var["datasource"] == DATASOURCE
+
+
+@pytest.mark.parametrize("panel", _all_panels(), ids=lambda p: f"{p['id']}-{p['title']}")
+def test_panel_has_title_unit_description_and_the_datasource_variable(
+    panel: dict[str, Any],
+) -> None:
+    assert panel["title"].strip()
+    assert panel["description"].strip()
+    assert panel["fieldConfig"]["defaults"]["unit"].strip()
+    assert panel["datasource"] == DATASOURCE
+    for target in panel.get("targets", []):
+        assert target["datasource"] == DATASOURCE
+        assert target["expr"].strip() and target["refId"]
+    if panel["type"] != "text":
+        assert panel.get("targets"), "a data panel without a query"
+
+
+def test_panels_fit_the_grid_without_overlapping(dashboard: dict[str, Any]) -> None:
+    cells: dict[tuple[int, int], int] = {}
+    ids = [p["id"] for p in panels(dashboard)]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    for p in panels(dashboard):
+        g = p["gridPos"]
+        assert g["x"] >= 0 and g["x"] + g["w"] <= 24, p["title"]
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in cells, f"{p['title']} overlaps panel {cells[(x, y)]}"
+                cells[(x, y)] = p["id"]
+
+
+SEED_PANELS = [
+    "SSE clients connected",
+    "Service status",
+    "Messages total",
+    "Availability SLO (5m)",
+    "Message throughput",
+    "SSE clients per edge",
+    "HTTP requests by endpoint",
+    "Service uptime",
+    "Service labels & metadata",
+    "Message rate",
+    "Service info",
+    "Active alerts",
+]
+
+
+def test_the_seed_panels_and_the_new_ones_exist(dashboard: dict[str, Any]) -> None:
+    titles = [p["title"] for p in panels(dashboard)]
+    assert set(SEED_PANELS) <= set(titles)
+    exprs = " ".join(q.expr for q in panel_queries(dashboard))
+    for metric in (
+        "crm_events_consumer_lag",
+        "crm_events_delivery_latency_seconds_bucket",
+        "crm_events_dead_letters_total",
+        'reason="slow"',
+        "crm_events_sse_resets_total",
+    ):
+        assert metric in exprs, f"no panel shows {metric}"
+
+
+# -- every query parses and reads real metrics --------------------------------------------------
+
+
+def _instance_variable_selector(dashboard: dict[str, Any]) -> str:
+    (var,) = [v for v in dashboard["templating"]["list"] if v["name"] == "instance"]
+    query: str = var["query"]
+    assert query.startswith("label_values(") and query.endswith(", instance)")
+    return query.removeprefix("label_values(").removesuffix(", instance)")
+
+
+def test_every_query_parses(promtool: str, dashboard: dict[str, Any], tmp_path: Path) -> None:
+    """Each panel expression, variables substituted as Grafana does, as a recording rule that
+    promtool parses (and the instance variable's selector too)."""
+    rules = [
+        {"record": f"dashboard:panel_{q.panel_id}:{q.ref.lower()}", "expr": substitute(q.expr)}
+        for q in panel_queries(dashboard)
+    ]
+    rules.append(
+        {"record": "dashboard:variable:instance", "expr": _instance_variable_selector(dashboard)}
+    )
+    path = tmp_path / "dashboard_queries.yml"
+    path.write_text(json.dumps({"groups": [{"name": "dashboard", "rules": rules}]}))
+    result = run([promtool, "check", "rules", str(path)])
+    assert result.returncode == 0, describe(result)
+    assert f"SUCCESS: {len(rules)} rules found" in result.stdout
+
+
+def test_substitution_leaves_no_variable(dashboard: dict[str, Any]) -> None:
+    for q in panel_queries(dashboard):
+        assert "$" not in substitute(q.expr), q.key
+
+
+def test_every_query_reads_exported_or_recorded_metrics(dashboard: dict[str, Any]) -> None:
+    known = SERVICE_METRICS | PROMETHEUS_SERIES | set(record_names())
+    for q in panel_queries(dashboard):
+        used = metric_names(substitute(q.expr))
+        assert used, f"{q.key}: selects no metric"
+        assert used <= known, f"{q.key}: unknown metrics {sorted(used - known)}"
+    assert metric_names(_instance_variable_selector(dashboard)) <= known
+
+
+# -- provisioning -------------------------------------------------------------------------------
+
+
+def test_datasource_provisioning(dashboard: dict[str, Any]) -> None:
+    files = sorted((PROVISIONING / "datasources").glob("*.yaml"))
+    assert files
+    config = load_yaml(files[0])
+    assert config["apiVersion"] == 1
+    (ds,) = config["datasources"]
+    assert ds["type"] == "prometheus" and ds["url"].startswith("http://")
+    variable = next(v for v in dashboard["templating"]["list"] if v["name"] == "datasource")
+    assert variable["current"]["value"] == ds["uid"], "the variable defaults to this datasource"
+
+
+def test_dashboard_provisioning() -> None:
+    files = sorted((PROVISIONING / "dashboards").glob("*.yaml"))
+    assert files
+    config = load_yaml(files[0])
+    assert config["apiVersion"] == 1
+    (provider,) = config["providers"]
+    assert provider["type"] == "file" and provider["options"]["path"]
+    assert DASHBOARD.parent.name == "dashboards"
