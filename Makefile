@@ -7,17 +7,19 @@ SHELL := /bin/bash
 BIN := .venv/bin
 STACK := $(BIN)/crm-events-stack
 
-.PHONY: help install up down status lint unit test chaos
+.PHONY: help install up down status lint unit test chaos browser token
 
 help:
 	@echo "make install   Debian packages, .venv, Kafka jars (idempotent, fast when done)"
 	@echo "make up        start the local stack (Kafka, Redis, ingest, edges, nginx, producer)"
 	@echo "make down      stop what 'make up' started"
 	@echo "make status    table of the stack's parts"
+	@echo "make token     a development JWT for the local stack (every type, 24 h)"
 	@echo "make lint      ruff and mypy"
 	@echo "make unit      unit tests only (no services)"
 	@echo "make test      lint, then all tests against a local Kafka and Redis"
 	@echo "make chaos     the full chaos test alone (20,000 events, faults, 20 clients)"
+	@echo "make browser   the browser tests alone (Chromium and Firefox ESR)"
 
 install:
 	@bash scripts/install.sh
@@ -48,3 +50,9 @@ chaos: install
 	CRM_EVENTS_CHAOS_EVENTS=$${CRM_EVENTS_CHAOS_EVENTS:-20000} \
 	CRM_EVENTS_CHAOS_REPORT=$${CRM_EVENTS_CHAOS_REPORT:-run/chaos-report.json} \
 	bash scripts/test.sh tests/integration/test_chaos.py -s -q
+
+browser: install
+	@bash scripts/test.sh tests/browser -q -s
+
+token: install
+	@$(STACK) token

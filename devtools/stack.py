@@ -26,9 +26,15 @@ CRM_EVENTS_KAFKA_PARTITIONS        3                  partitions when the stack 
 CRM_EVENTS_REDIS_PORT              6379               Redis
 CRM_EVENTS_INGEST_PORT             9020               ingest worker's /healthz /readyz /metrics
 CRM_EVENTS_EDGE_PORTS              9011,9012          one edge per port: edge1, edge2, …
-CRM_EVENTS_LB_PORT                 9010               nginx in front of the edges
+CRM_EVENTS_LB_PORT                 9010               nginx in front of the edges, plain HTTP
+CRM_EVENTS_LB_TLS_PORT             9443               the same over HTTPS + HTTP/2; 0 = off
+CRM_EVENTS_LB_TLS_CERT             (self-signed)      PEM certificate (chain) for the TLS port
+CRM_EVENTS_LB_TLS_KEY              (self-signed)      its PEM private key; both or neither
 CRM_EVENTS_PRODUCER_RATE           5                  sample events per second
 =================================  =================  ========================================
+
+Without CRM_EVENTS_LB_TLS_CERT/KEY, nginx's first start makes a self-signed certificate for
+localhost and 127.0.0.1 in ``<run dir>/nginx/tls/`` (kept and reused while it is valid).
 """
 
 from __future__ import annotations
@@ -39,12 +45,18 @@ import logging
 import math
 import os
 import re
+import secrets
 import shutil
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from devtools import kafka_local, nginx_conf
+from devtools.monitoring_stack import (
+    MonitoringSettings,
+    MonitoringSettingsError,
+    monitoring_specs,
+)
 from devtools.probes import HttpReady, KafkaReady, RedisReady
 from devtools.supervisor import (
     NotRunningError,
@@ -55,6 +67,7 @@ from devtools.supervisor import (
     Supervisor,
     SupervisorError,
 )
+from edge.auth import issue_token
 
 __all__ = [
     "DEFAULT_EDGE_PORTS",
@@ -64,6 +77,7 @@ __all__ = [
     "DEFAULT_KAFKA_PORT",
     "DEFAULT_KAFKA_TOPIC",
     "DEFAULT_LB_PORT",
+    "DEFAULT_LB_TLS_PORT",
     "DEFAULT_PRODUCER_RATE",
     "DEFAULT_REDIS_PORT",
     "HOST",
@@ -93,6 +107,7 @@ DEFAULT_REDIS_PORT = 6379
 DEFAULT_INGEST_PORT = 9020
 DEFAULT_EDGE_PORTS: tuple[int, ...] = (9011, 9012)
 DEFAULT_LB_PORT = 9010
+DEFAULT_LB_TLS_PORT = 9443
 DEFAULT_PRODUCER_RATE = 5.0
 
 KAFKA_READY_TIMEOUT_S = 90.0
@@ -100,6 +115,7 @@ KAFKA_READY_TIMEOUT_S = 90.0
 KAFKA_STOP_TIMEOUT_S = 30.0
 SERVICE_READY_TIMEOUT_S = 60.0
 SERVICE_STOP_TIMEOUT_S = 10.0
+DEV_TOKEN_TTL_S = 24 * 3600.0
 
 _TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 
@@ -125,9 +141,18 @@ class StackSettings:
     edge_ports: tuple[int, ...] = DEFAULT_EDGE_PORTS
     lb_port: int = DEFAULT_LB_PORT
     producer_rate: float = DEFAULT_PRODUCER_RATE
+    lb_tls_port: int | None = DEFAULT_LB_TLS_PORT
+    """HTTPS + HTTP/2 port of the load balancer; None = plain HTTP only."""
+    lb_tls_cert: Path | None = None
+    lb_tls_key: Path | None = None
+    """An operator's certificate and key; None = a self-signed one in the run directory."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "run_dir", Path(self.run_dir).resolve())
+        if (self.lb_tls_cert is None) != (self.lb_tls_key is None):
+            raise SettingsError(
+                "CRM_EVENTS_LB_TLS_CERT, CRM_EVENTS_LB_TLS_KEY: set both or neither"
+            )
         object.__setattr__(self, "edge_ports", tuple(self.edge_ports))
         if not self.edge_ports:
             raise SettingsError("CRM_EVENTS_EDGE_PORTS: at least one edge port is needed")
@@ -161,6 +186,11 @@ class StackSettings:
             ("CRM_EVENTS_INGEST_PORT", self.ingest_port),
             *(("CRM_EVENTS_EDGE_PORTS", p) for p in self.edge_ports),
             ("CRM_EVENTS_LB_PORT", self.lb_port),
+            *(
+                [("CRM_EVENTS_LB_TLS_PORT", self.lb_tls_port)]
+                if self.lb_tls_port is not None
+                else []
+            ),
         ]
 
     @classmethod
@@ -206,6 +236,19 @@ class StackSettings:
                     f"CRM_EVENTS_KAFKA_PARTITIONS: expected an integer >= 1, got {raw_parts!r}"
                 ) from None
 
+        raw_tls = env.get("CRM_EVENTS_LB_TLS_PORT", "").strip()
+        tls_port: int | None = DEFAULT_LB_TLS_PORT
+        if raw_tls.lower() in ("0", "off"):
+            tls_port = None
+        elif raw_tls:
+            tls_port = port("CRM_EVENTS_LB_TLS_PORT", DEFAULT_LB_TLS_PORT)
+        tls_files: dict[str, Path | None] = {}
+        for var in ("CRM_EVENTS_LB_TLS_CERT", "CRM_EVENTS_LB_TLS_KEY"):
+            raw_path = env.get(var, "").strip()
+            tls_files[var] = Path(raw_path).expanduser().resolve() if raw_path else None
+            if raw_path and not Path(raw_path).expanduser().is_file():
+                raise SettingsError(f"{var}: no such file: {raw_path!r}")
+
         raw_run = env.get("CRM_EVENTS_RUN_DIR", "").strip()
         run_dir = Path(raw_run).expanduser() if raw_run else (checkout or checkout_dir()) / "run"
         return cls(
@@ -221,6 +264,9 @@ class StackSettings:
             edge_ports=edge_ports,
             lb_port=port("CRM_EVENTS_LB_PORT", DEFAULT_LB_PORT),
             producer_rate=rate,
+            lb_tls_port=tls_port,
+            lb_tls_cert=tls_files["CRM_EVENTS_LB_TLS_CERT"],
+            lb_tls_key=tls_files["CRM_EVENTS_LB_TLS_KEY"],
         )
 
     @property
@@ -234,6 +280,11 @@ class StackSettings:
     @property
     def lb_url(self) -> str:
         return f"http://{HOST}:{self.lb_port}"
+
+    @property
+    def lb_https_url(self) -> str | None:
+        """The HTTPS + HTTP/2 address, or None when TLS is off."""
+        return None if self.lb_tls_port is None else f"https://{HOST}:{self.lb_tls_port}"
 
     def edge_url(self, port: int) -> str:
         return f"http://{HOST}:{port}"
@@ -249,7 +300,16 @@ class StackSettings:
     @property
     def part_names(self) -> list[str]:
         """All parts, in start order."""
-        return ["kafka", "redis", "ingest", *self.edge_names, "nginx", "producer"]
+        return [
+            "kafka",
+            "redis",
+            "ingest",
+            *self.edge_names,
+            "nginx",
+            "alertmanager",
+            "prometheus",
+            "producer",
+        ]
 
 
 # -- the parts -------------------------------------------------------------------------------
@@ -373,9 +433,34 @@ def ingest_spec(settings: StackSettings) -> ProcessSpec:
     )
 
 
+def jwt_secret_file(settings: StackSettings) -> Path:
+    """The local stack's JWT secret: made once, kept in the run directory (never committed)."""
+    return settings.run_dir / "auth" / "jwt-secret"
+
+
+def ensure_jwt_secret(settings: StackSettings) -> Path:
+    path = jwt_secret_file(settings)
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(48) + "\n")
+        path.chmod(0o600)
+    return path
+
+
+def dev_token(settings: StackSettings, ttl_s: float = DEV_TOKEN_TTL_S) -> str:
+    """A development token granting every event type, signed with the stack's secret."""
+    secret = ensure_jwt_secret(settings).read_text().strip()
+    return issue_token(secret, types=["*"], ttl_s=ttl_s, subject="local-developer")
+
+
 def edge_spec(settings: StackSettings, index: int) -> ProcessSpec:
-    """Edge number ``index`` (1-based), on ``settings.edge_ports[index - 1]``."""
+    """Edge number ``index`` (1-based), on ``settings.edge_ports[index - 1]``. Authentication
+    is on (JWT, the stack's own secret) unless CRM_EVENTS_AUTH_MODE=off is set."""
     port = settings.edge_ports[index - 1]
+
+    def prepare() -> None:
+        ensure_jwt_secret(settings)
+
     return ProcessSpec(
         name=f"edge{index}",
         argv=_python_entry("crm-events-edge", "edge"),
@@ -383,7 +468,9 @@ def edge_spec(settings: StackSettings, index: int) -> ProcessSpec:
             "CRM_EVENTS_REDIS_URL": settings.redis_url,
             "CRM_EVENTS_EDGE_PORT": str(port),
             "CRM_EVENTS_NODE_ID": f"edge-{index}",
+            "CRM_EVENTS_JWT_SECRET_FILE": str(jwt_secret_file(settings)),
         },
+        prepare=prepare,
         cwd=settings.run_dir,
         ready=HttpReady(f"{settings.edge_url(port)}/readyz"),
         ready_timeout_s=SERVICE_READY_TIMEOUT_S,
@@ -397,7 +484,22 @@ def nginx_spec(settings: StackSettings) -> ProcessSpec:
     main_conf = home / nginx_conf.MAIN_CONF
 
     def prepare() -> None:
-        nginx_conf.render(home, settings.lb_port, settings.edge_ports, host=HOST)
+        cert, key = settings.lb_tls_cert, settings.lb_tls_key
+        if settings.lb_tls_port is not None and cert is None:
+            try:
+                cert, key = nginx_conf.ensure_self_signed_cert(home / "tls")
+            except nginx_conf.TlsError as exc:
+                raise StartError(f"nginx: {exc}") from exc
+        nginx_conf.render(
+            home,
+            settings.lb_port,
+            settings.edge_ports,
+            host=HOST,
+            tls_port=settings.lb_tls_port,
+            tls_cert=cert if settings.lb_tls_port is not None else None,
+            tls_key=key if settings.lb_tls_port is not None else None,
+            http2_directive=nginx_conf.http2_directive_supported(_binary("nginx")),
+        )
 
     return ProcessSpec(
         name="nginx",
@@ -428,14 +530,16 @@ def producer_spec(settings: StackSettings, *, count: int = 0) -> ProcessSpec:
     )
 
 
-def build_specs(settings: StackSettings) -> list[ProcessSpec]:
+def build_specs(settings: StackSettings, env: Mapping[str, str] | None = None) -> list[ProcessSpec]:
     """Every part, in start order."""
+    mon = MonitoringSettings.for_stack(settings, os.environ if env is None else env)
     return [
         kafka_spec(settings),
         redis_spec(settings),
         ingest_spec(settings),
         *(edge_spec(settings, i) for i in range(1, len(settings.edge_ports) + 1)),
         nginx_spec(settings),
+        *monitoring_specs(mon),
         producer_spec(settings),
     ]
 
@@ -459,6 +563,7 @@ class Stack:
     def __init__(self, settings: StackSettings) -> None:
         self.settings = settings
         self.supervisor = Supervisor(settings.run_dir)
+        self.monitoring = MonitoringSettings.for_stack(settings, os.environ)
         self.specs: dict[str, ProcessSpec] = {s.name: s for s in build_specs(settings)}
 
     def select(self, parts: Iterable[str] | None) -> list[ProcessSpec]:
@@ -531,6 +636,12 @@ class Stack:
             ("load balancer", f"{s.lb_url}/crm-events"),
             ("", f"{s.lb_url}/crm-events/history?n=100"),
         ]
+        if s.lb_https_url is not None:
+            note = "" if s.lb_tls_cert is not None else "  (self-signed certificate)"
+            rows += [("command center", f"{s.lb_https_url}/ops/crm-events{note}")]
+            rows += [("", f"{s.lb_url}/ops/crm-events  (plain HTTP)")]
+        else:
+            rows += [("command center", f"{s.lb_url}/ops/crm-events")]
         for name, port in zip(s.edge_names, s.edge_ports, strict=True):
             base = s.edge_url(port)
             rows += [(name, f"{base}/healthz  {base}/readyz  {base}/metrics")]
@@ -538,8 +649,18 @@ class Stack:
             ("ingest", f"{s.ingest_url}/metrics  {s.ingest_url}/readyz"),
             ("kafka", f"{s.kafka_bootstrap}  topic {s.kafka_topic}"),
             ("redis", s.redis_url),
+            ("prometheus", self.monitoring.prometheus_url),
+            ("alertmanager", self.monitoring.alertmanager_url),
             ("logs", str(self.supervisor.log_dir)),
         ]
+        if os.environ.get("CRM_EVENTS_AUTH_MODE", "jwt").strip().lower() != "off":
+            token = dev_token(s)
+            page = s.lb_https_url or s.lb_url
+            rows += [
+                ("dev token", f"{token}  (every type, 24 h; also: make token)"),
+                ("", f"curl -N -H 'Authorization: Bearer {token}' {s.lb_url}/crm-events"),
+                ("", f"{page}/ops/crm-events#token={token}"),
+            ]
         return rows
 
 
@@ -553,12 +674,12 @@ def _print_result(result: StartResult) -> None:
 
 
 def _print_status(rows: Sequence[PartStatus]) -> None:
-    print(f"{'PART':<10} {'PID':>8}  {'STATE':<8} {'READY':<6} PORT")
+    print(f"{'PART':<12} {'PID':>8}  {'STATE':<8} {'READY':<6} PORT")
     for r in rows:
         ready = "-" if r.ready is None else ("yes" if r.ready else "no")
         pid = "-" if r.pid is None else str(r.pid)
         port = "-" if r.port is None else str(r.port)
-        print(f"{r.name:<10} {pid:>8}  {r.state.value:<8} {ready:<6} {port}")
+        print(f"{r.name:<12} {pid:>8}  {r.state.value:<8} {ready:<6} {port}")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -583,6 +704,10 @@ def _build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("parts", nargs="+", metavar="PART")
+    tok = sub.add_parser("token", help="print a development JWT signed with the stack's secret")
+    tok.add_argument("--types", default="*", help="comma-separated event types (default: all)")
+    tok.add_argument("--tenant", default=None, help="restrict to events with this TenantId")
+    tok.add_argument("--ttl", type=float, default=DEV_TOKEN_TTL_S, help="lifetime in seconds")
     return parser
 
 
@@ -594,6 +719,19 @@ def _run(args: argparse.Namespace, stack: Stack) -> int:
         print("\ncrm-events local stack is up:")
         for label, url in stack.urls():
             print(f"  {label:<14} {url}")
+        return 0
+    if cmd == "token":
+        secret = ensure_jwt_secret(stack.settings).read_text().strip()
+        match = {"TenantId": args.tenant} if args.tenant else None
+        print(
+            issue_token(
+                secret,
+                types=args.types.split(","),
+                match=match,
+                ttl_s=args.ttl,
+                subject="local-developer",
+            )
+        )
         return 0
     if cmd == "down":
         stopped = stack.down()
@@ -638,7 +776,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         stack = Stack(StackSettings.from_env(os.environ))
         return _run(args, stack)
-    except SettingsError as exc:
+    except (SettingsError, MonitoringSettingsError) as exc:
         print(f"crm-events-stack: error: {exc}", file=sys.stderr)
         return 2
     except SupervisorError as exc:

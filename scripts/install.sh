@@ -2,8 +2,11 @@
 # Prepare this checkout to run the local stack and the tests, on Debian 12, as root.
 #
 #   1. Debian packages: redis-server nginx-light openssl prometheus prometheus-alertmanager
-#      (plus a JRE, Maven and python3-venv when missing); the services their postinst would
-#      auto-start are kept off, because the stack runs its own instances on its own ports.
+#      chromium (plus a JRE, Maven and python3-venv when missing); the services their postinst
+#      would auto-start are kept off, because the stack runs its own instances on its own
+#      ports. chromium is the browser the browser tests drive (tests/browser, through
+#      Playwright with executable_path=/usr/bin/chromium; Playwright's own browser download
+#      is never used).
 #   2. .venv in the checkout with the project installed editable, with test and dev extras.
 #   3. The Kafka broker jars from Maven Central (deploy/kafka/kafka-pom.xml) into
 #      <run dir>/kafka/libs.
@@ -19,11 +22,11 @@ PYTHON="${CRM_EVENTS_PYTHON:-python3}"
 VENV="$ROOT/.venv"
 POM="$ROOT/deploy/kafka/kafka-pom.xml"
 KAFKA_LIBS="$RUN_DIR/kafka/libs"
-APT_PACKAGES=(redis-server nginx-light openssl prometheus prometheus-alertmanager)
+APT_PACKAGES=(redis-server nginx-light openssl prometheus prometheus-alertmanager chromium firefox-esr)
 # Services those packages ship; none of them may keep running in the background.
 DISTRO_SERVICES=(redis-server nginx prometheus prometheus-alertmanager prometheus-node-exporter)
 # The stack's default ports (see devtools/stack.py).
-STACK_PORTS=(9092 19093 6379 9020 9011 9012 9010)
+STACK_PORTS=(9092 19093 6379 9020 9011 9012 9010 9443 9090 9093)
 
 say() { printf '[install] %s\n' "$*"; }
 die() { printf '[install] error: %s\n' "$*" >&2; exit 1; }

@@ -19,6 +19,7 @@
   const HISTORY_N = 100;
   const MAX_ROWS = 200;
   const SPARK_SECONDS = 60;
+  const SPARK_MIN_SECONDS = 10;
   const RATE_WINDOW_S = 5;
   const LOG_MAX = 40;
   const STORE_KEY = "crm-events:last-id";
@@ -53,6 +54,9 @@
     peak: $("peak"),
     sparkArea: $("spark-area"),
     sparkLine: $("spark-line"),
+    sparkFrom: $("spark-from"),
+    authNotice: $("auth-notice"),
+    authText: $("auth-text"),
     protocol: $("protocol"),
     reconnects: $("reconnects"),
     duplicates: $("duplicates"),
@@ -95,6 +99,8 @@
     frame: 0,
     frameTimer: 0,
     typeItems: new Map(), // type -> {li, button, count, bar}
+    openedAt: Math.floor(Date.now() / 1000),
+    backfillAfterAuth: 0, // the backfill was refused (401/403): redo it once signed in
   };
 
   // --- ids ---------------------------------------------------------------------------------
@@ -256,6 +262,13 @@
       if (gen !== state.streamGen) return;
       const after = state.attempts;
       state.attempts = 0;
+      showAuth(null);
+      if (state.backfillAfterAuth === 1 && state.total === 0) {
+        // Signed in now: load the history that was refused, then stream after it.
+        state.backfillAfterAuth = 2;
+        start(state.lastId);
+        return;
+      }
       if (state.lost) {
         state.reconnects += 1;
         state.lost = false;
@@ -280,6 +293,7 @@
         state.es = null;
         setConn("reconnecting", `Stream refused (attempt ${state.attempts}); retrying`);
         scheduleReconnect();
+        diagnose();
       } else {
         // CONNECTING: the browser retries after the server's retry: hint, with Last-Event-ID.
         setConn(
@@ -375,9 +389,30 @@
     }
     if (!res.ok) {
       const why = body && body.message ? `${body.error}: ${body.message}` : `HTTP ${res.status}`;
-      throw new Error(why);
+      const err = new Error(why);
+      err.status = res.status;
+      throw err;
     }
     return body;
+  }
+
+  // EventSource does not say why it was refused; the history endpoint answers the same
+  // authentication and tells, as JSON.
+  async function diagnose() {
+    try {
+      await fetchHistory({ n: 1, types: state.types ? state.types.join(",") : null });
+      showAuth(null);
+    } catch (err) {
+      showAuth(err.status === 401 || err.status === 403 ? err : null);
+    }
+  }
+
+  function showAuth(err) {
+    el.authNotice.hidden = !err;
+    if (err) {
+      const what = err.status === 401 ? "Not signed in" : "Not allowed";
+      el.authText.textContent = `${what} (${err.status}): ${err.message}.`;
+    }
   }
 
   async function start(saved) {
@@ -401,6 +436,10 @@
     } catch (err) {
       historyOk = false;
       log("connecting", `History unavailable (${err.message})`);
+      if (err.status === 401 || err.status === 403) {
+        showAuth(err);
+        if (state.backfillAfterAuth === 0) state.backfillAfterAuth = 1;
+      }
     }
     if (gen !== state.startGen) return;
     const newest = items.length ? items[items.length - 1].id : head;
@@ -644,9 +683,12 @@
     for (const second of state.perSecond.keys()) {
       if (second < now - SPARK_SECONDS - 1) state.perSecond.delete(second);
     }
-    // Completed seconds only: the current one is still filling.
+    // Completed seconds only (the current one is still filling), and none from before the
+    // page opened: it did not see them, so it draws no zeros for them.
+    const span = Math.max(SPARK_MIN_SECONDS, Math.min(SPARK_SECONDS, now - state.openedAt));
     const values = [];
-    for (let s = now - SPARK_SECONDS; s < now; s += 1) values.push(state.perSecond.get(s) || 0);
+    for (let s = now - span; s < now; s += 1) values.push(state.perSecond.get(s) || 0);
+    el.sparkFrom.textContent = `${span} s ago`;
     const peak = Math.max(0, ...values);
     const recent = values.slice(-RATE_WINDOW_S).reduce((a, b) => a + b, 0) / RATE_WINDOW_S;
     el.rate.textContent = recent.toFixed(1);
@@ -771,6 +813,20 @@
     if (!state.paused && !state.es) openStream();
   });
 
+  // --- sign-in from a link ---------------------------------------------------------------------
+
+  // A link ending in #token=<jwt> (the local stack prints one) signs the page in: the token
+  // becomes the auth cookie, which EventSource and fetch send on their own, and leaves the
+  // address bar. A fragment never reaches a server or its logs.
+  function adoptTokenFromFragment() {
+    const match = /^#token=([A-Za-z0-9_.-]+)$/.exec(window.location.hash);
+    if (!match) return;
+    const secure = window.location.protocol === "https:" ? "; Secure" : "";
+    document.cookie = `crm_events_token=${match[1]}; Path=/; SameSite=Strict${secure}`;
+    history.replaceState(null, "", window.location.pathname + window.location.search);
+    log("auth", "signed in with the token from the link");
+  }
+
   // --- go ----------------------------------------------------------------------------------------
 
   const nav = performance.getEntriesByType("navigation")[0];
@@ -781,6 +837,7 @@
     : "—";
   el.protocol.dataset.protocol = hop || "";
 
+  adoptTokenFromFragment();
   const initial = parseTypes(new URLSearchParams(window.location.search).get("types"));
   state.types = initial.error ? null : initial.types;
   describeFilter();

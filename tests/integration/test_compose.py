@@ -54,6 +54,12 @@ def published(service: dict[str, Any]) -> dict[int, int]:
     return out
 
 
+def listens(text: str) -> list[tuple[int, set[str]]]:
+    """(port, parameters) of each ``listen`` directive of an nginx include."""
+    found = re.findall(r"^\s*listen\s+(?:\S+:)?(\d+)((?:\s+[\w=]+)*)\s*;", text, re.M)
+    return [(int(port), set(params.split())) for port, params in found]
+
+
 def env_of(service: dict[str, Any]) -> dict[str, str]:
     env = service.get("environment", {})
     if isinstance(env, list):
@@ -158,8 +164,60 @@ def test_nginx_include_files_exist_and_name_the_edges(
     )
 
     listen = mounted[f"/etc/nginx/{nginx_conf.LISTEN_INC}"].read_text()
-    [port] = re.findall(r"^\s*listen\s+(?:[\d.]+:)?(\d+)", listen, re.M)
-    assert published(services["nginx"])[int(port)] == stack.DEFAULT_LB_PORT
+    [port] = [p for p, params in listens(listen) if "ssl" not in params]
+    assert published(services["nginx"])[port] == stack.DEFAULT_LB_PORT
+
+
+def test_nginx_serves_https_with_http2_from_the_tls_volume(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    nginx = services["nginx"]
+    listen = mounts(nginx)[f"/etc/nginx/{nginx_conf.LISTEN_INC}"].read_text()
+    [(port, params)] = [(p, params) for p, params in listens(listen) if "ssl" in params]
+    assert published(nginx)[port] == stack.DEFAULT_LB_TLS_PORT
+    # nginx 1.26 (the image) enables HTTP/2 with the directive; older ones on the listener.
+    assert "http2" in params or re.search(r"^\s*http2\s+on\s*;", listen, re.M)
+    cert_paths = re.findall(r"^\s*ssl_certificate(?:_key)?\s+(\S+);", listen, re.M)
+    assert sorted(Path(p).name for p in cert_paths) == [nginx_conf.TLS_CERT, nginx_conf.TLS_KEY]
+    assert {str(Path(p).parent) for p in cert_paths} == {"/etc/nginx/tls"}
+    assert "nginx-tls:/etc/nginx/tls:ro" in nginx["volumes"]
+
+    init = services["nginx-tls-init"]
+    assert nginx["depends_on"]["nginx-tls-init"]["condition"] == "service_completed_successfully"
+    assert "nginx-tls:/tls" in init["volumes"]
+    script = " ".join(init["command"])
+    for name in (nginx_conf.TLS_CERT, nginx_conf.TLS_KEY):
+        assert f"/tls/{name}" in script
+
+
+def test_local_render_with_tls_matches_the_compose_listener(
+    services: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    cert, key = nginx_conf.ensure_self_signed_cert(tmp_path / "tls")
+    nginx_conf.render(tmp_path, 19010, [19011, 19012], tls_port=19443, tls_cert=cert, tls_key=key)
+    local = (tmp_path / nginx_conf.LISTEN_INC).read_text()
+    assert sorted((p, "ssl" in params, "http2" in params) for p, params in listens(local)) == [
+        (19010, False, False),
+        (19443, True, True),
+    ]
+    compose = mounts(services["nginx"])[f"/etc/nginx/{nginx_conf.LISTEN_INC}"].read_text()
+    for directive in ("ssl_protocols", "ssl_session_timeout"):
+        [a] = re.findall(rf"^{directive}\s+([^;]+);", local, re.M)
+        [b] = re.findall(rf"^{directive}\s+([^;]+);", compose, re.M)
+        assert a == b, directive
+    # Without TLS arguments the include is exactly the plain listener, as before.
+    nginx_conf.render(tmp_path, 19010, [19011, 19012])
+    assert listens((tmp_path / nginx_conf.LISTEN_INC).read_text()) == [(19010, set())]
+
+
+def test_one_server_block_so_both_listeners_proxy_sse_alike() -> None:
+    conf = nginx_conf.shared_conf_path().read_text()
+    assert len(re.findall(r"^server\s*\{", conf, re.M)) == 1
+    location = conf[conf.index("location /crm-events") :]
+    location = location[: location.index("}")]
+    assert "proxy_buffering off;" in location
+    read_timeout = re.search(r"proxy_read_timeout\s+(\d+)s;", location)
+    assert read_timeout is not None and int(read_timeout.group(1)) > 15  # keepalive: 15 s
 
 
 def test_app_image_builds_from_the_dockerfile(services: dict[str, dict[str, Any]]) -> None:
@@ -168,3 +226,25 @@ def test_app_image_builds_from_the_dockerfile(services: dict[str, dict[str, Any]
         dockerfile = (COMPOSE.parent / build["context"] / build["dockerfile"]).resolve()
         assert dockerfile.is_file()
         assert dockerfile.read_text().startswith("# syntax=docker/dockerfile:1\n")
+
+
+def test_edges_authenticate_with_a_secret_made_once(services: dict[str, dict[str, Any]]) -> None:
+    init = services["auth-init"]
+    assert init["restart"] == "no"
+    assert any(str(v).startswith("auth:") for v in init["volumes"])
+    for name in EDGES:
+        env = services[name]["environment"]
+        assert env["CRM_EVENTS_AUTH_MODE"] == "jwt"
+        secret_dir = env["CRM_EVENTS_JWT_SECRET_FILE"].rsplit("/", 1)[0]
+        assert f"auth:{secret_dir}:ro" in services[name]["volumes"]
+        assert services[name]["depends_on"]["auth-init"]["condition"] == (
+            "service_completed_successfully"
+        )
+
+
+def test_compose_runs_the_monitoring_of_monitoring_dir(services: dict[str, dict[str, Any]]) -> None:
+    for name in ("prometheus", "alertmanager", "grafana"):
+        assert name in services, name
+        assert services[name].get("healthcheck"), name
+    mounts = " ".join(services["prometheus"]["volumes"])
+    assert "./monitoring/prometheus:/etc/prometheus" in mounts

@@ -90,7 +90,8 @@ async def test_trimmed_position_gets_reset_then_the_retained_events(
 ) -> None:
     c = small_cluster
     base = 50_000
-    await c.produce((None, crm_event(base + i)) for i in range(600))
+    # One key, one partition: the last stream entry is then the last event produced.
+    await c.produce((b"trim", crm_event(base + i, key="trim")) for i in range(600))
     redis = c.redis()
     try:
 

@@ -1,0 +1,73 @@
+#!/usr/bin/env node
+// Serve this example next to the crm-events API, so the page and the stream share an origin
+// (EventSource across origins needs CORS, which the edges only answer for listed origins).
+//
+//   node examples/js/serve.mjs [--port 8090] [--upstream http://127.0.0.1:9010]
+//
+// Static files come from this directory; /crm-events and /crm-events/history are proxied to
+// the load balancer, streamed through unbuffered. Node >= 18, no dependencies.
+
+import { createReadStream, statSync } from "node:fs";
+import http from "node:http";
+import https from "node:https";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+import { parseArgs } from "node:util";
+
+const { values } = parseArgs({
+  options: {
+    port: { type: "string", default: process.env.PORT ?? "8090" },
+    host: { type: "string", default: "127.0.0.1" },
+    upstream: { type: "string", default: process.env.CRM_EVENTS_URL ?? "http://127.0.0.1:9010" },
+  },
+});
+const root = path.dirname(fileURLToPath(import.meta.url));
+const upstream = new URL(values.upstream);
+const types = { ".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8" };
+
+const server = http.createServer((req, res) => {
+  const url = new URL(req.url, "http://local");
+  if (url.pathname === "/crm-events" || url.pathname.startsWith("/crm-events/")) {
+    const client = upstream.protocol === "https:" ? https : http;
+    const headers = { ...req.headers, host: upstream.host };
+    const out = client.request(
+      new URL(url.pathname + url.search, upstream),
+      { method: req.method, headers, rejectUnauthorized: false },
+      (up) => {
+        res.writeHead(up.statusCode ?? 502, up.headers);
+        res.flushHeaders();
+        up.pipe(res);
+      },
+    );
+    out.on("error", (err) => {
+      if (!res.headersSent) res.writeHead(502, { "content-type": "application/json" });
+      res.end(JSON.stringify({ error: "bad_gateway", message: err.message }));
+    });
+    res.on("close", () => out.destroy()); // the browser went away: end the upstream stream
+    req.pipe(out);
+    return;
+  }
+  const name = url.pathname === "/" ? "index.html" : path.basename(url.pathname);
+  const file = path.join(root, name);
+  const type = types[path.extname(name)];
+  try {
+    if (!type || !statSync(file).isFile()) throw new Error("not found");
+  } catch {
+    res.writeHead(404, { "content-type": "application/json" });
+    res.end(JSON.stringify({ error: "not_found", message: "no such file" }));
+    return;
+  }
+  res.writeHead(200, { "content-type": type, "cache-control": "no-cache" });
+  createReadStream(file).pipe(res);
+});
+
+server.listen(Number(values.port), values.host, () => {
+  const { port } = server.address();
+  console.log(`crm-events example on http://${values.host}:${port}/ (API: ${upstream.origin})`);
+});
+for (const signal of ["SIGINT", "SIGTERM"]) {
+  process.on(signal, () => {
+    server.close(() => process.exit(0));
+    server.closeAllConnections(); // open streams would otherwise keep it running
+  });
+}
