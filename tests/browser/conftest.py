@@ -176,13 +176,13 @@ class KafkaFeed:
 # -- deployment -------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def backends() -> Iterator[Backends]:
     with provide() as found:
         yield found
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def cluster(backends: Backends, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsCluster]:
     # Authentication (issue 7) is another suite's subject; the page is tested without it.
     c = TlsCluster(
@@ -199,7 +199,7 @@ def cluster(backends: Backends, tmp_path_factory: pytest.TempPathFactory) -> Ite
     c.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def feed(cluster: TlsCluster) -> Iterator[KafkaFeed]:
     f = KafkaFeed(cluster.backends.kafka_bootstrap, cluster.topic)
     yield f
@@ -209,7 +209,7 @@ def feed(cluster: TlsCluster) -> Iterator[KafkaFeed]:
 # -- browsers ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def playwright() -> Iterator[Playwright]:
     with sync_playwright() as p:
         yield p

@@ -29,7 +29,7 @@ SECRET = "s" * 40
 
 
 def hs(
-    types: list[str], match: dict[str, str] | None = None, ttl: float = 600, **kw: object
+    types: list[str], match: dict[str, str] | None = None, ttl: float = 3600, **kw: object
 ) -> str:
     return issue_token(SECRET, types=types, match=match, ttl_s=ttl, **kw)  # type: ignore[arg-type]
 
@@ -55,18 +55,18 @@ def test_grant_from_claims() -> None:
         pytest.param("not.a.token", 401, id="garbage"),
         pytest.param(jwt.encode({"crm_types": ["A"]}, SECRET, algorithm="HS256"), 401, id="no-exp"),
         pytest.param(
-            jwt.encode({"exp": time.time() + 60}, SECRET, algorithm="HS256"),
+            jwt.encode({"exp": time.time() + 3600}, SECRET, algorithm="HS256"),
             403,
             id="no-types-claim",
         ),
         pytest.param(
-            jwt.encode({"exp": time.time() + 60, "crm_types": "A"}, SECRET, algorithm="HS256"),
+            jwt.encode({"exp": time.time() + 3600, "crm_types": "A"}, SECRET, algorithm="HS256"),
             401,
             id="types-not-a-list",
         ),
         pytest.param(
             jwt.encode(
-                {"exp": time.time() + 60, "crm_types": ["A"], "crm_match": {"T": [1]}},
+                {"exp": time.time() + 3600, "crm_types": ["A"], "crm_match": {"T": [1]}},
                 SECRET,
                 algorithm="HS256",
             ),
@@ -74,12 +74,12 @@ def test_grant_from_claims() -> None:
             id="match-not-scalar",
         ),
         pytest.param(
-            jwt.encode({"exp": time.time() + 60, "crm_types": ["A"]}, SECRET, algorithm="HS512"),
+            jwt.encode({"exp": time.time() + 3600, "crm_types": ["A"]}, SECRET, algorithm="HS512"),
             401,
             id="wrong-algorithm",
         ),
         pytest.param(
-            jwt.encode({"exp": time.time() + 60, "crm_types": ["A"]}, None, algorithm="none"),
+            jwt.encode({"exp": time.time() + 3600, "crm_types": ["A"]}, None, algorithm="none"),
             401,
             id="alg-none",
         ),
@@ -120,10 +120,10 @@ def _keypair(kind: str) -> tuple[object, str, str]:
 def test_public_key_tokens(alg: str) -> None:
     key, public, _ = _keypair(alg)
     a = Authenticator(AuthSettings(mode="jwt", public_key_pem=public))
-    token = jwt.encode({"exp": time.time() + 60, "crm_types": ["A"]}, key, algorithm=alg)
+    token = jwt.encode({"exp": time.time() + 3600, "crm_types": ["A"]}, key, algorithm=alg)
     assert a.verify(token).types == {b"A"}
     # Algorithm confusion: an HS256 token signed with the public key text must fail.
-    forged = jwt.encode({"exp": time.time() + 60, "crm_types": ["*"]}, "x" * 40, algorithm="HS256")
+    forged = jwt.encode({"exp": time.time() + 3600, "crm_types": ["*"]}, "x" * 40, algorithm="HS256")
     with pytest.raises(ApiError):
         a.verify(forged)
 
@@ -136,11 +136,11 @@ def test_jwks_file_picks_the_key_by_kid(tmp_path: Path) -> None:
     path.write_text(json.dumps({"keys": [jwk]}))
     a = Authenticator(AuthSettings(mode="jwt", jwks_file=str(path)))
     good = jwt.encode(
-        {"exp": time.time() + 60, "crm_types": ["A"]}, key, algorithm="RS256", headers={"kid": "k1"}
+        {"exp": time.time() + 3600, "crm_types": ["A"]}, key, algorithm="RS256", headers={"kid": "k1"}
     )
     assert a.verify(good).types == {b"A"}
     unknown = jwt.encode(
-        {"exp": time.time() + 60, "crm_types": ["A"]}, key, algorithm="RS256", headers={"kid": "k2"}
+        {"exp": time.time() + 3600, "crm_types": ["A"]}, key, algorithm="RS256", headers={"kid": "k2"}
     )
     with pytest.raises(ApiError):
         a.verify(unknown)
