@@ -20,10 +20,12 @@ from .auth import Authenticator
 from .bus import Bus
 from .bus_redis import RedisBus
 from .context import EdgeContext
+from .cors import cors_middleware, cors_refusals_counter, cors_response_headers
 from .history import history_handler
 from .hub import Hub
-from .limits import ConnectionLimiter, RateLimiter, size_limit_middleware
+from .limits import ConnectionLimiter, RateLimiter, parser_limits, size_limit_middleware
 from .metrics import EdgeMetrics
+from .openapi import add_openapi_route
 from .ops_page import add_ops_page_routes
 from .stream import stream_handler
 from .subscription import Subscription
@@ -46,11 +48,18 @@ def create_app(
     breakers = BreakerMetrics(registry)
     # Built here, not in the lifecycle, so a bad key file fails before the port is bound.
     authenticator = Authenticator(settings.auth)
+    cors_refused = cors_refusals_counter(registry)
     app = web.Application(
         middlewares=[
             *make_middlewares(metrics),
+            cors_middleware(settings.limits.cors_origins, cors_refused),
             size_limit_middleware(settings.limits, metrics.limit_rejections),
-        ]
+        ],
+        handler_args=parser_limits(settings.limits),
+    )
+    # Headers go on in on_response_prepare so that streaming responses carry them too.
+    app.on_response_prepare.append(
+        cors_response_headers(settings.limits.cors_origins, cors_refused)
     )
     hub = Hub()
 
@@ -131,5 +140,6 @@ def create_app(
     app.router.add_get("/crm-events", crm_events)
     app.router.add_get("/crm-events/history", history)
     add_ops_page_routes(app)
+    add_openapi_route(app)
     add_ops_routes(app, registry, metrics, ready)
     return app

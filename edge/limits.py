@@ -117,6 +117,19 @@ class RateLimiter:
             self._buckets.popitem(last=False)
 
 
+def parser_limits(limits: LimitSettings) -> dict[str, int]:
+    """aiohttp's HTTP parser limits (``Application(handler_args=...)``), set above the edge's
+    own caps so that a request over a cap reaches ``size_limit_middleware`` and gets its JSON
+    414/431. The parser stays as a backstop: past these it answers a plain-text 400."""
+    return {
+        "max_line_size": max(65_536, 4 * limits.max_request_line_bytes),
+        "max_field_size": max(65_536, limits.max_header_bytes),
+        # Each header counts at least 5 bytes against max_header_bytes, so a request with
+        # more headers than this is over that cap anyway.
+        "max_headers": max(1_024, limits.max_header_bytes // 4),
+    }
+
+
 def size_limit_middleware(settings: LimitSettings, rejected: Counter) -> web.middleware:  # type: ignore[valid-type]
     """Refuse oversized request lines (414) and header sections (431) with JSON errors.
 

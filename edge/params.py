@@ -74,11 +74,9 @@ def parse_stream_params(
     # while the URL keeps the ?last_event_id= the page was loaded with.
     header = headers.get("Last-Event-ID", "").strip()
     from_query = _single(query, "last_event_id")
-    last: StreamId | None = None
-    if header:
-        last = parse_stream_id(header, "Last-Event-ID")
-    elif from_query:
-        last = parse_stream_id(from_query, "last_event_id")
+    # Both are validated: a malformed value is a 400 even where the other one would win.
+    query_id = parse_stream_id(from_query, "last_event_id") if from_query else None
+    last = parse_stream_id(header, "Last-Event-ID") if header else query_id
     return StreamParams(last, parse_types(_single(query, "types"), max_types))
 
 

@@ -6,7 +6,18 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-SOURCES = ["shared", "ingest", "edge", "devtools", "scripts", "tests/harness", "tests/integration"]
+SOURCES = [
+    "shared",
+    "ingest",
+    "edge",
+    "devtools",
+    "scripts",
+    "tests/harness",
+    "tests/integration",
+    "tests/browser",
+    "tests/fuzz",
+    "tests/monitoring",
+]
 ENV_CALL = re.compile(
     r"(?:env\.(?:string|integer|number|choice|names|raw)|_read_secret\(env,|_existing_file\(env,"
     r'|_flag\(env,)\(?\s*"([A-Z0-9_]+)"'
