@@ -123,7 +123,9 @@ def test_public_key_tokens(alg: str) -> None:
     token = jwt.encode({"exp": time.time() + 3600, "crm_types": ["A"]}, key, algorithm=alg)
     assert a.verify(token).types == {b"A"}
     # Algorithm confusion: an HS256 token signed with the public key text must fail.
-    forged = jwt.encode({"exp": time.time() + 3600, "crm_types": ["*"]}, "x" * 40, algorithm="HS256")
+    forged = jwt.encode(
+        {"exp": time.time() + 3600, "crm_types": ["*"]}, "x" * 40, algorithm="HS256"
+    )
     with pytest.raises(ApiError):
         a.verify(forged)
 
@@ -136,11 +138,17 @@ def test_jwks_file_picks_the_key_by_kid(tmp_path: Path) -> None:
     path.write_text(json.dumps({"keys": [jwk]}))
     a = Authenticator(AuthSettings(mode="jwt", jwks_file=str(path)))
     good = jwt.encode(
-        {"exp": time.time() + 3600, "crm_types": ["A"]}, key, algorithm="RS256", headers={"kid": "k1"}
+        {"exp": time.time() + 3600, "crm_types": ["A"]},
+        key,
+        algorithm="RS256",
+        headers={"kid": "k1"},
     )
     assert a.verify(good).types == {b"A"}
     unknown = jwt.encode(
-        {"exp": time.time() + 3600, "crm_types": ["A"]}, key, algorithm="RS256", headers={"kid": "k2"}
+        {"exp": time.time() + 3600, "crm_types": ["A"]},
+        key,
+        algorithm="RS256",
+        headers={"kid": "k2"},
     )
     with pytest.raises(ApiError):
         a.verify(unknown)
