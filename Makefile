@@ -7,7 +7,7 @@ SHELL := /bin/bash
 BIN := .venv/bin
 STACK := $(BIN)/crm-events-stack
 
-.PHONY: help install up down status lint unit test chaos browser token
+.PHONY: help install up down status lint unit test chaos browser token bench bench-full
 
 help:
 	@echo "make install   Debian packages, .venv, Kafka jars (idempotent, fast when done)"
@@ -20,6 +20,8 @@ help:
 	@echo "make test      lint, then all tests against a local Kafka and Redis"
 	@echo "make chaos     the full chaos test alone (20,000 events, faults, 20 clients)"
 	@echo "make browser   the browser tests alone (Chromium and Firefox ESR)"
+	@echo "make bench     benchmarks beside Centrifugo, quick (~8 min; bench/README.md)"
+	@echo "make bench-full the full benchmark (~25 min; Centrifugo built once, ~10 min)"
 
 install:
 	@bash scripts/install.sh
@@ -56,3 +58,9 @@ browser: install
 
 token: install
 	@$(STACK) token
+
+bench: install
+	$(BIN)/python -m bench --profile quick
+
+bench-full: install
+	$(BIN)/python -m bench --profile full

@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> None:
         print=None,
         access_log=None,
         handler_cancellation=True,
+        # A reconnect storm (thousands of EventSources at once) overflows the default 128.
+        backlog=4096,
         shutdown_timeout=settings.shutdown_grace_s,
     )
 

@@ -62,6 +62,9 @@ def create_app(
         cors_response_headers(settings.limits.cors_origins, cors_refused)
     )
     hub = Hub()
+    hub.on_direct_write = lambda ts_ms: metrics.latency.observe(
+        max(0.0, (hub.clock_ms() - ts_ms) / 1000.0)
+    )
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         closers: list[Callable[[], object]] = []

@@ -35,10 +35,12 @@ class Client:
         "_chunks",
         "_wake",
         "close_reason",
+        "direct",
         "limit",
         "min_id",
         "oldest_ts_ms",
         "required",
+        "transport",
         "types",
     )
 
@@ -61,6 +63,10 @@ class Client:
         """While set, live entries at or below it are skipped (already sent from history)."""
         self.oldest_ts_ms = 0
         """Kafka timestamp of the oldest live event waiting in the buffer (0: none)."""
+        self.transport: asyncio.WriteTransport | None = None
+        """Set when the response is HTTP/1.1 chunked, so that ``push`` may write directly."""
+        self.direct = False
+        """True while the handler idles with an empty buffer: the hub may write itself."""
 
     @property
     def group(self) -> GroupKey:
@@ -77,9 +83,24 @@ class Client:
     def buffered_bytes(self) -> int:
         return self._bytes
 
-    def push(self, chunk: bytes, ts_ms: int) -> None:
+    def push(self, chunk: bytes, ts_ms: int, framed: bytes | None = None) -> bool:
+        """Queue ``chunk``, or write ``framed`` (the same bytes as one HTTP chunk) straight to
+        the socket when the client is idle and its transport has nothing waiting: no task
+        wake-up per client per batch. Returns True when it was written directly."""
         if self.close_reason is not None:
-            return
+            return False
+        transport = self.transport
+        if (
+            framed is not None
+            and self.direct
+            # Anything queued (a reset, a replayed tail) must reach the socket first.
+            and not self._chunks
+            and transport is not None
+            and not transport.get_write_buffer_size()
+            and not transport.is_closing()
+        ):
+            transport.write(framed)
+            return True
         self._chunks.append(chunk)
         self._bytes += len(chunk)
         if ts_ms and not self.oldest_ts_ms:
@@ -92,8 +113,9 @@ class Client:
             # The handler may be blocked writing to a peer that stopped reading; aborting
             # the transport frees it and the buffered bytes at once.
             self._abort()
-            return
+            return False
         self._wake.set()
+        return False
 
     def take(self) -> tuple[bytes, int]:
         """Everything buffered as one write, and the oldest event's Kafka timestamp."""
@@ -121,6 +143,9 @@ class Hub:
         self.last_id: StreamId = ZERO
         """Newest id handed to clients; entries at or below it are dropped as repeats."""
         self.initialized = False
+        self.on_direct_write: Callable[[int], None] | None = None
+        """Called once per batch written directly to idle clients, with the oldest event's
+        Kafka timestamp (the delivery-latency observation of that batch)."""
         self.clock_ms = clock_ms or (lambda: int(time.time() * 1000))
 
     @property
@@ -156,6 +181,7 @@ class Hub:
             if not entries:
                 return 0
         self.last_id = entries[-1].id
+        direct = 0
         for (types, required), clients in self._groups.items():
             if types is None and not required:
                 selected = entries
@@ -166,15 +192,20 @@ class Hub:
             if not selected:
                 continue
             chunk = b"".join([e.frame for e in selected])
+            # The same bytes as one HTTP/1.1 chunk, built once for every idle client.
+            framed = b"%x\r\n" % len(chunk) + chunk + b"\r\n"
             ts = selected[0].ts_ms
             for client in clients:
                 if client.min_id is None:
-                    client.push(chunk, ts)
+                    if client.push(chunk, ts, framed):
+                        direct += 1
                 else:
                     floor = client.min_id
                     part = [e for e in selected if e.id > floor]
                     if part:
                         client.push(b"".join([e.frame for e in part]), part[0].ts_ms)
+        if direct and self.on_direct_write is not None:
+            self.on_direct_write(entries[0].ts_ms)
         if self._behind:
             caught_up = [
                 c for c in self._behind if c.min_id is not None and c.min_id <= self.last_id
@@ -186,9 +217,10 @@ class Hub:
 
     def broadcast(self, frame: bytes) -> None:
         """A control frame (e.g. ``reset``) to every client, whatever its filter."""
+        framed = b"%x\r\n" % len(frame) + frame + b"\r\n"
         for clients in self._groups.values():
             for client in clients:
-                client.push(frame, 0)
+                client.push(frame, 0, framed)
 
     def close_all(self, reason: str) -> None:
         for clients in self._groups.values():

@@ -33,8 +33,9 @@ class EdgeMetrics(CommonMetrics):
         )
         self.latency = Histogram(
             "crm_events_delivery_latency_seconds",
-            "Kafka record timestamp to the write of the event to a client socket; observed "
-            "once per live write, for the oldest event in it (an upper bound for the rest).",
+            "Kafka record timestamp to the write of the event to client sockets, for the oldest "
+            "event of each batch: observed once per batch written directly to idle clients, and "
+            "once per queued write to a client that had a backlog (an upper bound for the rest).",
             buckets=LATENCY_BUCKETS_S,
             registry=registry,
         )

@@ -82,6 +82,9 @@ async def _serve(
                 {"Retry-After": "2"},
             ) from exc
 
+    if request.transport is None or request.transport.is_closing():
+        # The peer left while we looked at its position; aiohttp-sse would assert on it.
+        raise ConnectionResetError("the client went away before its stream started")
     response = EventSourceResponse(sep="\n", ping_interval=settings.ping_interval_s)
     await response.prepare(request)
     transport = request.transport
@@ -91,6 +94,9 @@ async def _serve(
             transport.abort()
 
     client = Client(types, settings.client_buffer_bytes, abort, grant.match)
+    if transport is not None and response.headers.get("Transfer-Encoding") == "chunked":
+        # The hub may then frame and write live batches itself (see Client.push).
+        client.transport = transport
     resume_after = decision.after if decision is not None else None
     head = hub.attach(client, resume_after)
     metrics.clients.inc()
@@ -126,7 +132,11 @@ async def _serve(
                 if ts_ms:
                     metrics.latency.observe(max(0.0, (hub.clock_ms() - ts_ms) / 1000.0))
                 continue
-            await client.wait()
+            client.direct = True
+            try:
+                await client.wait()
+            finally:
+                client.direct = False
         reason = client.close_reason or "error"
         if reason == "token_expired":
             # Tell the client why before the stream ends, so it renews its token rather

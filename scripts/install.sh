@@ -22,7 +22,7 @@ PYTHON="${CRM_EVENTS_PYTHON:-python3}"
 VENV="$ROOT/.venv"
 POM="$ROOT/deploy/kafka/kafka-pom.xml"
 KAFKA_LIBS="$RUN_DIR/kafka/libs"
-APT_PACKAGES=(redis-server nginx-light openssl prometheus prometheus-alertmanager chromium firefox-esr)
+APT_PACKAGES=(redis-server nginx-light openssl prometheus prometheus-alertmanager chromium firefox-esr wrk)
 # Services those packages ship; none of them may keep running in the background.
 DISTRO_SERVICES=(redis-server nginx prometheus prometheus-alertmanager prometheus-node-exporter)
 # The stack's default ports (see devtools/stack.py).
@@ -132,7 +132,7 @@ if [[ ! -f $venv_stamp || $(cat "$venv_stamp") != "$want_venv" ]]; then
     # pip's build backend is chatty even with -q; its output is kept for when it fails.
     pip_log="$VENV/pip-install.log"
     if ! { "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip \
-           && "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[test,dev]"; \
+           && "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[test,dev,bench]"; \
          } >"$pip_log" 2>&1; then
         tail -n 40 "$pip_log" >&2
         die "pip install failed (full log: $pip_log)"

@@ -307,3 +307,49 @@ async def test_one_oversized_batch_is_not_slow_but_a_backlog_is() -> None:
     hub.dispatch([entry(i) for i in range(101, 150)])
     assert c.close_reason == "slow", "a backlog above the limit is slow"
     assert abort.calls == 1
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.buffered = 0
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def is_closing(self) -> bool:
+        return False
+
+
+async def test_idle_clients_get_the_framed_batch_written_directly_in_order() -> None:
+    hub = Hub()
+    observed: list[int] = []
+    hub.on_direct_write = observed.append
+    c, _ = client()
+    transport = FakeTransport()
+    c.transport = transport  # type: ignore[assignment]
+    hub.attach(c)
+    batch = [entry(1), entry(2)]
+    body = frames(*batch)
+
+    hub.dispatch(batch)  # the handler is not idle yet: queued
+    assert transport.written == [] and c.buffered_bytes == len(body)
+
+    c.take()
+    c.direct = True  # the handler now waits with an empty buffer
+    hub.dispatch([entry(3)])
+    chunk = frames(entry(3))
+    assert transport.written == [b"%x\r\n" % len(chunk) + chunk + b"\r\n"]
+    assert observed == [1_000_003]
+
+    transport.buffered = 10  # the socket is backed up: back to the queue and the handler
+    hub.dispatch([entry(4)])
+    assert len(transport.written) == 1 and c.buffered_bytes == len(frames(entry(4)))
+    transport.buffered = 0
+    hub.dispatch([entry(5)])  # still queued: what waits must go first
+    assert len(transport.written) == 1
+    data, _ = c.take()
+    assert data == frames(entry(4), entry(5))

@@ -1,0 +1,3 @@
+module crm-events/bench/loadgen
+
+go 1.22
