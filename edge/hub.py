@@ -26,6 +26,11 @@ Match = frozenset[tuple[str, str]]
 GroupKey = tuple[TypeKey, Match]
 
 
+def http_chunk(data: bytes) -> bytes:
+    """``data`` framed as one chunk of an HTTP/1.1 chunked body, for direct transport writes."""
+    return b"%x\r\n" % len(data) + data + b"\r\n"
+
+
 class Client:
     """One SSE client's bounded outbound buffer, filled by the hub, drained by its handler."""
 
@@ -193,7 +198,7 @@ class Hub:
                 continue
             chunk = b"".join([e.frame for e in selected])
             # The same bytes as one HTTP/1.1 chunk, built once for every idle client.
-            framed = b"%x\r\n" % len(chunk) + chunk + b"\r\n"
+            framed = http_chunk(chunk)
             ts = selected[0].ts_ms
             for client in clients:
                 if client.min_id is None:
@@ -217,7 +222,7 @@ class Hub:
 
     def broadcast(self, frame: bytes) -> None:
         """A control frame (e.g. ``reset``) to every client, whatever its filter."""
-        framed = b"%x\r\n" % len(frame) + frame + b"\r\n"
+        framed = http_chunk(frame)
         for clients in self._groups.values():
             for client in clients:
                 client.push(frame, 0, framed)

@@ -10,12 +10,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from devtools.probes import RedisReady
-from devtools.supervisor import ProcessSpec, Supervisor
 from tests.harness.backends import Backends
 from tests.harness.clients import ResumingClient
-from tests.harness.cluster import Cluster, crm_event, free_port
+from tests.harness.cluster import Cluster, crm_event
 from tests.harness.kafka_control import kafka_control
+from tests.harness.redis_server import private_redis
 from tests.integration.checks import assert_exactly_once_in_order
 from tests.sse_client import Collector
 from tests.waiting import eventually
@@ -53,30 +52,6 @@ async def produce_paced(cluster: Cluster, seqs: range, per_batch: int = 50) -> N
     for start in range(seqs.start, seqs.stop, per_batch):
         batch = range(start, min(start + per_batch, seqs.stop))
         await cluster.produce((f"agg-{s % 30}".encode(), crm_event(s)) for s in batch)
-
-
-def private_redis(run: Path, appendonly: bool) -> tuple[Supervisor, ProcessSpec]:
-    port = free_port()
-    spec = ProcessSpec(
-        name="redis",
-        argv=[
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "yes" if appendonly else "no",
-            "--dir",
-            str(run),
-        ],
-        ready=RedisReady("127.0.0.1", port),
-        ready_timeout_s=20,
-        port=port,
-    )
-    return Supervisor(run), spec
 
 
 @pytest.fixture

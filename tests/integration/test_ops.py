@@ -12,10 +12,10 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from devtools.probes import RedisReady
 from devtools.supervisor import ProcessSpec, Supervisor
 from tests.harness.backends import Backends
-from tests.harness.cluster import Cluster, crm_event, free_port
+from tests.harness.cluster import Cluster, crm_event
+from tests.harness.redis_server import private_redis as shared_private_redis
 from tests.integration.checks import assert_exactly_once_in_order
 from tests.sse_client import Collector
 from tests.waiting import eventually
@@ -99,28 +99,7 @@ def private_redis(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[Supervisor, ProcessSpec]]:
     """A Redis of this module's own, so that stopping it disturbs no other test."""
-    run = Path(tmp_path_factory.mktemp("private-redis"))
-    port = free_port()
-    spec = ProcessSpec(
-        name="redis",
-        argv=[
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(run),
-        ],
-        ready=RedisReady("127.0.0.1", port),
-        ready_timeout_s=20,
-        port=port,
-    )
-    sup = Supervisor(run)
+    sup, spec = shared_private_redis(Path(tmp_path_factory.mktemp("private-redis")), False)
     sup.start(spec)
     yield sup, spec
     sup.stop("redis")
