@@ -57,6 +57,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--scenarios", help="comma-separated subset of A,B,C,D,E")
     p.add_argument("--servers", help="comma-separated subset of edge,centrifugo")
     p.add_argument("--clients", help="comma-separated client counts for A (overrides profile)")
+    p.add_argument(
+        "--c-clients", type=int, help="clients of the C reconnect storm (overrides profile)"
+    )
     p.add_argument("--no-naive", action="store_true", help="skip the naive baseline in A")
     p.add_argument("--no-build", action="store_true", help="never build Centrifugo; skip it")
     p.add_argument(
@@ -132,6 +135,8 @@ async def run(
         profile = dataclasses.replace(
             profile, a_clients=counts, naive_clients=naive if profile.naive_clients else ()
         )
+    if args.c_clients:
+        profile = dataclasses.replace(profile, c_clients=args.c_clients)
 
     bench = Bench(run_dir, backends, profile)
     if args.pyspy:
@@ -224,9 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                 "kafka": int(backends.kafka_bootstrap.rsplit(":", 1)[1]),
                 "redis": backends.redis_port,
             }
-            pin_ctx: Any = (
-                _no_pin() if args.no_pin_backends else backends_pinned(ports, OTHER_CORE)
-            )
+            pin_ctx: Any = _no_pin() if args.no_pin_backends else backends_pinned(ports, OTHER_CORE)
             with pin_ctx as pin_report:
                 results = asyncio.run(run(args, backends, profile, stamp))
                 results["meta"]["pinning"]["backends"] = pin_report

@@ -40,7 +40,7 @@ def _redis_spec(home: Path, port: int) -> ProcessSpec:
     def prepare() -> None:
         data.mkdir(parents=True, exist_ok=True)
         conf.write_text(
-            f"port {port}\nbind 127.0.0.1\nprotected-mode no\ndaemonize no\nlogfile \"\"\n"
+            f'port {port}\nbind 127.0.0.1\nprotected-mode no\ndaemonize no\nlogfile ""\n'
             f'dir "{data}"\nappendonly yes\nappendfsync everysec\nsave ""\n'
         )
 

@@ -121,10 +121,7 @@ def side_by_side(results: dict[str, Any]) -> list[str]:
                 return "error"
             clean = r["gaps"] == 0 and r["dups"] == 0
             if r.get("all_caught_up_s") is None:
-                got = (
-                    f"not all in {r['wall_s']:.0f} s ({r['caught']:,}/{r['clients']:,} "
-                    "caught up"
-                )
+                got = f"not all in {r['wall_s']:.0f} s ({r['caught']:,}/{r['clients']:,} caught up"
             else:
                 got = f"{r['all_caught_up_s']:.2f}"
                 got += " (all exact" if r.get("correct") else " (**inexact**"
@@ -308,10 +305,21 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
                     continue
                 steps = sorted(s["steps"], key=lambda st: st["deliveries_per_s"])
                 xs = [st["deliveries_per_s"] for st in steps]
-                ax.plot(xs, [st["latency_ms"]["p99"] for st in steps], "o-",
-                        color=colors[s["server"]], label=f"{SERVER_LABEL[s['server']]} p99")
-                ax.plot(xs, [st["latency_ms"]["p50"] for st in steps], "x--",
-                        color=colors[s["server"]], alpha=0.6, label=f"{s['server']} p50")
+                ax.plot(
+                    xs,
+                    [st["latency_ms"]["p99"] for st in steps],
+                    "o-",
+                    color=colors[s["server"]],
+                    label=f"{SERVER_LABEL[s['server']]} p99",
+                )
+                ax.plot(
+                    xs,
+                    [st["latency_ms"]["p50"] for st in steps],
+                    "x--",
+                    color=colors[s["server"]],
+                    alpha=0.6,
+                    label=f"{s['server']} p50",
+                )
             ax.axhline(100, color="red", lw=0.8, ls=":")
             ax.axhline(50, color="green", lw=0.8, ls=":")
             ax.set_yscale("log")

@@ -497,6 +497,7 @@ async def scenario_c_one(bench: Bench, kind: str) -> dict[str, Any]:
         params, head = await _backlog(target, behind, prof.event_size, result)
         async with bench.loadgen(target) as lg:
             cpu0 = target.cpu()
+            split0 = target.cpu_split()
             t0 = time.monotonic()
             spy = bench.pyspy(target.pid, f"C-{kind}-{n}") if kind != "centrifugo" else _null()
             async with spy:
@@ -524,6 +525,7 @@ async def scenario_c_one(bench: Bench, kind: str) -> dict[str, Any]:
             s = await call(lg.stats, False, batch=batch, expect_last=head)
             b = s["batch"]
             cpu = target.cpu() - cpu0
+            split = target.cpu_split()
             caught_all = b["caught"] >= n
             correct = (
                 caught_all
@@ -558,7 +560,10 @@ async def scenario_c_one(bench: Bench, kind: str) -> dict[str, Any]:
                     "last_error": s["last_error"],
                     "http_errors": s.get("http_errors", {}),
                     "server_cpu_s": round(cpu, 2),
+                    "server_user_s": round(split[0] - split0[0], 2),
+                    "server_sys_s": round(split[1] - split0[1], 2),
                     "loadgen_cpu_s": round(s["cpu_user_s"] + s["cpu_sys_s"], 2),
+                    "loadgen_sys_s": round(s["cpu_sys_s"], 2),
                     "wall_s": round(wall, 2),
                     "correct": correct,
                     "connect": "all at once (no ramp, no in-flight limit); a failed connect or "

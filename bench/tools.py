@@ -149,9 +149,16 @@ def pinned(argv: Sequence[str], core: int, nofile: int | None = None) -> list[st
 
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process (all its threads), from /proc."""
+    user, system = cpu_split(pid)
+    return user + system
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a process (all its threads), from /proc: user code against the
+    kernel's share (socket writes, and the loopback delivery that runs on the sender)."""
     raw = Path(f"/proc/{pid}/stat").read_text()
     fields = raw[raw.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
 def rss_kb(pid: int) -> int:

@@ -9,9 +9,12 @@ from aiohttp import web
 from prometheus_client import disable_created_metrics
 
 from shared import cli, logs
+from shared.loop import new_event_loop
 from shared.settings import EdgeSettings
 
 from .app import create_app
+
+LISTEN_BACKLOG = 16384
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,9 +37,12 @@ def main(argv: list[str] | None = None) -> None:
         print=None,
         access_log=None,
         handler_cancellation=True,
-        # A reconnect storm (thousands of EventSources at once) overflows the default 128.
-        backlog=4096,
+        # A reconnect storm (thousands of EventSources at once) overflows the default 128;
+        # connections beyond the accept queue wait for SYN-ACK retransmits (1 s, 3 s, ...).
+        # The kernel caps this at net.core.somaxconn (see the README's tuning notes).
+        backlog=LISTEN_BACKLOG,
         shutdown_timeout=settings.shutdown_grace_s,
+        loop=new_event_loop(settings.event_loop),
     )
 
 

@@ -15,6 +15,7 @@ from shared.httpkit import add_ops_routes, make_middlewares
 from shared.keys import RedisKeys
 from shared.redis_client import make_redis
 from shared.settings import EdgeSettings
+from shared.sse import comment_frame, retry_frame
 
 from .auth import Authenticator
 from .bus import Bus
@@ -23,7 +24,13 @@ from .context import EdgeContext
 from .cors import cors_middleware, cors_refusals_counter, cors_response_headers
 from .history import history_handler
 from .hub import Hub
-from .limits import ConnectionLimiter, RateLimiter, parser_limits, size_limit_middleware
+from .limits import (
+    ConnectionLimiter,
+    RateLimiter,
+    TrustedProxies,
+    parser_limits,
+    size_limit_middleware,
+)
 from .metrics import EdgeMetrics
 from .openapi import add_openapi_route
 from .ops_page import add_ops_page_routes
@@ -61,7 +68,8 @@ def create_app(
     app.on_response_prepare.append(
         cors_response_headers(settings.limits.cors_origins, cors_refused)
     )
-    hub = Hub()
+    hub = Hub(ring_capacity=settings.replay_ring_events)
+    metrics.ring_events.set_function(lambda: len(hub.ring))
     hub.on_direct_write = lambda ts_ms: metrics.latency.observe(
         max(0.0, (hub.clock_ms() - ts_ms) / 1000.0)
     )
@@ -95,6 +103,8 @@ def create_app(
             history_rate=RateLimiter(
                 limits.history_rate_per_s, limits.history_burst, metrics.limit_rejections
             ),
+            trusted_proxies=TrustedProxies(limits.trusted_proxies),
+            preface=retry_frame(settings.retry_ms) + comment_frame(f"node {settings.node_id}"),
         )
         app[CONTEXT] = ctx
         task = asyncio.create_task(subscription.run(), name="edge-subscription")

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from shared.events import NO_MATCH
 from shared.ids import ZERO, StreamId
 
-from .bus import SUBSCRIBED, BusDisconnected, Entry, StreamInfo, _Subscribed
+from .bus import SUBSCRIBED, BusDisconnected, BusUnavailable, Entry, StreamInfo, _Subscribed
 
 _DROP = object()
 
@@ -30,6 +30,8 @@ class MemoryBus:
         self._added = 0
         self._feeds: list[asyncio.Queue[object]] = []
         self.healthy = True
+        self.reads_fail = False
+        """When set, reads raise ``BusUnavailable`` (what a Redis outage looks like)."""
 
     def publish(
         self, events: list[tuple[bytes, int, bytes]], match: bytes = NO_MATCH
@@ -68,7 +70,12 @@ class MemoryBus:
         self._added = 0
         self._ms += 1000
 
+    def _check_reads(self) -> None:
+        if self.reads_fail:
+            raise BusUnavailable("reads are failing (test)")
+
     async def info(self) -> StreamInfo:
+        self._check_reads()
         return StreamInfo(
             exists=self._exists,
             length=len(self._entries),
@@ -82,10 +89,12 @@ class MemoryBus:
     async def read_after(
         self, after: StreamId, count: int, until: StreamId | None = None
     ) -> list[Entry]:
+        self._check_reads()
         rows = [e for e in self._entries if e.id > after and (until is None or e.id <= until)]
         return rows[:count]
 
     async def read_before(self, before: StreamId | None, count: int) -> list[Entry]:
+        self._check_reads()
         rows = [e for e in reversed(self._entries) if before is None or e.id < before]
         return rows[:count]
 

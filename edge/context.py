@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
 from shared.httpkit import ApiError
+from shared.ids import StreamId
 from shared.settings import EdgeSettings
 
 from .auth import Authenticator, Grant
 from .bus import Bus
 from .hub import Hub
-from .limits import ConnectionLimiter, RateLimiter, client_ip
+from .limits import ConnectionLimiter, RateLimiter, TrustedProxies, client_ip
+from .lru import Lru
 from .metrics import EdgeMetrics
 from .subscription import Subscription
+
+CACHED_REPLAY_PAGES = 64
+CACHED_HISTORY_BODIES = 256
 
 
 @dataclass(slots=True)
@@ -27,7 +32,20 @@ class EdgeContext:
     auth: Authenticator
     connections: ConnectionLimiter
     history_rate: RateLimiter
+    trusted_proxies: TrustedProxies
+    preface: bytes
+    """Sent first on every stream: the ``retry:`` hint and a comment naming the node."""
     shutting_down: bool = False
+    replay_pages: Lru[tuple[object, ...], tuple[bytes, bytes, StreamId, int]] = field(
+        default_factory=lambda: Lru(CACHED_REPLAY_PAGES)
+    )
+    """Joined frames of ring pages (as is and as one HTTP chunk), keyed by (after, head,
+    filter group): a reconnect storm resumes thousands of clients from the same place, so
+    each page is joined once."""
+    history_bodies: Lru[tuple[object, ...], bytes] = field(
+        default_factory=lambda: Lru(CACHED_HISTORY_BODIES)
+    )
+    """History responses served from the ring, keyed by the ring's last id and the query."""
 
     def grant(self, request: web.Request) -> Grant:
         """Authenticate the request, counting refusals."""
@@ -45,4 +63,4 @@ class EdgeContext:
             raise
 
     def client_ip(self, request: web.Request) -> str:
-        return client_ip(request, self.settings.limits.trusted_proxies)
+        return client_ip(request, self.trusted_proxies)

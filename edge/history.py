@@ -14,6 +14,7 @@ from .bus import BusUnavailable, Entry
 from .context import EdgeContext
 from .params import TooManyTypes, parse_history_params
 from .resume import Reset, check_position
+from .ring import ReplayRing
 
 # Bounds the work of one filtered request on a stream where the wanted types are rare.
 SCAN_FACTOR = 10
@@ -27,11 +28,18 @@ def _item(entry: Entry) -> bytes:
 Wants = Callable[[Entry], bool] | None
 
 
+def _scan(ctx: EdgeContext, n: int, wants: Wants) -> tuple[int, int]:
+    """Entries per read, and how many a request may look at: ``n * SCAN_FACTOR`` rounded up
+    to whole reads (the ring looks at exactly as many, so both answer the same)."""
+    page = max(n, min(ctx.settings.resume_page, n * SCAN_FACTOR)) if wants else n
+    budget = -(-n * SCAN_FACTOR // page) * page
+    return page, budget
+
+
 async def _latest(ctx: EdgeContext, n: int, wants: Wants) -> list[Entry]:
     """The newest ``n`` matching entries, oldest first. A filtered scan stops after
     ``n * SCAN_FACTOR`` entries, so a rare type returns fewer rather than scanning forever."""
-    page = max(n, min(ctx.settings.resume_page, n * SCAN_FACTOR)) if wants else n
-    budget = n * SCAN_FACTOR
+    page, budget = _scan(ctx, n, wants)
     picked: list[Entry] = []
     before: StreamId | None = None
     scanned = 0
@@ -50,8 +58,7 @@ async def _after(
 ) -> tuple[list[Entry], StreamId]:
     """Entries after the cursor, and the cursor for the next page (the last id scanned,
     so a filtered page never rescans what it skipped)."""
-    page = max(n, min(ctx.settings.resume_page, n * SCAN_FACTOR)) if wants else n
-    budget = n * SCAN_FACTOR
+    page, budget = _scan(ctx, n, wants)
     picked: list[Entry] = []
     cursor = after
     scanned = 0
@@ -69,6 +76,23 @@ async def _after(
         if len(rows) < page:
             break
     return picked, cursor
+
+
+def _after_in_ring(
+    ring: ReplayRing, after: StreamId, n: int, wants: Wants, budget: int
+) -> tuple[list[Entry], StreamId]:
+    """``_after`` over the ring (which holds every entry after ``after``), same cursor rule."""
+    rows = ring.after(after, None, budget)
+    if wants is None:
+        picked = rows[:n]
+        return picked, (picked[-1].id if picked else after)
+    out: list[Entry] = []
+    for entry in rows:
+        if wants(entry):
+            out.append(entry)
+            if len(out) == n:
+                return out, entry.id
+    return out, (rows[-1].id if rows else after)
 
 
 def _predicate(types: frozenset[bytes] | None, required: frozenset[tuple[str, str]]) -> Wants:
@@ -93,7 +117,28 @@ async def history_handler(request: web.Request, ctx: EdgeContext) -> web.Respons
     types = ctx.narrow(grant, params.types)
     ctx.history_rate.take(ctx.client_ip(request))
     wants = _predicate(types, grant.match)
+    ring = ctx.hub.ring
+    key = (ring.last, params.n, params.after, types, grant.match)
+    cached = ctx.history_bodies.get(key) if ring.floor is not None else None
+    if cached is not None:
+        ctx.metrics.ring_reads.labels(outcome="hit").inc()
+        return web.Response(body=cached, content_type="application/json")
+    from_ring: tuple[list[Entry], StreamId | None] | None = None
+    _, budget = _scan(ctx, params.n, wants)
+    if params.after is None:
+        latest = ring.newest(params.n, wants, budget)
+        if latest is not None:
+            from_ring = latest, (latest[-1].id if latest else None)
+    elif ring.covers(params.after):
+        from_ring = _after_in_ring(ring, params.after, params.n, wants, budget)
+    if from_ring is not None:
+        ctx.metrics.ring_reads.labels(outcome="hit").inc()
+        body = _body(from_ring[0], from_ring[1], b"null")
+        ctx.history_bodies.put(key, body)
+        return web.Response(body=body, content_type="application/json")
+    ctx.metrics.ring_reads.labels(outcome="miss").inc()
     reset_json = b"null"
+    next_after: StreamId | None
     try:
         if params.after is None:
             entries = await _latest(ctx, params.n, wants)
@@ -110,9 +155,14 @@ async def history_handler(request: web.Request, ctx: EdgeContext) -> web.Respons
         raise ApiError(
             503, "redis_unavailable", "history is unavailable; retry shortly", {"Retry-After": "2"}
         ) from exc
-    body = (
+    body = _body(entries, next_after, reset_json)
+    return web.Response(body=body, content_type="application/json")
+
+
+def _body(entries: list[Entry], next_after: StreamId | None, reset_json: bytes) -> bytes:
+    return (
         b'{"items":['
-        + b",".join(_item(e) for e in entries)
+        + b",".join([_item(e) for e in entries])
         + b'],"count":%d' % len(entries)
         + b',"next_after":'
         + (b'"' + next_after.encode() + b'"' if next_after else b"null")
@@ -120,4 +170,3 @@ async def history_handler(request: web.Request, ctx: EdgeContext) -> web.Respons
         + reset_json
         + b"}"
     )
-    return web.Response(body=body, content_type="application/json")

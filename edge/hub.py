@@ -20,6 +20,7 @@ from collections.abc import Callable
 from shared.ids import ZERO, StreamId
 
 from .bus import Entry
+from .ring import ReplayRing
 
 TypeKey = frozenset[bytes] | None
 Match = frozenset[tuple[str, str]]
@@ -142,7 +143,7 @@ class Client:
 
 
 class Hub:
-    def __init__(self, clock_ms: Callable[[], int] | None = None) -> None:
+    def __init__(self, clock_ms: Callable[[], int] | None = None, ring_capacity: int = 0) -> None:
         self._groups: dict[GroupKey, set[Client]] = {}
         self._behind: set[Client] = set()
         self.last_id: StreamId = ZERO
@@ -152,6 +153,15 @@ class Hub:
         """Called once per batch written directly to idle clients, with the oldest event's
         Kafka timestamp (the delivery-latency observation of that batch)."""
         self.clock_ms = clock_ms or (lambda: int(time.time() * 1000))
+        self.ring = ReplayRing(ring_capacity)
+        """The newest dispatched entries, for resumes and history without Redis."""
+
+    def start_at(self, last_id: StreamId) -> None:
+        """Continue after ``last_id``: the first subscription, or a reset after the stream
+        was lost. The ring restarts there too (what it held may no longer be true)."""
+        self.last_id = last_id
+        self.initialized = True
+        self.ring.reset(last_id)
 
     @property
     def client_count(self) -> int:
@@ -186,6 +196,7 @@ class Hub:
             if not entries:
                 return 0
         self.last_id = entries[-1].id
+        self.ring.extend(entries)
         direct = 0
         for (types, required), clients in self._groups.items():
             if types is None and not required:

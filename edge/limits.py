@@ -12,6 +12,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from itertools import chain
 
 from aiohttp import web
 from prometheus_client import Counter
@@ -24,25 +25,42 @@ MAX_TRACKED_CLIENTS = 100_000
 """Bound on the per-address rate-limit table; the least recently seen are forgotten."""
 
 
-def client_ip(request: web.Request, trusted: frozenset[str]) -> str:
+class TrustedProxies:
+    """The proxies whose X-Forwarded-For is believed, parsed once; answers per address are
+    remembered (peers are mostly the same few load balancers)."""
+
+    MAX_REMEMBERED = 4096
+
+    def __init__(self, networks: frozenset[str]) -> None:
+        self._networks = [ipaddress.ip_network(net, strict=False) for net in networks]
+        self._known: dict[str, bool] = {}
+
+    def __contains__(self, address: str) -> bool:
+        known = self._known.get(address)
+        if known is None:
+            try:
+                ip = ipaddress.ip_address(address)
+            except ValueError:
+                known = False
+            else:
+                known = any(ip in net for net in self._networks)
+            if len(self._known) >= self.MAX_REMEMBERED:
+                self._known.clear()
+            self._known[address] = known
+        return known
+
+
+def client_ip(request: web.Request, trusted: TrustedProxies) -> str:
     """The client's address: the peer, or — when the peer is a trusted proxy — the right-most
     untrusted address of X-Forwarded-For (entries further left are client-supplied)."""
     peer = request.remote or "unknown"
-    if not _is_trusted(peer, trusted):
+    if peer not in trusted:
         return peer
     forwarded = request.headers.get("X-Forwarded-For", "")
     for hop in reversed([h.strip() for h in forwarded.split(",") if h.strip()]):
-        if not _is_trusted(hop, trusted):
+        if hop not in trusted:
             return hop
     return peer
-
-
-def _is_trusted(address: str, trusted: frozenset[str]) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return any(ip in ipaddress.ip_network(net, strict=False) for net in trusted)
 
 
 class ConnectionLimiter:
@@ -146,7 +164,8 @@ def size_limit_middleware(settings: LimitSettings, rejected: Counter) -> web.mid
             raise ApiError(
                 414, "request_line_too_long", f"the request line is longer than {max_line} bytes"
             )
-        size = sum(len(k) + len(v) + 4 for k, v in request.raw_headers)
+        raw = request.raw_headers
+        size = sum(map(len, chain.from_iterable(raw))) + 4 * len(raw)
         if size > max_headers:
             rejected.labels(limit="headers").inc()
             raise ApiError(

@@ -56,6 +56,18 @@ class EdgeMetrics(CommonMetrics):
             "Events sent to resuming clients from the replay stream.",
             registry=registry,
         )
+        self.ring_reads = Counter(
+            "crm_events_replay_ring_reads",
+            "Resume positions and history requests looked up in the in-memory replay ring: "
+            "hit (served from memory) or miss (read from Redis).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.ring_events = Gauge(
+            "crm_events_replay_ring_events",
+            "Events held in the in-memory replay ring.",
+            registry=registry,
+        )
         self.bus_reconnects = Counter(
             "crm_events_bus_reconnects",
             "Times the edge's Redis subscription was lost and re-established.",
@@ -86,6 +98,8 @@ class EdgeMetrics(CommonMetrics):
             self.limit_rejections.labels(limit=limit)
         for reason in DISCONNECT_REASONS:
             self.disconnects.labels(reason=reason)
+        for outcome in ("hit", "miss"):
+            self.ring_reads.labels(outcome=outcome)
         for outcome in ("resumed", "reset"):
             self.resumes.labels(outcome=outcome)
         for reason in RESET_REASONS:

@@ -83,8 +83,7 @@ class Subscription:
         hub = self._hub
         info = await self._bus.info()
         if not hub.initialized:
-            hub.last_id = info.last_id
-            hub.initialized = True
+            hub.start_at(info.last_id)
             log.info("subscribed", extra={"last_id": str(hub.last_id)})
             return
         decision = check_position(hub.last_id, info)
@@ -99,7 +98,7 @@ class Subscription:
             )
             self._metrics.resets.labels(reason=decision.reason).inc(hub.client_count)
             hub.broadcast(control_frame("reset", decision.payload(), decision.after.encode()))
-            hub.last_id = decision.after
+            hub.start_at(decision.after)
         repaired = 0
         while True:
             entries = await self._bus.read_after(hub.last_id, self._page)

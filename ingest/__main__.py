@@ -9,6 +9,7 @@ from aiohttp import web
 from prometheus_client import disable_created_metrics
 
 from shared import cli, logs
+from shared.loop import new_event_loop
 from shared.settings import IngestSettings
 
 from .app import create_app
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> None:
         print=None,
         access_log=None,
         shutdown_timeout=5.0,
+        loop=new_event_loop(settings.event_loop),
     )
 
 

@@ -1,16 +1,35 @@
-"""Kafka records -> arguments of the atomic Redis step (pure)."""
+"""Kafka records -> the packed argument of the atomic Redis step (pure).
+
+The hot path uses plain tuples: one ``Prepared`` per record, one packed blob per batch."""
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
-from shared.events import Dead, DeadReason, decode_record
+from shared.events import Dead, DeadReason, encode_event
+
+
+class RecordLike(Protocol):
+    """The fields of a Kafka record that ingest uses (an aiokafka ConsumerRecord fits)."""
+
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def timestamp(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
 
 
 @dataclass(frozen=True, slots=True)
 class RawRecord:
-    """The fields of a Kafka record that ingest uses (an aiokafka ConsumerRecord fits)."""
+    """A record built by hand (tests, tools)."""
 
     partition: int
     offset: int
@@ -19,27 +38,23 @@ class RawRecord:
     value: bytes | None
 
 
-@dataclass(frozen=True, slots=True)
-class Prepared:
-    partition: int
-    offset: int
-    kind: bytes
-    """``e`` (event) or ``d`` (dead letter)."""
-    f1: bytes
-    f2: bytes
-    f3: bytes
-    f4: bytes = b""
-    dead_reason: DeadReason | None = None
+EVENT = b"e"
+DEAD = b"d"
+
+Prepared = tuple[int, int, bytes, bytes, bytes, bytes, bytes]
+"""``(partition, offset, kind, f1, f2, f3, f4)``; kind ``e`` (event): f1 type, f2 Kafka
+timestamp ms, f3 envelope, f4 match token; kind ``d`` (dead letter): f1 reason, f2 detail,
+f3 value (possibly truncated), f4 empty."""
 
 
 def prepare(
-    record: RawRecord,
+    record: RecordLike,
     *,
     max_bytes: int,
     type_fields: tuple[str, ...],
     match_fields: tuple[str, ...] = (),
 ) -> Prepared:
-    outcome = decode_record(
+    outcome = encode_event(
         record.value,
         key=record.key,
         partition=record.partition,
@@ -52,28 +67,58 @@ def prepare(
     if isinstance(outcome, Dead):
         # Keep what fits; the full record stays in Kafka at topic/partition/offset.
         value = (record.value or b"")[:max_bytes]
-        return Prepared(
+        return (
             record.partition,
             record.offset,
-            b"d",
+            DEAD,
             outcome.reason.value.encode(),
             outcome.detail.encode("utf-8", "replace"),
             value,
-            dead_reason=outcome.reason,
+            b"",
         )
-    return Prepared(
+    type_bytes, data, match = outcome
+    return (
         record.partition,
         record.offset,
-        b"e",
-        outcome.type.encode(),
+        EVENT,
+        type_bytes,
         b"%d" % record.timestamp,
-        outcome.data,
-        outcome.match,
+        data,
+        match,
     )
 
 
-def script_args(records: Iterable[Prepared]) -> list[bytes | int]:
-    args: list[bytes | int] = []
-    for r in records:
-        args.extend((r.partition, r.offset, r.kind, r.f1, r.f2, r.f3, r.f4))
-    return args
+def dead_reason(p: Prepared) -> DeadReason | None:
+    return DeadReason(p[3].decode()) if p[2] == DEAD else None
+
+
+RECORD_HEAD = struct.Struct(">cIqIIII")
+"""Per record in the blob: kind (1 byte), partition (u32), offset (i64), then the lengths of
+f1..f4 (u32 each), followed by f1..f4 themselves. Read in Lua with
+``struct.unpack('>c1I4i8I4I4I4I4', blob, pos)``."""
+
+
+def pack(records: Iterable[Prepared]) -> bytes:
+    """One blob for the whole batch: a few script arguments instead of seven per record."""
+    parts: list[bytes] = []
+    extend = parts.extend
+    head = RECORD_HEAD.pack
+    for partition, offset, kind, f1, f2, f3, f4 in records:
+        extend((head(kind, partition, offset, len(f1), len(f2), len(f3), len(f4)), f1, f2, f3, f4))
+    return b"".join(parts)
+
+
+def unpack(blob: bytes) -> list[Prepared]:
+    """The inverse of ``pack`` (for tests and diagnostics; the script does this in Lua)."""
+    out: list[Prepared] = []
+    pos = 0
+    while pos < len(blob):
+        kind, partition, offset, *lengths = RECORD_HEAD.unpack_from(blob, pos)
+        pos += RECORD_HEAD.size
+        fields = []
+        for n in lengths:
+            fields.append(blob[pos : pos + n])
+            pos += n
+        f1, f2, f3, f4 = fields
+        out.append((partition, offset, kind, f1, f2, f3, f4))
+    return out

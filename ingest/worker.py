@@ -1,10 +1,23 @@
 """The Kafka side of ingest: consume in batches, apply each batch to Redis in one atomic
 step, and only then commit the Kafka offsets (at-least-once from Kafka, exactly-once into
-Redis thanks to the offset check inside the step)."""
+Redis thanks to the offset check inside the step).
+
+The three steps overlap without reordering anything that matters:
+
+* while batch N's script runs in Redis, batch N+1 is fetched and prepared (CPU here);
+  batch N+1 is only sent once N is applied: one script in flight at a time, so a failed
+  batch can never be overtaken by a later one (whose higher offsets would make the script
+  skip it);
+* once N is applied its offsets are handed to the committer, which commits in the
+  background (one commit in flight, the newest applied offsets per partition, never an
+  offset whose batch has not been applied);
+* memory stays bounded: at most the batch being applied plus one prepared batch (and
+  aiokafka's own fetch buffer). A batch held while Redis is down blocks the next one."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -20,7 +33,7 @@ from shared.settings import IngestSettings
 
 from .kafka_config import client_options
 from .metrics import IngestMetrics
-from .records import Prepared, RawRecord, prepare
+from .records import Prepared, dead_reason, pack, prepare
 from .writer import ApplyResult, BatchWriter
 
 log = logging.getLogger(__name__)
@@ -29,6 +42,8 @@ PROBE_INTERVAL_S = 2.0
 CLOSED_RETRY_S = 0.2
 """Pause between retries while the circuit is still closed (below its failure threshold)."""
 PROBE_TIMEOUT_S = 5.0
+CLOSE_COMMIT_TIMEOUT_S = 2.0
+"""Longest wait for the last commit when partitions are revoked or the consumer stops."""
 
 
 class _Assignment(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -37,6 +52,7 @@ class _Assignment(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         self._worker.joined = False
+        await self._worker.flush_commits()
         for tp in revoked:
             self._worker.forget_partition(tp)
         if revoked:
@@ -70,6 +86,7 @@ class IngestWorker:
         self.joined = False
         self.kafka_answered = False
         self._lag_partitions: set[int] = set()
+        self._committer: _Committer | None = None
 
     @property
     def ready(self) -> bool:
@@ -86,7 +103,16 @@ class IngestWorker:
             **client_options(self._s.kafka_security),
         )
 
+    async def flush_commits(self) -> None:
+        """Commit what was applied before partitions are taken away (best effort: a failed
+        commit only costs a re-read that the script skips)."""
+        if self._committer is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._committer.flush(), CLOSE_COMMIT_TIMEOUT_S)
+
     def forget_partition(self, tp: TopicPartition) -> None:
+        if self._committer is not None:
+            self._committer.forget(tp)
         if tp.partition in self._lag_partitions:
             self._metrics.lag.remove(tp.topic, str(tp.partition))
             self._lag_partitions.discard(tp.partition)
@@ -147,6 +173,8 @@ class IngestWorker:
         log.info(
             "consumer started", extra={"topic": self._s.kafka_topic, "group": self._s.kafka_group}
         )
+        committer = self._committer = _Committer(consumer, self._metrics)
+        inflight: asyncio.Task[None] | None = None
         next_probe = 0.0
         try:
             while True:
@@ -154,7 +182,17 @@ class IngestWorker:
                     timeout_ms=self._s.poll_timeout_ms, max_records=self._s.batch_max_records
                 )
                 if batches:
-                    await self._handle(consumer, batches)
+                    # Prepared while the previous batch's script runs in Redis.
+                    prepared = self._prepare(batches)
+                    offsets = {tp: records[-1].offset + 1 for tp, records in batches.items()}
+                    if inflight is not None:
+                        await inflight  # applied (retried until Redis took it) and accounted
+                    inflight = asyncio.create_task(self._apply(prepared, offsets, committer))
+                    # Let it send its script before this loop goes on preparing the next batch.
+                    await asyncio.sleep(0)
+                elif inflight is not None and inflight.done():
+                    await inflight  # surfaces an unexpected error
+                    inflight = None
                 now = time.monotonic()
                 # While the circuit is open the probe waits for its half-open turn.
                 if now >= next_probe and self.kafka.wait_s() == 0:
@@ -162,37 +200,32 @@ class IngestWorker:
                     await self._probe(consumer)
         finally:
             self.joined = False
+            if inflight is not None:
+                # Not committed: a batch cut short is re-read and the script skips what it
+                # had applied.
+                inflight.cancel()
+                await asyncio.wait([inflight])
+            await committer.close()
+            self._committer = None
             await consumer.stop()
 
-    async def _handle(
-        self, consumer: AIOKafkaConsumer, batches: dict[TopicPartition, list[Any]]
-    ) -> None:
-        prepared: list[Prepared] = []
-        for records in batches.values():
-            for r in records:
-                prepared.append(
-                    prepare(
-                        RawRecord(r.partition, r.offset, r.timestamp, r.key, r.value),
-                        max_bytes=self._s.event_max_bytes,
-                        type_fields=self._s.type_fields,
-                        match_fields=self._s.match_fields,
-                    )
-                )
-        result = await self._apply_until_done(prepared)
-        self._account(prepared, result)
-        offsets = {tp: records[-1].offset + 1 for tp, records in batches.items()}
-        try:
-            await consumer.commit(offsets)
-        except KafkaError as exc:
-            # The batch is in Redis; after a rebalance the new owner re-reads it and the
-            # offset check skips every record, so a failed commit only costs a re-read.
-            self._metrics.backend_errors.labels(backend="kafka").inc()
-            log.warning(
-                "offset commit failed; records will be re-read and skipped",
-                extra={"error": repr(exc)},
-            )
+    def _prepare(self, batches: dict[TopicPartition, list[Any]]) -> list[Prepared]:
+        s = self._s
+        max_bytes, type_fields, match_fields = s.event_max_bytes, s.type_fields, s.match_fields
+        return [
+            prepare(r, max_bytes=max_bytes, type_fields=type_fields, match_fields=match_fields)
+            for records in batches.values()
+            for r in records
+        ]
 
-    async def _apply_until_done(self, prepared: list[Prepared]) -> ApplyResult:
+    async def _apply(
+        self, prepared: list[Prepared], offsets: dict[TopicPartition, int], committer: _Committer
+    ) -> None:
+        result = await self._apply_until_done(pack(prepared), len(prepared))
+        self._account(prepared, result)
+        committer.add(offsets)
+
+    async def _apply_until_done(self, blob: bytes, count: int) -> ApplyResult:
         """Retry the same batch until Redis takes it: nothing is committed to Kafka before.
         Memory stays bounded: no new batch is fetched while this one is held."""
         held = False
@@ -203,7 +236,7 @@ class IngestWorker:
                 continue
             started = time.perf_counter()
             try:
-                result = await self._writer.apply(prepared)
+                result = await self._writer.apply_packed(blob, count)
             except RedisUnavailable as exc:
                 if not held:
                     log.warning("redis unavailable; holding the batch", extra={"error": str(exc)})
@@ -227,18 +260,16 @@ class IngestWorker:
         m.last_applied.set(time.time())
         if result.dead:
             # Only records that were not duplicates reached the dead stream; count those.
-            dead = [p for p in prepared if p.dead_reason is not None]
-            counted = dead[-result.dead :]
-            for p in counted:
-                assert p.dead_reason is not None
-                m.dead_letters.labels(reason=p.dead_reason.value).inc()
+            dead = [(p, reason) for p in prepared if (reason := dead_reason(p)) is not None]
+            for p, reason in dead[-result.dead :]:
+                m.dead_letters.labels(reason=reason.value).inc()
                 log.warning(
                     "dead letter",
                     extra={
-                        "reason": p.dead_reason.value,
-                        "partition": p.partition,
-                        "offset": p.offset,
-                        "detail": p.f2.decode("utf-8", "replace"),
+                        "reason": reason.value,
+                        "partition": p[0],
+                        "offset": p[1],
+                        "detail": p[4].decode("utf-8", "replace"),
                     },
                 )
 
@@ -270,3 +301,61 @@ class IngestWorker:
                 continue  # revoked by a rebalance, or no position yet
             self._metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, end - position))
             self._lag_partitions.add(tp.partition)
+
+
+class _Committer:
+    """Commits applied offsets in the background: one commit in flight, always the newest
+    applied offset per partition. Only offsets of applied batches are ever handed in."""
+
+    def __init__(self, consumer: AIOKafkaConsumer, metrics: IngestMetrics) -> None:
+        self._consumer = consumer
+        self._metrics = metrics
+        self._pending: dict[TopicPartition, int] = {}
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._task = asyncio.create_task(self._run(), name="ingest-committer")
+
+    def add(self, offsets: dict[TopicPartition, int]) -> None:
+        pending = self._pending
+        for tp, offset in offsets.items():
+            if offset > pending.get(tp, -1):
+                pending[tp] = offset
+        self._wake.set()
+
+    def forget(self, tp: TopicPartition) -> None:
+        self._pending.pop(tp, None)
+
+    async def flush(self) -> None:
+        async with self._lock:
+            if not self._pending:
+                return
+            offsets, self._pending = self._pending, {}
+            assigned = self._consumer.assignment()
+            offsets = {tp: o for tp, o in offsets.items() if tp in assigned}
+            if not offsets:
+                return
+            try:
+                await self._consumer.commit(offsets)
+            except KafkaError as exc:
+                # The batches are in Redis; after a rebalance the new owner re-reads them
+                # and the offset check skips every record, so a failed commit only costs a
+                # re-read.
+                self._metrics.backend_errors.labels(backend="kafka").inc()
+                log.warning(
+                    "offset commit failed; records will be re-read and skipped",
+                    extra={"error": repr(exc)},
+                )
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self.flush()
+
+    async def close(self) -> None:
+        """Stop the background task, then commit what is still pending (bounded wait)."""
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.flush(), CLOSE_COMMIT_TIMEOUT_S)

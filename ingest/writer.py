@@ -11,7 +11,7 @@ from redis.exceptions import RedisError
 from shared.errors import RedisUnavailable
 from shared.keys import RedisKeys
 
-from .records import Prepared, script_args
+from .records import Prepared, pack
 
 _SCRIPT = files("shared").joinpath("apply_batch.lua").read_text(encoding="utf-8")
 
@@ -33,12 +33,17 @@ class BatchWriter:
         self._topic = topic
         self._script = redis.register_script(_SCRIPT)
         self._head: list[bytes | int | str] = [stream_maxlen, dead_maxlen, topic, keys.live]
+        self._key_list = [keys.stream, keys.dead, keys.offsets, keys.genesis]
 
     async def apply(self, records: list[Prepared]) -> ApplyResult:
-        if not records:
+        return await self.apply_packed(pack(records), len(records))
+
+    async def apply_packed(self, blob: bytes, count: int) -> ApplyResult:
+        """Apply ``count`` records packed by ``records.pack`` in one script call."""
+        if not count:
             return ApplyResult(0, 0, 0, "")
-        keys = [self._keys.stream, self._keys.dead, self._keys.offsets, self._keys.genesis]
-        args = [*self._head, len(records), *script_args(records)]
+        keys = self._key_list
+        args = [*self._head, count, blob]
         try:
             raw = await self._script(keys=keys, args=args)
         except RedisError as exc:

@@ -4,8 +4,9 @@
 --
 -- KEYS[1] stream  KEYS[2] dead stream  KEYS[3] offsets hash  KEYS[4] genesis
 -- ARGV[1] stream maxlen  ARGV[2] dead maxlen  ARGV[3] topic  ARGV[4] channel
--- ARGV[5] record count, then 7 values per record:
---   partition, offset, kind ("e" event | "d" dead), f1, f2, f3, f4
+-- ARGV[5] record count  ARGV[6] the records, packed (ingest/records.py pack): per record
+--   kind (1 byte: "e" event | "d" dead), partition (u32), offset (i64), the lengths of
+--   f1..f4 (u32 each, big-endian), then f1..f4
 --   e: f1 type, f2 kafka timestamp ms, f3 envelope JSON, f4 match token
 --   d: f1 reason, f2 detail, f3 raw value (possibly truncated), f4 unused
 -- Returns {written, duplicates, dead, last stream id or ""}.
@@ -15,19 +16,22 @@
 local stream, dead, offsets, genesis = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local maxlen, dead_maxlen, topic, channel = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local n = tonumber(ARGV[5])
+local blob = ARGV[6]
 
 local applied = {}
 local highest = {}
-local lines = {}
+local parts = {}
 local written, duplicates, dead_count = 0, 0, 0
 local last_id = ""
 local fresh = redis.call('EXISTS', stream) == 0
+local unpack, sub = struct.unpack, string.sub
 
-for i = 0, n - 1 do
-  local base = 6 + i * 7
-  local partition = ARGV[base]
-  local offset = tonumber(ARGV[base + 1])
-  local kind = ARGV[base + 2]
+local pos = 1
+for _ = 1, n do
+  local kind, partition, offset, l1, l2, l3, l4, at = unpack('>c1I4i8I4I4I4I4', blob, pos)
+  local e2 = at + l1 + l2
+  local e3 = e2 + l3
+  pos = e3 + l4
   local field = topic .. ':' .. partition
   local done = applied[field]
   if done == nil then
@@ -37,21 +41,26 @@ for i = 0, n - 1 do
   if offset <= done then
     duplicates = duplicates + 1
   else
+    local f1, f2, f3, f4 = sub(blob, at, at + l1 - 1), sub(blob, at + l1, e2 - 1),
+      sub(blob, e2, e3 - 1), sub(blob, e3, pos - 1)
     if kind == 'e' then
       local id = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*',
-        't', ARGV[base + 3], 'ts', ARGV[base + 4], 'm', ARGV[base + 6], 'd', ARGV[base + 5])
+        't', f1, 'ts', f2, 'm', f4, 'd', f3)
       if fresh then
         redis.call('SET', genesis, id)
         fresh = false
       end
-      lines[#lines + 1] = id .. ' ' .. ARGV[base + 3] .. ' ' .. ARGV[base + 4] .. ' '
-        .. ARGV[base + 6] .. ' ' .. ARGV[base + 5]
+      -- The pieces, not a concatenated line: every new long string is interned (hashed
+      -- and compared with look-alikes), so one concat for the whole batch is far cheaper.
+      local k = #parts
+      parts[k + 1], parts[k + 2], parts[k + 3], parts[k + 4], parts[k + 5] = id, ' ', f1, ' ', f2
+      parts[k + 6], parts[k + 7], parts[k + 8], parts[k + 9], parts[k + 10] = ' ', f4, ' ', f3, '\n'
       last_id = id
       written = written + 1
     else
       redis.call('XADD', dead, 'MAXLEN', '~', dead_maxlen, '*',
-        'topic', topic, 'partition', partition, 'offset', ARGV[base + 1],
-        'reason', ARGV[base + 3], 'detail', ARGV[base + 4], 'value', ARGV[base + 5])
+        'topic', topic, 'partition', partition, 'offset', string.format('%d', offset),
+        'reason', f1, 'detail', f2, 'value', f3)
       dead_count = dead_count + 1
     end
     applied[field] = offset
@@ -62,7 +71,7 @@ end
 for field, offset in pairs(highest) do
   redis.call('HSET', offsets, field, string.format('%d', offset))
 end
-if #lines > 0 then
-  redis.call('PUBLISH', channel, table.concat(lines, '\n'))
+if #parts > 0 then
+  redis.call('PUBLISH', channel, table.concat(parts, '', 1, #parts - 1))
 end
 return {written, duplicates, dead_count, last_id}

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from .errors import SettingsError
+from .loop import EVENT_LOOPS
 from .security_settings import (
     AuthSettings,
     BreakerSettings,
@@ -45,6 +46,7 @@ DEFAULT_CLIENT_BUFFER_BYTES = 1024 * 1024
 DEFAULT_HISTORY_N = 100
 DEFAULT_HISTORY_MAX_N = 1000
 DEFAULT_RESUME_PAGE = 1000
+DEFAULT_REPLAY_RING_EVENTS = 10_000
 DEFAULT_SHUTDOWN_GRACE_S = 3.0
 DEFAULT_REDIS_TIMEOUT_S = 5.0
 DEFAULT_BACKOFF_MAX_S = 10.0
@@ -87,6 +89,10 @@ def _default_node_id(role: str) -> str:
     return f"{role}-{socket.gethostname()}-{os.getpid()}"
 
 
+def _event_loop(env: Env) -> str:
+    return env.choice("EVENT_LOOP", "UVLOOP", tuple(x.upper() for x in EVENT_LOOPS)).lower()
+
+
 @dataclass(frozen=True, slots=True)
 class IngestSettings:
     redis: RedisSettings
@@ -116,6 +122,8 @@ class IngestSettings:
     """Top-level event fields copied beside each event so that edges can enforce a token's
     field-equality claims (e.g. a tenant) without parsing events per client."""
     backoff_max_s: float = DEFAULT_BACKOFF_MAX_S
+    event_loop: str = "uvloop"
+    """``uvloop`` or ``asyncio``."""
     kafka_security: KafkaSecurity = field(default_factory=KafkaSecurity)
     breaker: BreakerSettings = field(default_factory=BreakerSettings)
 
@@ -152,6 +160,7 @@ class IngestSettings:
             type_fields=env.names("EVENT_TYPE_FIELDS", DEFAULT_TYPE_FIELDS, _FIELD_RE),
             match_fields=env.names("EVENT_MATCH_FIELDS", DEFAULT_MATCH_FIELDS, _FIELD_RE),
             backoff_max_s=env.number("BACKOFF_MAX_S", DEFAULT_BACKOFF_MAX_S, 0.1, 600.0),
+            event_loop=_event_loop(env),
             kafka_security=KafkaSecurity.from_env(env),
             breaker=BreakerSettings.from_env(env),
         )
@@ -174,6 +183,10 @@ class EdgeSettings:
     history_max_n: int = DEFAULT_HISTORY_MAX_N
     resume_page: int = DEFAULT_RESUME_PAGE
     """Entries read from the stream per round trip while a client catches up."""
+    event_loop: str = "uvloop"
+    """``uvloop`` or ``asyncio``."""
+    replay_ring_events: int = DEFAULT_REPLAY_RING_EVENTS
+    """Newest events kept in memory for resumes and history (0: always read Redis)."""
     shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
     """Seconds to let streams close on SIGTERM before the process exits."""
     backoff_max_s: float = DEFAULT_BACKOFF_MAX_S
@@ -206,6 +219,10 @@ class EdgeSettings:
             history_default_n=default_n,
             history_max_n=max_n,
             resume_page=env.integer("RESUME_PAGE", DEFAULT_RESUME_PAGE, 1, 100_000),
+            event_loop=_event_loop(env),
+            replay_ring_events=env.integer(
+                "REPLAY_RING_EVENTS", DEFAULT_REPLAY_RING_EVENTS, 0, 1_000_000
+            ),
             shutdown_grace_s=env.number("SHUTDOWN_GRACE_S", DEFAULT_SHUTDOWN_GRACE_S, 0.0, 600.0),
             backoff_max_s=env.number("BACKOFF_MAX_S", DEFAULT_BACKOFF_MAX_S, 0.1, 600.0),
             auth=AuthSettings.from_env(env),

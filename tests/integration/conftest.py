@@ -54,6 +54,9 @@ def small_cluster(
                 "CRM_EVENTS_STREAM_MAXLEN": "100",
                 "CRM_EVENTS_EVENT_MAX_BYTES": "4096",
                 "CRM_EVENTS_CLIENT_BUFFER_BYTES": "65536",
+                # Fewer events in the edges' memory than in the stream, so that positions
+                # before the retained window take the Redis path (trim detection, reset).
+                "CRM_EVENTS_REPLAY_RING_EVENTS": "50",
             },
         )
     )

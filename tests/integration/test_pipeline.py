@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness.cluster import Cluster, crm_event
 from tests.integration.checks import assert_exactly_once_in_order
@@ -92,6 +93,7 @@ async def test_resume_on_the_other_edge_after_event_k(
     # More events flow while the client is away.
     await cluster.produce((None, crm_event(base + 200 + i)) for i in range(100))
     other = 2 if first.node == "edge-1" else 1
+    hits = await ring_hits(session, cluster.edge_url(other, "/metrics"))
     second = Collector(
         cluster.edge_url(other, "/crm-events"), headers={"Last-Event-ID": kth.id or ""}
     ).start(session)
@@ -99,7 +101,21 @@ async def test_resume_on_the_other_edge_after_event_k(
     assert second.node == f"edge-{other}" and second.node != first.node
     assert all(f.event == "message" for f in second.received), "no reset expected"
     assert_exactly_once_in_order(second.data_frames, set(range(base, base + 300)) - seen_by_k)
+    # A recent position: decided and replayed from the edge's memory, not from Redis.
+    assert await ring_hits(session, cluster.edge_url(other, "/metrics")) >= hits + 1
     await second.stop()
+
+
+async def ring_hits(session: aiohttp.ClientSession, url: str) -> float:
+    async with session.get(url) as resp:
+        text = await resp.text()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "crm_events_replay_ring_reads_total" and sample.labels == {
+                "outcome": "hit"
+            }:
+                return float(sample.value)
+    raise AssertionError("crm_events_replay_ring_reads_total{outcome='hit'} is not exported")
 
 
 async def test_resume_through_the_load_balancer_with_query_id(

@@ -4,6 +4,7 @@ history and JSON errors, without any network service."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 
@@ -41,8 +42,8 @@ class Edge:
         return 0.0 if value is None else value
 
 
-@pytest.fixture
-async def edge() -> AsyncIterator[Edge]:
+@contextlib.asynccontextmanager
+async def running_edge(ring: int) -> AsyncIterator[Edge]:
     bus = MemoryBus(maxlen=50)
     registry = CollectorRegistry()
     settings = EdgeSettings(
@@ -52,6 +53,7 @@ async def edge() -> AsyncIterator[Edge]:
         backoff_max_s=0.05,
         history_max_n=20,
         resume_page=7,
+        replay_ring_events=ring,
     )
     app = create_app(settings, registry=registry, bus=bus)
     server = TestServer(app)
@@ -60,6 +62,13 @@ async def edge() -> AsyncIterator[Edge]:
         yield Edge(server, bus, registry)
     finally:
         await server.close()
+
+
+@pytest.fixture
+async def edge() -> AsyncIterator[Edge]:
+    # A ring smaller than the stream, so that old positions exercise the Redis path.
+    async with running_edge(ring=20) as e:
+        yield e
 
 
 @pytest.fixture
@@ -272,3 +281,81 @@ async def test_readyz_reflects_bus_health(edge: Edge, session: aiohttp.ClientSes
     async with session.get(edge.url("/readyz")) as resp:
         assert resp.status == 503
         assert (await resp.json())["error"] == "not_ready"
+
+
+async def test_resume_is_served_from_memory_while_redis_reads_fail(
+    session: aiohttp.ClientSession,
+) -> None:
+    async with running_edge(ring=100) as edge:
+        client = Collector(edge.url("/crm-events")).start(session)
+        await connected(edge, 1)
+        entries = edge.bus.publish([envelope(i) for i in range(80)])  # the stream keeps 30..79
+        await client.wait_for(lambda c: len(c.data_frames) >= 80, 5, "80 live events")
+        await client.stop()
+        edge.bus.reads_fail = True
+        resumed = Collector(
+            edge.url("/crm-events"), headers={"Last-Event-ID": str(entries[5].id)}
+        ).start(session)
+        await resumed.wait_for(lambda c: len(c.data_frames) >= 74, 5, "events 6..79")
+        # Gap-free from memory although Redis has trimmed them and cannot be read.
+        assert [f.event for f in resumed.received] == ["message"] * 74
+        assert seqs(resumed) == list(range(6, 80))
+        assert edge.metric("crm_events_replay_ring_reads_total", {"outcome": "hit"}) == 1
+        assert edge.metric("crm_events_replay_ring_events") == 80
+        await resumed.stop()
+
+
+async def test_position_before_a_lost_stream_is_not_served_from_memory(
+    session: aiohttp.ClientSession,
+) -> None:
+    async with running_edge(ring=100) as edge:
+        live = Collector(edge.url("/crm-events")).start(session)
+        await connected(edge, 1)
+        old = edge.bus.publish([envelope(i) for i in range(5)])
+        await live.wait_for(lambda c: len(c.data_frames) >= 5, 5, "5 live events")
+        edge.bus.drop_subscriptions()
+        edge.bus.wipe()
+        edge.bus.publish([envelope(100)])
+        await live.wait_for(lambda c: len(c.data_frames) >= 6, 5, "the event after the wipe")
+        await live.stop()
+        client = Collector(
+            edge.url("/crm-events"), headers={"Last-Event-ID": str(old[2].id)}
+        ).start(session)
+        await client.wait_for(lambda c: len(c.data_frames) >= 1, 5, "the new stream's event")
+        assert client.received[0].event == "reset"
+        assert seqs(client) == [100]
+        await client.stop()
+
+
+async def test_history_from_memory_answers_exactly_as_redis_does(
+    session: aiohttp.ClientSession,
+) -> None:
+    types = ["ContactCreated", "DealWon", "DealWon", "TicketOpened", "DealLost"]
+    events = [envelope(i, types[i % 5] if i % 13 else "Rare") for i in range(45)]
+    async with running_edge(ring=0) as redis_only, running_edge(ring=1000) as memory:
+        watchers = []
+        for edge in (redis_only, memory):
+            watchers.append(Collector(edge.url("/crm-events")).start(session))
+            await connected(edge, 1)
+            edge.bus.publish(events[:20])
+            edge.bus.publish(events[20:])
+        for watcher in watchers:
+            await watcher.wait_for(lambda c: len(c.data_frames) >= 45, 5, "45 live events")
+            await watcher.stop()
+        ids = [str(e.id) for e in redis_only.bus._entries]
+        queries = ["", "n=1", "n=20", "n=3&types=Rare", "n=2&types=DealWon,DealLost"]
+        queries += [f"n=4&after={ids[k]}" for k in (0, 10, 40, 44)]
+        queries += [f"n=3&types=Rare&after={ids[k]}" for k in (1, 30)]
+        for query in queries:
+            bodies = []
+            for edge in (redis_only, memory):
+                async with session.get(edge.url(f"/crm-events/history?{query}")) as resp:
+                    assert resp.status == 200, query
+                    bodies.append(await resp.read())
+            assert bodies[0] == bodies[1], query
+            # Only a cursor at the newest event has nothing after it.
+            assert (json.loads(bodies[0])["count"] == 0) == query.endswith(ids[-1]), query
+        hits = memory.metric("crm_events_replay_ring_reads_total", {"outcome": "hit"})
+        # All but the default n (100): the ring holds 45, and only Redis knows if more exist.
+        assert hits == len(queries) - 1
+        assert redis_only.metric("crm_events_replay_ring_reads_total", {"outcome": "hit"}) == 0

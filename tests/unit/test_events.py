@@ -9,7 +9,16 @@ from typing import Any
 
 import pytest
 
-from shared.events import Dead, DeadReason, Envelope, decode_record
+from shared.events import (
+    Dead,
+    DeadReason,
+    Envelope,
+    RecordFields,
+    decode_record,
+    decode_with_stdlib,
+    encode_event,
+    spliceable,
+)
 from shared.settings import DEFAULT_TYPE_FIELDS
 
 MAX_BYTES = 1024
@@ -17,6 +26,16 @@ KEY = b"contact-42"
 PARTITION = 1
 OFFSET = 17
 TS_MS = 1_764_410_400_000
+
+
+FIELDS = RecordFields(
+    key=KEY,
+    partition=PARTITION,
+    offset=OFFSET,
+    timestamp_ms=TS_MS,
+    max_bytes=MAX_BYTES,
+    type_fields=DEFAULT_TYPE_FIELDS,
+)
 
 
 def decode(
@@ -283,26 +302,101 @@ EVENTS = [
     pytest.param(b'{"Type":"A","Esc":"\\u00e9\\ud83d\\ude00"}', id="unicode-escapes"),
     pytest.param(b'{"Type":"A","Quote":"say \\"hi\\" \\\\ / \\/"}', id="quotes-backslashes"),
     pytest.param(b'{"Type":"A","Type":"B"}', id="duplicate-key-last-wins"),
+    pytest.param(b'{ "Type" : "A" ,\t"x" : [ 1 , 2 ] }', id="spaces-and-tabs"),
+    pytest.param(b'{"Type":"A","Deep":' + b"[" * 300 + b"]" * 300 + b"}", id="nested-300"),
+    pytest.param(b'{"Type":"A","Deep":' + b"[" * 520 + b"]" * 520 + b"}", id="nested-520"),
 ]
 
 
+def envelope_head(type_: str) -> bytes:
+    return (
+        b'{"type":"%s","key":"contact-42","partition":%d,"offset":%d,"timestamp_ms":%d,"event":'
+        % (type_.encode(), PARTITION, OFFSET, TS_MS)
+    )
+
+
 @pytest.mark.parametrize("value", EVENTS)
-def test_envelope_is_one_compact_line_holding_the_original_event(value: bytes) -> None:
-    out, parsed = envelope_of(value)
+def test_envelope_is_one_line_holding_the_original_event(value: bytes) -> None:
+    out, parsed = envelope_of(value, max_bytes=1 << 20)
 
     assert b"\n" not in out.data
     assert b"\r" not in out.data
-    recompacted = json.dumps(parsed, separators=(",", ":"), ensure_ascii=False).encode()
-    assert out.data == recompacted
-    assert ordered(parsed["event"]) == ordered(json.loads(value))
+    strict_loads(out.data)
+    # json.dumps keeps key order: equal dumps, equal keys, order and values.
+    assert json.dumps(parsed["event"]) == json.dumps(json.loads(value))
+    assert parsed["type"] == out.type
+    if spliceable(value):
+        # One line already: the producer's bytes are used as they are.
+        assert out.data == envelope_head(out.type) + value + b"}"
+    else:
+        recompacted = json.dumps(parsed, separators=(",", ":"), ensure_ascii=False).encode()
+        assert out.data == recompacted
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        pytest.param(b'{"Type":"A"}', True, id="compact"),
+        pytest.param(b'{ "Type": "A",\t"x": 1 }', True, id="spaces-tabs-inside"),
+        pytest.param(b'{"Type":"A"}\n', False, id="trailing-newline"),
+        pytest.param(b' {"Type":"A"}', False, id="leading-space"),
+        pytest.param(b'{"Type":"A",\r\n"x":1}', False, id="crlf"),
+        pytest.param(b'{"Type":"A",\r"x":1}', False, id="cr"),
+        pytest.param(b'{"Type":"A",\n"x":1}', False, id="lf"),
+        pytest.param(b'[{"Type":"A"}]', False, id="array"),
+        pytest.param(b'{"x":' + b"[" * 511 + b"]" * 511 + b"}", True, id="512-openers"),
+        pytest.param(b'{"x":' + b"[" * 512 + b"]" * 512 + b"}", False, id="513-openers"),
+        pytest.param(b'{"x":"' + b"{" * 1100 + b'"}', False, id="openers-in-strings-count-too"),
+        pytest.param(b'{"x":"' + b"{" * 600 + b'"}', True, id="short-values-are-not-counted"),
+    ],
+)
+def test_splice_rule(value: bytes, expected: bool) -> None:
+    assert spliceable(value) is expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param(b'{"Type":"A","x":"\\ud800"}', id="lone-surrogate"),
+        pytest.param(b'{"Type":"A","x":1e400}', id="overflow"),
+        pytest.param(b'{"Type":"A","x":NaN}', id="nan"),
+        pytest.param(b'{"Type":"A","x":"\xff"}', id="not-utf8"),
+    ],
+)
+def test_values_orjson_refuses_are_never_spliced(value: bytes) -> None:
+    out = decode(value)
+
+    # The standard-library path decides, exactly as before the fast path existed.
+    assert out == decode_with_stdlib(value, **FIELDS)
+    if isinstance(out, Envelope):
+        out.data.decode("utf-8")
+        strict_loads(out.data)
+
+
+def test_spliced_and_stdlib_envelopes_parse_to_the_same_value() -> None:
+    value = b'{"Type":"A","Big":1180591620717411303424,"Esc":"\\u00e9","E":1E5,"Z":-0}'
+    out = encode_event(value, **FIELDS)
+    reference = decode_with_stdlib(value, **FIELDS)
+    assert isinstance(out, tuple) and isinstance(reference, Envelope)
+    assert value in out[1]
+    assert ordered(json.loads(out[1])) == ordered(json.loads(reference.data))
+    assert json.loads(out[1])["event"]["Big"] == 1180591620717411303424
 
 
 def test_unicode_is_kept_as_utf8_not_escaped() -> None:
     text = "Zoë Ødegård 日本語 😀"
-    out, parsed = envelope_of(json.dumps({"Type": "A", "Name": text}).encode())
+    out, parsed = envelope_of(json.dumps({"Type": "A", "Name": text}, ensure_ascii=False).encode())
 
     assert text.encode("utf-8") in out.data
     assert parsed["event"]["Name"] == text
+
+
+def test_unicode_escapes_from_the_producer_give_back_the_same_text() -> None:
+    text = "Zoë Ødegård 日本語 😀"
+    out, parsed = envelope_of(json.dumps({"Type": "A", "Name": text}).encode())
+
+    assert parsed["event"]["Name"] == text
+    out.data.decode("utf-8")
 
 
 @pytest.mark.parametrize(

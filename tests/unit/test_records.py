@@ -1,10 +1,10 @@
-"""ingest.records: Kafka records -> the 6 script arguments per record of the Redis step."""
+"""ingest.records: Kafka records -> prepared tuples -> the packed argument of the Redis step."""
 
 from __future__ import annotations
 
 import pytest
 
-from ingest.records import Prepared, RawRecord, prepare, script_args
+from ingest.records import DEAD, EVENT, Prepared, RawRecord, dead_reason, pack, prepare, unpack
 from shared.events import DeadReason, Envelope, decode_record, parse_match
 from shared.settings import DEFAULT_TYPE_FIELDS
 
@@ -46,11 +46,13 @@ def test_event_becomes_kind_e_with_type_timestamp_and_envelope(ts: int, f2: byte
         type_fields=DEFAULT_TYPE_FIELDS,
     )
     assert isinstance(expected, Envelope)
-    assert got == Prepared(2, 41, b"e", b"ContactCreated", f2, expected.data, b"-", None)
-    assert got.f2.isdigit()
+    assert got == (2, 41, EVENT, b"ContactCreated", f2, expected.data, b"-")
+    assert dead_reason(got) is None
+    _, _, _, f1, f2_, f3, _ = got
+    assert f2_.isdigit()
     # The published line is "<id> <type> <ts> <envelope>": none of them may break it.
-    assert b" " not in got.f1 + got.f2
-    assert b"\n" not in got.f1 + got.f2 + got.f3
+    assert b" " not in f1 + f2_
+    assert b"\n" not in f1 + f2_ + f3
 
 
 @pytest.mark.parametrize(
@@ -80,46 +82,53 @@ def test_event_becomes_kind_e_with_type_timestamp_and_envelope(ts: int, f2: byte
 def test_dead_record_becomes_kind_d(value: bytes | None, reason: DeadReason, stored: bytes) -> None:
     got = run(record(value))
 
-    assert got.kind == b"d"
-    assert (got.partition, got.offset) == (2, 41)
-    assert got.f1 == reason.value.encode()
-    assert got.dead_reason is reason
-    assert got.f2  # a human-readable detail
-    got.f2.decode("utf-8")  # strict: the detail is valid UTF-8
-    assert got.f3 == stored
-    assert len(got.f3) <= MAX_BYTES
+    partition, offset, kind, f1, f2, f3, f4 = got
+    assert kind == DEAD
+    assert (partition, offset) == (2, 41)
+    assert f1 == reason.value.encode()
+    assert dead_reason(got) is reason
+    assert f2  # a human-readable detail
+    f2.decode("utf-8")  # strict: the detail is valid UTF-8
+    assert f3 == stored
+    assert len(f3) <= MAX_BYTES
+    assert f4 == b""
 
 
 def test_dead_detail_with_a_lone_surrogate_type_is_still_utf8() -> None:
     got = run(record(b'{"Type":"\\ud800"}'))
 
-    assert got.dead_reason is DeadReason.BAD_TYPE
-    got.f2.decode("utf-8")
+    assert dead_reason(got) is DeadReason.BAD_TYPE
+    got[4].decode("utf-8")
 
 
-def test_script_args_are_seven_values_per_record_in_order() -> None:
+def test_pack_then_unpack_gives_the_records_back() -> None:
     event = run(record(b'{"Type":"A"}', partition=0, offset=5))
     dead = run(record(b"nope", partition=1, offset=9))
+    big = run(record(b'{"Type":"B","x":"' + b"y" * 200 + b'"}', partition=70000, offset=2**40))
 
-    args = script_args([event, dead])
-
-    assert args == [
-        0, 5, b"e", event.f1, event.f2, event.f3, b"-",
-        1, 9, b"d", b"not_json", dead.f2, b"nope", b"",
-    ]  # fmt: skip
+    assert unpack(pack([event, dead, big])) == [event, dead, big]
 
 
-def test_script_args_of_nothing_is_empty() -> None:
-    assert script_args([]) == []
+def test_pack_layout_is_what_the_script_reads() -> None:
+    # '>c1I4i8I4I4I4I4' in Lua: kind, partition, offset, four lengths; then the fields.
+    blob = pack([(3, 2**33 + 1, EVENT, b"T", b"17", b"{}", b"-")])
+
+    assert blob == (
+        b"e" + (3).to_bytes(4, "big") + (2**33 + 1).to_bytes(8, "big")
+        + (1).to_bytes(4, "big") + (2).to_bytes(4, "big") + (2).to_bytes(4, "big")
+        + (1).to_bytes(4, "big") + b"T17{}-"
+    )  # fmt: skip
 
 
-def test_script_args_accepts_any_iterable() -> None:
+def test_pack_of_nothing_is_empty() -> None:
+    assert pack([]) == b""
+    assert unpack(b"") == []
+
+
+def test_pack_accepts_any_iterable() -> None:
     prepared = [run(record(b'{"Type":"A"}', offset=i)) for i in range(3)]
 
-    args = script_args(p for p in prepared)
-
-    assert len(args) == 21
-    assert args[1::7] == [0, 1, 2]
+    assert unpack(pack(p for p in prepared)) == prepared
 
 
 def test_match_fields_travel_as_one_token() -> None:
@@ -131,5 +140,24 @@ def test_match_fields_travel_as_one_token() -> None:
     )
     # Percent-encoded so the token never holds a space, '&' or '=' of its own; booleans and
     # absent fields are left out.
-    assert got.f4 == b"TenantId=t%201%2F%26x&N=7"
-    assert parse_match(got.f4) == {("TenantId", "t 1/&x"), ("N", "7")}
+    assert got[6] == b"TenantId=t%201%2F%26x&N=7"
+    assert parse_match(got[6]) == {("TenantId", "t 1/&x"), ("N", "7")}
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param(b'{"Type":"A","TenantId":"\\ud800","N":7}', id="lone-surrogate-value"),
+        pytest.param(b'{"Type":"A","TenantId":"x\\udfffy","N":7}', id="lone-low-surrogate"),
+    ],
+)
+def test_match_field_that_is_not_text_is_left_out(value: bytes) -> None:
+    got = prepare(
+        record(value),
+        max_bytes=MAX_BYTES,
+        type_fields=DEFAULT_TYPE_FIELDS,
+        match_fields=("TenantId", "N"),
+    )
+    # A lone surrogate cannot be percent-encoded as UTF-8; no claim can name it either.
+    assert got[2] == EVENT
+    assert got[6] == b"N=7"

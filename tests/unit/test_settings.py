@@ -85,6 +85,7 @@ def test_edge_defaults_from_an_empty_mapping() -> None:
         got.history_default_n,
         got.history_max_n,
         got.resume_page,
+        got.replay_ring_events,
         got.shutdown_grace_s,
         got.backoff_max_s,
     ) == (
@@ -97,6 +98,7 @@ def test_edge_defaults_from_an_empty_mapping() -> None:
         100,
         1000,
         s.DEFAULT_RESUME_PAGE,
+        s.DEFAULT_REPLAY_RING_EVENTS,
         s.DEFAULT_SHUTDOWN_GRACE_S,
         s.DEFAULT_BACKOFF_MAX_S,
     )
@@ -175,6 +177,8 @@ BAD = [
     pytest.param(EDGE, {"SSE_PING_INTERVAL_S": "nan"}, "SSE_PING_INTERVAL_S", id="ping-nan"),
     pytest.param(EDGE, {"CLIENT_BUFFER_BYTES": "10"}, "CLIENT_BUFFER_BYTES", id="buffer-tiny"),
     pytest.param(EDGE, {"NODE_ID": "edge 1"}, "NODE_ID", id="node-id-space"),
+    pytest.param(EDGE, {"REPLAY_RING_EVENTS": "-1"}, "REPLAY_RING_EVENTS", id="ring-negative"),
+    pytest.param(EDGE, {"REPLAY_RING_EVENTS": "lots"}, "REPLAY_RING_EVENTS", id="ring-word"),
     pytest.param(INGEST, {"KAFKA_BOOTSTRAP": "nohost"}, "KAFKA_BOOTSTRAP", id="bootstrap-nohost"),
     pytest.param(
         INGEST, {"KAFKA_BOOTSTRAP": "a:9092,nohost"}, "KAFKA_BOOTSTRAP", id="bootstrap-second-bad"
