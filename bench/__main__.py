@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -43,6 +44,7 @@ from .tools import (
     OTHER_CORE,
     ROOT,
     BenchError,
+    accept_queue,
     backends_pinned,
     build_centrifugo,
     centrifugo_path,
@@ -216,23 +218,37 @@ def main(argv: list[str] | None = None) -> int:
         args.run_dir = ROOT / "run" / "bench" / stamp
     args.run_dir = args.run_dir.resolve()
     args.run_dir.mkdir(parents=True, exist_ok=True)
-    if profile.name != "smoke" and not args.shared_backends:
-        with private_backends(args.run_dir) as backends:
-            results = asyncio.run(run(args, backends, profile, stamp))
-        results["meta"]["pinning"]["backends"] = {
-            "kafka": "private broker for this run, core 1",
-            "redis": "private redis-server for this run, core 1",
-        }
-    else:
-        with provide() as backends:
-            ports = {
-                "kafka": int(backends.kafka_bootstrap.rsplit(":", 1)[1]),
-                "redis": backends.redis_port,
-            }
-            pin_ctx: Any = _no_pin() if args.no_pin_backends else backends_pinned(ports, OTHER_CORE)
-            with pin_ctx as pin_report:
+    # The smoke run (part of the tests) leaves the host's settings alone.
+    queue = accept_queue() if profile.name != "smoke" else contextlib.nullcontext({})
+    with queue as accept_report:
+        if profile.name != "smoke" and not args.shared_backends:
+            with private_backends(args.run_dir) as backends:
                 results = asyncio.run(run(args, backends, profile, stamp))
-                results["meta"]["pinning"]["backends"] = pin_report
+            results["meta"]["pinning"]["backends"] = {
+                "kafka": "private broker for this run, core 1",
+                "redis": "private redis-server for this run, core 1",
+            }
+        else:
+            with provide() as backends:
+                ports = {
+                    "kafka": int(backends.kafka_bootstrap.rsplit(":", 1)[1]),
+                    "redis": backends.redis_port,
+                }
+                pin_ctx: Any = (
+                    _no_pin() if args.no_pin_backends else backends_pinned(ports, OTHER_CORE)
+                )
+                with pin_ctx as pin_report:
+                    results = asyncio.run(run(args, backends, profile, stamp))
+                    results["meta"]["pinning"]["backends"] = pin_report
+    if accept_report:
+        results["meta"]["accept_queue"] = accept_report
+        if "note" in accept_report:
+            results["meta"]["notes"].append(accept_report["note"])
+        elif accept_report["during"] != accept_report["before"]:
+            results["meta"]["notes"].append(
+                f"net.core.somaxconn raised from {accept_report['before']:,} to "
+                f"{accept_report['during']:,} for the run (restored after), for every server"
+            )
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(results, indent=1, default=str)

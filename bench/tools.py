@@ -303,3 +303,39 @@ class Loadgen:
 
 def python() -> str:
     return sys.executable
+
+
+SOMAXCONN = Path("/proc/sys/net/core/somaxconn")
+ACCEPT_QUEUE = 16384
+"""The accept queue the servers ask for (the edge's listen backlog; Go uses somaxconn)."""
+
+
+@contextlib.contextmanager
+def accept_queue(wanted: int = ACCEPT_QUEUE) -> Iterator[dict[str, Any]]:
+    """Raise ``net.core.somaxconn`` to ``wanted`` for the run, when allowed, and put it back.
+
+    It caps every listen backlog: with the usual 4,096, the reconnect storm's connections
+    beyond the accept queue wait for SYN-ACK retransmits (1 s, 3 s, ...), for every server
+    alike. Production hosts that take reconnect storms are tuned the same way."""
+    report: dict[str, Any] = {"wanted": wanted}
+    try:
+        before = int(SOMAXCONN.read_text())
+    except (OSError, ValueError):
+        report["note"] = "net.core.somaxconn is not readable here"
+        yield report
+        return
+    report["before"] = before
+    raised = False
+    if before < wanted:
+        try:
+            SOMAXCONN.write_text(f"{wanted}\n")
+            raised = True
+        except OSError as exc:
+            report["note"] = f"could not raise net.core.somaxconn: {exc}"
+    report["during"] = int(SOMAXCONN.read_text())
+    try:
+        yield report
+    finally:
+        if raised:
+            with contextlib.suppress(OSError):
+                SOMAXCONN.write_text(f"{before}\n")

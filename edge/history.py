@@ -121,7 +121,7 @@ async def history_handler(request: web.Request, ctx: EdgeContext) -> web.Respons
     key = (ring.last, params.n, params.after, types, grant.match)
     cached = ctx.history_bodies.get(key) if ring.floor is not None else None
     if cached is not None:
-        ctx.metrics.ring_reads.labels(outcome="hit").inc()
+        ctx.metrics.ring_hits.inc()
         return web.Response(body=cached, content_type="application/json")
     from_ring: tuple[list[Entry], StreamId | None] | None = None
     _, budget = _scan(ctx, params.n, wants)
@@ -132,11 +132,11 @@ async def history_handler(request: web.Request, ctx: EdgeContext) -> web.Respons
     elif ring.covers(params.after):
         from_ring = _after_in_ring(ring, params.after, params.n, wants, budget)
     if from_ring is not None:
-        ctx.metrics.ring_reads.labels(outcome="hit").inc()
+        ctx.metrics.ring_hits.inc()
         body = _body(from_ring[0], from_ring[1], b"null")
         ctx.history_bodies.put(key, body)
         return web.Response(body=body, content_type="application/json")
-    ctx.metrics.ring_reads.labels(outcome="miss").inc()
+    ctx.metrics.ring_misses.inc()
     reset_json = b"null"
     next_after: StreamId | None
     try:

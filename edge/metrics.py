@@ -98,9 +98,10 @@ class EdgeMetrics(CommonMetrics):
             self.limit_rejections.labels(limit=limit)
         for reason in DISCONNECT_REASONS:
             self.disconnects.labels(reason=reason)
-        for outcome in ("hit", "miss"):
-            self.ring_reads.labels(outcome=outcome)
-        for outcome in ("resumed", "reset"):
-            self.resumes.labels(outcome=outcome)
+        # Bound once: ``labels()`` costs a lock and a dict lookup on every connection.
+        self.ring_hits = self.ring_reads.labels(outcome="hit")
+        self.ring_misses = self.ring_reads.labels(outcome="miss")
+        self.resumed = self.resumes.labels(outcome="resumed")
+        self.resumed_with_reset = self.resumes.labels(outcome="reset")
         for reason in RESET_REASONS:
             self.resets.labels(reason=reason)

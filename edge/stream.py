@@ -73,10 +73,10 @@ async def _serve(
     decision: Resume | Reset | None = None
     if last_event_id is not None and hub.ring.covers(last_event_id):
         # Everything after it is in memory: gap-free without asking Redis.
-        metrics.ring_reads.labels(outcome="hit").inc()
+        metrics.ring_hits.inc()
         decision = Resume(last_event_id)
     elif last_event_id is not None:
-        metrics.ring_reads.labels(outcome="miss").inc()
+        metrics.ring_misses.inc()
         try:
             decision = check_position(last_event_id, await ctx.bus.info())
         except BusUnavailable as exc:
@@ -118,11 +118,11 @@ async def _serve(
     try:
         preface = ctx.preface
         if isinstance(decision, Reset):
-            metrics.resumes.labels(outcome="reset").inc()
+            metrics.resumed_with_reset.inc()
             metrics.resets.labels(reason=decision.reason).inc()
             preface += control_frame("reset", decision.payload(), decision.after.encode())
         elif decision is not None:
-            metrics.resumes.labels(outcome="resumed").inc()
+            metrics.resumed.inc()
         await response.write(preface)
         if decision is not None and decision.after < head:
             started = time.monotonic()

@@ -8,7 +8,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 
 from .metrics import CONTENT_TYPE_LATEST, CommonMetrics, render
 
@@ -53,6 +53,8 @@ def _route_label(request: web.Request) -> str:
 
 
 def make_middlewares(metrics: CommonMetrics) -> list[web.middleware]:  # type: ignore[valid-type]
+    children: dict[tuple[str, str, int], Counter] = {}
+
     @web.middleware
     async def errors_and_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
         status = 500
@@ -80,9 +82,16 @@ def make_middlewares(metrics: CommonMetrics) -> list[web.middleware]:  # type: i
             log.exception("unhandled error", extra={"path": request.path})
             return json_error(500, "internal", "internal server error")
         finally:
-            metrics.http_requests.labels(
-                path=_route_label(request), method=request.method, status=str(status)
-            ).inc()
+            key = (_route_label(request), request.method, status)
+            counter = children.get(key)
+            if counter is None:
+                # Bounded: routes are canonical (unmatched paths share one label), methods
+                # and statuses are few.
+                counter = metrics.http_requests.labels(
+                    path=key[0], method=key[1], status=str(status)
+                )
+                children[key] = counter
+            counter.inc()
 
     return [errors_and_metrics]
 
