@@ -10,6 +10,7 @@ from prometheus_client import disable_created_metrics
 
 from shared import cli, logs
 from shared.loop import new_event_loop
+from shared.runtime import tune_gc
 from shared.settings import EdgeSettings
 
 from .app import create_app
@@ -30,8 +31,10 @@ def main(argv: list[str] | None = None) -> None:
     # The *_created series double the exposition size and no rule here uses them.
     disable_created_metrics()  # type: ignore[no-untyped-call]
     logs.configure("edge", settings.node_id, settings.log_level)
+    app = create_app(settings)
+    tune_gc()
     web.run_app(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         print=None,
@@ -39,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
         handler_cancellation=True,
         # A reconnect storm (thousands of EventSources at once) overflows the default 128;
         # connections beyond the accept queue wait for SYN-ACK retransmits (1 s, 3 s, ...).
-        # The kernel caps this at net.core.somaxconn (see the README's tuning notes).
+        # The kernel caps this at net.core.somaxconn (ARCHITECTURE.md, decisions).
         backlog=LISTEN_BACKLOG,
         shutdown_timeout=settings.shutdown_grace_s,
         loop=new_event_loop(settings.event_loop),

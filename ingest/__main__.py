@@ -10,6 +10,7 @@ from prometheus_client import disable_created_metrics
 
 from shared import cli, logs
 from shared.loop import new_event_loop
+from shared.runtime import tune_gc
 from shared.settings import IngestSettings
 
 from .app import create_app
@@ -28,8 +29,10 @@ def main(argv: list[str] | None = None) -> None:
     # The *_created series double the exposition size and no rule here uses them.
     disable_created_metrics()  # type: ignore[no-untyped-call]
     logs.configure("ingest", settings.node_id, settings.log_level)
+    app = create_app(settings)
+    tune_gc()
     web.run_app(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         print=None,

@@ -494,11 +494,19 @@ func (c *sseConn) onData(d []byte) {
 			c.lastMs.Store(ms)
 			c.lastSq.Store(seq)
 		}
-		c.lastID = append(c.lastID[:0], c.curID...)
+		// Swap the buffers rather than copy: curID is refilled by the next "id:" line.
+		c.lastID, c.curID = c.curID, c.lastID[:0]
 		c.hasLast = true
 	}
 	part, i, ok1 := intAfter(d, keyPartition, 0)
-	off, i, ok2 := intAfter(d, keyOffset, i)
+	// The envelope puts "offset" right after "partition": look there before searching.
+	var off int64
+	var ok2 bool
+	if ok1 && i < len(d) && d[i] == ',' && bytes.HasPrefix(d[i+1:], keyOffset) {
+		off, i, ok2 = intAfter(d, keyOffset, i+1)
+	} else {
+		off, i, ok2 = intAfter(d, keyOffset, i)
+	}
 	if !ok1 || !ok2 || part < 0 || part >= maxParts {
 		g.parseErrors.Add(1)
 	} else {
