@@ -118,7 +118,7 @@ async def history_handler(request: web.Request, ctx: EdgeContext) -> web.Respons
     ctx.history_rate.take(ctx.client_ip(request))
     wants = _predicate(types, grant.match)
     ring = ctx.hub.ring
-    key = (ring.last, params.n, params.after, types, grant.match)
+    key = (ring.generation, ring.last, params.n, params.after, types, grant.match)
     cached = ctx.history_bodies.get(key) if ring.floor is not None else None
     if cached is not None:
         ctx.metrics.ring_hits.inc()

@@ -26,7 +26,7 @@ Wants = Callable[[Entry], bool] | None
 
 
 class ReplayRing:
-    __slots__ = ("_entries", "_ids", "_start", "capacity", "floor")
+    __slots__ = ("_entries", "_ids", "_start", "capacity", "floor", "generation")
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
@@ -38,6 +38,9 @@ class ReplayRing:
         self._entries: list[Entry] = []
         self._ids: list[StreamId] = []
         self._start = 0
+        self.generation = 0
+        """Bumped by every reset: keys of anything derived from the ring (cached pages and
+        bodies) include it, so nothing from before a reset is served after it."""
 
     def __len__(self) -> int:
         return len(self._ids) - self._start
@@ -54,6 +57,7 @@ class ReplayRing:
         self._ids = []
         self._start = 0
         self.floor = floor if self.capacity > 0 else None
+        self.generation += 1
 
     def extend(self, entries: Sequence[Entry]) -> None:
         """Append dispatched entries (new, in stream order, continuing from ``last``)."""

@@ -186,7 +186,7 @@ async def _replay(
     ring = ctx.hub.ring
     while cursor < head and not client.closed:
         if ring.covers(cursor):
-            key = (cursor, head, client.group)
+            key = (ring.generation, cursor, head, client.group)
             cached = ctx.replay_pages.get(key)
             if cached is None:
                 entries = ring.after(cursor, head, page)

@@ -65,6 +65,7 @@ def test_reset_forgets_and_a_zero_capacity_ring_never_covers() -> None:
     ring.reset(StreamId(100, 0))
     assert len(ring) == 0
     assert not ring.covers(StreamId(2, 0))
+    assert ring.generation == 2  # one per reset: derived caches key on it
     off = ReplayRing(0)
     off.reset(ZERO)
     off.extend([entry(1)])
