@@ -56,6 +56,8 @@ EDGE_METRICS = COMMON_METRICS | {
     "crm_events_sse_resumes_total",
     "crm_events_sse_resets_total",
     "crm_events_sse_replayed_events_total",
+    "crm_events_replay_ring_reads_total",
+    "crm_events_replay_ring_events",
     "crm_events_bus_reconnects_total",
     "crm_events_bus_repaired_events_total",
 }
