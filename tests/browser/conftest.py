@@ -30,8 +30,6 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from devtools import nginx_conf
-from devtools.probes import HttpReady
-from devtools.supervisor import ProcessSpec
 from tests.harness.backends import Backends, provide
 from tests.harness.cluster import Cluster, free_port
 from tests.waiting import eventually_sync
@@ -89,10 +87,9 @@ class TlsCluster(Cluster):
         self.tls_port = free_port()
         super().__post_init__()
 
-    def _nginx_spec(self) -> ProcessSpec:
-        out = self.run_dir / "nginx"
+    def _nginx_config(self, out: Path) -> Path:
         cert, key = nginx_conf.ensure_self_signed_cert(out / "tls")
-        main = nginx_conf.render(
+        return nginx_conf.render(
             out,
             self.lb_port,
             self.edge_ports,
@@ -100,13 +97,6 @@ class TlsCluster(Cluster):
             tls_cert=cert,
             tls_key=key,
             http2_directive=nginx_conf.http2_directive_supported(),
-        )
-        return ProcessSpec(
-            name="nginx",
-            argv=nginx_conf.nginx_argv(main),
-            ready=HttpReady(f"http://127.0.0.1:{self.lb_port}/nginx-health"),
-            ready_timeout_s=20,
-            port=self.lb_port,
         )
 
     def https_url(self, path: str) -> str:
@@ -190,13 +180,8 @@ def cluster(backends: Backends, tmp_path_factory: pytest.TempPathFactory) -> Ite
         backends,
         env={"CRM_EVENTS_AUTH_MODE": "off"},
     )
-    try:
-        c.start()
-    except Exception:
-        c.stop()
-        raise
-    yield c
-    c.stop()
+    with c.running():
+        yield c
 
 
 @pytest.fixture(scope="package")

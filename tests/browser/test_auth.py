@@ -34,13 +34,8 @@ def auth_cluster(
         edges=1,
         env={"CRM_EVENTS_AUTH_MODE": "jwt", "CRM_EVENTS_JWT_SECRET_FILE": str(secret)},
     )
-    try:
-        c.start()
-    except Exception:
-        c.stop()
-        raise
-    yield c
-    c.stop()
+    with c.running():
+        yield c
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,15 @@ one edge's Redis connections (CLIENT KILL).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import sys
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
@@ -107,9 +108,12 @@ class Cluster:
             port=port,
         )
 
+    def _nginx_config(self, out: Path) -> Path:
+        """Render nginx's configuration under ``out``; returns its main file."""
+        return nginx_conf.render(out, self.lb_port, self.edge_ports)
+
     def _nginx_spec(self) -> ProcessSpec:
-        out = self.run_dir / "nginx"
-        main = nginx_conf.render(out, self.lb_port, self.edge_ports)
+        main = self._nginx_config(self.run_dir / "nginx")
         return ProcessSpec(
             name="nginx",
             argv=nginx_conf.nginx_argv(main),
@@ -134,6 +138,16 @@ class Cluster:
     def stop(self, *names: str, timeout_s: float = 10.0) -> None:
         for name in names or list(reversed(self.names)):
             self.sup.stop(name, timeout_s=timeout_s)
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[Self]:
+        """Every process started for the block and stopped after it, also when starting
+        fails half-way (nothing is left running for the next test)."""
+        try:
+            self.start()
+            yield self
+        finally:
+            self.stop()
 
     def kill9(self, name: str) -> None:
         self.sup.kill9(name)

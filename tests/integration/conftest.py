@@ -24,21 +24,11 @@ def backends() -> Iterator[Backends]:
         yield found
 
 
-def _start(cluster: Cluster) -> Cluster:
-    try:
-        cluster.start()
-    except Exception:
-        cluster.stop()
-        raise
-    return cluster
-
-
 @pytest.fixture(scope="module")
 def cluster(backends: Backends, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """Ingest, two edges and nginx with default settings."""
-    c = _start(Cluster(Path(tmp_path_factory.mktemp("cluster")), backends))
-    yield c
-    c.stop()
+    with Cluster(Path(tmp_path_factory.mktemp("cluster")), backends).running() as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
@@ -46,19 +36,17 @@ def small_cluster(
     backends: Backends, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Cluster]:
     """A deployment with a short replay stream and a small event size limit."""
-    c = _start(
-        Cluster(
-            Path(tmp_path_factory.mktemp("small")),
-            backends,
-            env={
-                "CRM_EVENTS_STREAM_MAXLEN": "100",
-                "CRM_EVENTS_EVENT_MAX_BYTES": "4096",
-                "CRM_EVENTS_CLIENT_BUFFER_BYTES": "65536",
-                # Fewer events in the edges' memory than in the stream, so that positions
-                # before the retained window take the Redis path (trim detection, reset).
-                "CRM_EVENTS_REPLAY_RING_EVENTS": "50",
-            },
-        )
+    small = Cluster(
+        Path(tmp_path_factory.mktemp("small")),
+        backends,
+        env={
+            "CRM_EVENTS_STREAM_MAXLEN": "100",
+            "CRM_EVENTS_EVENT_MAX_BYTES": "4096",
+            "CRM_EVENTS_CLIENT_BUFFER_BYTES": "65536",
+            # Fewer events in the edges' memory than in the stream, so that positions
+            # before the retained window take the Redis path (trim detection, reset).
+            "CRM_EVENTS_REPLAY_RING_EVENTS": "50",
+        },
     )
-    yield c
-    c.stop()
+    with small.running() as c:
+        yield c

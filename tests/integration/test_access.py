@@ -42,9 +42,8 @@ def secured(backends: Backends, tmp_path_factory: pytest.TempPathFactory) -> Ite
             "CRM_EVENTS_MAX_HEADER_BYTES": "4096",
         },
     )
-    c.start()
-    yield c
-    c.stop()
+    with c.running():
+        yield c
 
 
 @pytest.fixture

@@ -116,11 +116,8 @@ async def test_chaos(
     kafka: KafkaControl | None = kafka_control(backends)
 
     cluster = Cluster(Path(tmp_path_factory.mktemp("chaos")), backends, edges=2)
-    cluster.start()
-    try:
+    with cluster.running():
         report = await _run(cluster, session, rng, kafka)
-    finally:
-        cluster.stop()
     report["seed"] = seed
     text = json.dumps(report, indent=2)
     print(text)

@@ -115,8 +115,7 @@ async def test_readyz_follows_redis(
     assert spec.port is not None
     local = Backends(backends.kafka_bootstrap, f"redis://127.0.0.1:{spec.port}/0", "private")
     c = Cluster(Path(tmp_path_factory.mktemp("ready")), local, edges=1, with_nginx=False)
-    c.start()
-    try:
+    with c.running():
         urls = [c.edge_url(1, "/readyz"), c.ingest_url(1, "/readyz")]
 
         async def statuses() -> list[int]:
@@ -142,8 +141,6 @@ async def test_readyz_follows_redis(
         await c.produce([(None, crm_event(7))])
         await client.wait_for(lambda col: len(col.data_frames) >= 1, 30, "event after recovery")
         await client.stop()
-    finally:
-        c.stop()
 
 
 async def _all(statuses: object, expected: int) -> bool:
@@ -155,8 +152,7 @@ async def test_sigterm_closes_streams_and_clients_resume_on_the_other_edge(
     backends: Backends, tmp_path_factory: pytest.TempPathFactory, session: aiohttp.ClientSession
 ) -> None:
     c = Cluster(Path(tmp_path_factory.mktemp("sigterm")), backends)
-    c.start()
-    try:
+    with c.running():
         base = 70_000
         client = Collector(c.lb_url("/crm-events")).start(session)
         await client.wait_for(lambda col: col.node is not None, 10, "stream open")
@@ -177,5 +173,3 @@ async def test_sigterm_closes_streams_and_clients_resume_on_the_other_edge(
         assert again.node != client.node
         assert_exactly_once_in_order(again.data_frames, set(range(base + 50, base + 100)))
         await again.stop()
-    finally:
-        c.stop()

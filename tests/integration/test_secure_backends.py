@@ -111,31 +111,38 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
         yield s
 
 
+def _tls_cluster(
+    backends: Backends,
+    secure_redis: tuple[int, Path],
+    tmp_path_factory: pytest.TempPathFactory,
+    password: str,
+) -> Cluster:
+    """One ingest and one edge (no nginx) on the TLS Redis as the ACL user ``crm``."""
+    port, ca = secure_redis
+    url = f"rediss://crm:{password}@127.0.0.1:{port}/0"
+    return Cluster(
+        Path(tmp_path_factory.mktemp("tls")),
+        Backends(backends.kafka_bootstrap, url, "tls"),
+        edges=1,
+        with_nginx=False,
+        env={"CRM_EVENTS_REDIS_TLS_CA_FILE": str(ca)},
+    )
+
+
 async def test_pipeline_over_tls_with_an_acl_user(
     backends: Backends,
     secure_redis: tuple[int, Path],
     tmp_path_factory: pytest.TempPathFactory,
     session: aiohttp.ClientSession,
 ) -> None:
-    port, ca = secure_redis
-    tls = Backends(backends.kafka_bootstrap, f"rediss://crm:s3cret-pass@127.0.0.1:{port}/0", "tls")
-    c = Cluster(
-        Path(tmp_path_factory.mktemp("tls")),
-        tls,
-        edges=1,
-        with_nginx=False,
-        env={"CRM_EVENTS_REDIS_TLS_CA_FILE": str(ca)},
-    )
-    c.start()
-    try:
+    c = _tls_cluster(backends, secure_redis, tmp_path_factory, "s3cret-pass")
+    with c.running():
         client = Collector(c.edge_url(1, "/crm-events")).start(session)
         await client.wait_for(lambda col: col.node is not None, 10, "stream open")
         await c.produce([(b"k", crm_event(1, "DealWon"))])
         await client.wait_for(lambda col: len(col.data_frames) >= 1, 30, "event over TLS")
         assert client.data_frames[0].json()["event"]["Seq"] == 1
         await client.stop()
-    finally:
-        c.stop()
 
 
 async def test_wrong_password_is_not_ready(
@@ -144,15 +151,7 @@ async def test_wrong_password_is_not_ready(
     tmp_path_factory: pytest.TempPathFactory,
     session: aiohttp.ClientSession,
 ) -> None:
-    port, ca = secure_redis
-    bad = Backends(backends.kafka_bootstrap, f"rediss://crm:wrong@127.0.0.1:{port}/0", "tls")
-    c = Cluster(
-        Path(tmp_path_factory.mktemp("tls-bad")),
-        bad,
-        edges=1,
-        with_nginx=False,
-        env={"CRM_EVENTS_REDIS_TLS_CA_FILE": str(ca)},
-    )
+    c = _tls_cluster(backends, secure_redis, tmp_path_factory, "wrong")
     # Started without waiting for readiness, which must never come.
     for name in c.names:
         c.sup.start(c.spec(name), wait=False)

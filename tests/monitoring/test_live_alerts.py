@@ -101,14 +101,8 @@ class Live:
 
 @pytest.fixture(scope="module")
 def cluster(backends: Backends, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    c = Cluster(Path(tmp_path_factory.mktemp("live-cluster")), backends, edges=2)
-    try:
-        c.start()
-    except Exception:
-        c.stop()
-        raise
-    yield c
-    c.stop()
+    with Cluster(Path(tmp_path_factory.mktemp("live-cluster")), backends, edges=2).running() as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
