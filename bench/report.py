@@ -40,6 +40,11 @@ def _by_server(rows: list[dict[str, Any]] | None, server: str) -> dict[str, Any]
     return None
 
 
+def _field(row: dict[str, Any] | None, key: str) -> Any:
+    """``row[key]`` of a server's result, None when that server has no result or field."""
+    return row.get(key) if row else None
+
+
 def _best(series: dict[str, Any] | None, key: str = "best") -> tuple[Any, Any]:
     if not series or not series.get(key):
         return None, None
@@ -93,24 +98,21 @@ def side_by_side(results: dict[str, Any]) -> list[str]:
         )
     b_e, b_c = _by_server(results.get("B"), "edge"), _by_server(results.get("B"), "centrifugo")
     if b_e or b_c:
-        ev = b_e.get("rss_per_conn_kb") if b_e else None
-        cv = b_c.get("rss_per_conn_kb") if b_c else None
+        ev, cv = _field(b_e, "rss_per_conn_kb"), _field(b_c, "rss_per_conn_kb")
         n = (b_e or b_c or {}).get("clients")
         met = None if ev is None or cv is None else ev <= cv
         lines.append(
             f"| B {_fmt(n)} idle clients, 1 event/s | RSS per connection, KB (lower is better) "
             f"| {_fmt(ev, 1)} | {_fmt(cv, 1)} | {_ratio(ev, cv)} | | ≤ Centrifugo | {_met(met)} |"
         )
-        ecpu = b_e.get("cpu_pct") if b_e else None
-        ccpu = b_c.get("cpu_pct") if b_c else None
+        ecpu, ccpu = _field(b_e, "cpu_pct"), _field(b_c, "cpu_pct")
         lines.append(
             f"| B | CPU % of one core (lower is better) | {_fmt(ecpu, 1)} | {_fmt(ccpu, 1)} "
             f"| {_ratio(ecpu, ccpu)} | | | |"
         )
     c_e, c_c = _by_server(results.get("C"), "edge"), _by_server(results.get("C"), "centrifugo")
     if c_e or c_c:
-        ev = c_e.get("all_caught_up_s") if c_e else None
-        cv = c_c.get("all_caught_up_s") if c_c else None
+        ev, cv = _field(c_e, "all_caught_up_s"), _field(c_c, "all_caught_up_s")
         n = (c_e or c_c or {}).get("clients")
         behind = (c_e or c_c or {}).get("behind")
 
@@ -145,16 +147,15 @@ def side_by_side(results: dict[str, Any]) -> list[str]:
         )
     e_e, e_c = _by_server(results.get("E"), "edge"), _by_server(results.get("E"), "centrifugo")
     if e_e or e_c:
-        ev = e_e.get("requests_per_s") if e_e else None
-        cv = e_c.get("requests_per_s") if e_c else None
+        ev, cv = _field(e_e, "requests_per_s"), _field(e_c, "requests_per_s")
         lines.append(
             f"| E history n=100 | requests/s | {_fmt(ev)} | {_fmt(cv)} (server API "
             f"`/api/history`) | {_ratio(ev, cv)} | | ≥ 5,000 | "
             f"{_met(None if ev is None else ev >= 5000)} |"
         )
         lines.append(
-            f"| E | p99 latency, ms | {_fmt(e_e.get('p99_ms') if e_e else None, 2)} "
-            f"| {_fmt(e_c.get('p99_ms') if e_c else None, 2)} | | | | |"
+            f"| E | p99 latency, ms | {_fmt(_field(e_e, 'p99_ms'), 2)} "
+            f"| {_fmt(_field(e_c, 'p99_ms'), 2)} | | | | |"
         )
     return lines
 

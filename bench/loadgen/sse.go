@@ -510,14 +510,8 @@ func (c *sseConn) onData(d []byte) {
 	if !ok1 || !ok2 || part < 0 || part >= maxParts {
 		g.parseErrors.Add(1)
 	} else {
-		last := c.partLast[part]
-		switch {
-		case last < 0 || off == last+1:
-		case off <= last:
-			g.dups.Add(1)
+		if !g.follows(c.partLast[part], off) {
 			return
-		default:
-			g.gaps.Add(uint64(off - last - 1))
 		}
 		c.partLast[part] = off
 	}
@@ -613,16 +607,25 @@ func (c *sseConn) onCentrifugo(d []byte) {
 	c.cfPub(off, lat)
 }
 
-func (c *sseConn) cfPub(off int64, lat int64) {
-	g := c.g
-	last := c.cfLast
+// follows checks that off continues a sequence whose newest value is last (-1: none yet).
+// A repeat counts as a duplicate and returns false (the event is dropped); a jump counts
+// the missing values as gaps.
+func (g *gen) follows(last, off int64) bool {
 	switch {
 	case last < 0 || off == last+1:
 	case off <= last:
 		g.dups.Add(1)
-		return
+		return false
 	default:
 		g.gaps.Add(uint64(off - last - 1))
+	}
+	return true
+}
+
+func (c *sseConn) cfPub(off int64, lat int64) {
+	g := c.g
+	if !g.follows(c.cfLast, off) {
+		return
 	}
 	c.cfLast = off
 	c.hasLast = true
