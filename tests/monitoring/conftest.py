@@ -1,6 +1,7 @@
 """Fixtures of the monitoring tests: the promtool/amtool/prometheus/alertmanager binaries
-(a test that needs one is skipped, with the reason, only when it is not installed), and for
-the live test the real Kafka and Redis (see tests/harness/backends.py)."""
+(a test that needs one is skipped, with the reason, only when it is not installed; `make
+install` installs them, so under CI=true that skip fails the run: see tests/conftest.py), and
+for the live test the real Kafka and Redis (see tests/harness/backends.py)."""
 
 from __future__ import annotations
 

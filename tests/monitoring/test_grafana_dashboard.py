@@ -1,10 +1,11 @@
-"""The Grafana dashboard and its provisioning, offline: the JSON schema (when the shared
-schemas are next to the checkout), what every panel must carry, every query parses (promtool)
-and reads only metrics the services export or rules record."""
+"""The Grafana dashboard and its provisioning, offline: the JSON schemas (vendored in
+monitoring/grafana/schemas/), what every panel must carry, every query parses (promtool) and
+reads only metrics the services export or rules record."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,8 @@ from .support import (
     GRAFANA_SCHEMAS,
     PROMETHEUS_SERIES,
     PROVISIONING,
+    REFRESH_SCRIPT,
+    REPO,
     SERVICE_METRICS,
     describe,
     load_dashboard,
@@ -43,9 +46,9 @@ def _all_panels() -> list[dict[str, Any]]:
 
 
 def _schema(name: str) -> dict[str, Any]:
-    if not GRAFANA_SCHEMAS.is_dir():
-        pytest.skip(f"no Grafana schemas at {GRAFANA_SCHEMAS} (the shared folder is absent)")
-    data: dict[str, Any] = json.loads((GRAFANA_SCHEMAS / name).read_text())
+    path = GRAFANA_SCHEMAS / name
+    assert path.is_file(), f"no vendored {name}: add it to {REFRESH_SCRIPT.name} and rerun it"
+    data: dict[str, Any] = json.loads(path.read_text())
     return data
 
 
@@ -61,6 +64,38 @@ def _validate(instance: Any, schema: dict[str, Any], definition: str | None = No
     )
 
 
+def _script_schema_names() -> set[str]:
+    """The SCHEMAS=(...) list of the refresh script, as file names."""
+    match = re.search(r"^SCHEMAS=\(([^)]*)\)$", REFRESH_SCRIPT.read_text(), re.MULTILINE)
+    assert match, f"no SCHEMAS=(...) line in {REFRESH_SCRIPT.name}"
+    return {f"{name}.jsonschema.json" for name in match.group(1).split()}
+
+
+def test_the_schemas_are_vendored_with_their_licence_and_version() -> None:
+    """The tests read the project's own copy (no folder outside the checkout), which is what
+    the refresh script writes, under upstream's Apache-2.0 licence, at a recorded commit."""
+    assert GRAFANA_SCHEMAS.resolve().is_relative_to(REPO)
+    vendored = {p.name for p in GRAFANA_SCHEMAS.glob("*.jsonschema.json")}
+    assert vendored == _script_schema_names()
+    licence = (GRAFANA_SCHEMAS / "LICENSE").read_text()
+    assert "Apache License" in licence and "Version 2.0, January 2004" in licence
+    notice = (GRAFANA_SCHEMAS / "NOTICE").read_text()
+    assert "grafana-foundation-sdk" in notice and "Apache License, Version 2.0" in notice
+    commit = re.search(r"^Commit:\s+([0-9a-f]{40})\b", notice, re.MULTILINE)
+    assert commit, "NOTICE records no upstream commit"
+    readme = (GRAFANA_SCHEMAS / "README.md").read_text()
+    assert commit.group(1) in readme, "README.md and NOTICE name different versions"
+
+
+@pytest.mark.parametrize("name", sorted(_script_schema_names()))
+def test_vendored_schema_is_a_valid_draft7_schema(name: str) -> None:
+    import jsonschema
+
+    schema = _schema(name)
+    assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"
+    jsonschema.Draft7Validator.check_schema(schema)
+
+
 def test_dashboard_matches_the_grafana_schema(dashboard: dict[str, Any]) -> None:
     _validate(dashboard, _schema("dashboard.jsonschema.json"))
 
@@ -68,10 +103,8 @@ def test_dashboard_matches_the_grafana_schema(dashboard: dict[str, Any]) -> None
 @pytest.mark.parametrize("panel", _all_panels(), ids=lambda p: f"{p['id']}-{p['type']}")
 def test_panel_options_match_their_panel_schema(panel: dict[str, Any]) -> None:
     """options and fieldConfig.defaults.custom against <type>.jsonschema.json, targets
-    against prometheus.jsonschema.json (panel kinds without a schema: options unchecked)."""
-    if not (GRAFANA_SCHEMAS / f"{panel['type']}.jsonschema.json").is_file():
-        _schema("dashboard.jsonschema.json")  # skips when the folder is absent
-        pytest.skip(f"no schema for panel type {panel['type']}")
+    against prometheus.jsonschema.json. A panel kind without a vendored schema fails: vendor
+    it rather than leave the panel unchecked."""
     schema = _schema(f"{panel['type']}.jsonschema.json")
     _validate(panel["options"], schema, "Options")
     custom = panel["fieldConfig"]["defaults"].get("custom")
