@@ -7,7 +7,7 @@ SHELL := /bin/bash
 BIN := .venv/bin
 STACK := $(BIN)/crm-events-stack
 
-.PHONY: help install up down status lint unit test chaos browser token bench bench-full
+.PHONY: help install up down status lint unit test chaos browser token wheel bench bench-full
 
 help:
 	@echo "make install   Debian packages, .venv, Kafka jars (idempotent, fast when done)"
@@ -15,6 +15,7 @@ help:
 	@echo "make down      stop what 'make up' started"
 	@echo "make status    table of the stack's parts"
 	@echo "make token     a development JWT for the local stack (every type, 24 h)"
+	@echo "make wheel     the crm-events wheel into dist/ (shared, ingest, edge; no devtools)"
 	@echo "make lint      ruff and mypy"
 	@echo "make unit      unit tests only (no services)"
 	@echo "make test      lint, then all tests against a local Kafka and Redis"
@@ -22,12 +23,16 @@ help:
 	@echo "make browser   the browser tests alone (Chromium and Firefox ESR)"
 	@echo "make bench     benchmarks beside Centrifugo, quick (~8 min; bench/README.md)"
 	@echo "make bench-full the full benchmark (~25 min; Centrifugo built once, ~10 min)"
+	@echo "make grafana-schemas  refresh the vendored Grafana JSON schemas (GRAFANA_SDK_REF=tag)"
 
 install:
 	@bash scripts/install.sh
 
+# The revision shown in crm_events_build_info and --version: the checkout's commit, unless
+# CRM_EVENTS_REVISION is set (the processes themselves never ask git).
 up: install
-	@$(STACK) up
+	@CRM_EVENTS_REVISION="$${CRM_EVENTS_REVISION:-$$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}" \
+	$(STACK) up
 
 # No install here: with no .venv there is nothing of ours to stop.
 down:
@@ -56,11 +61,26 @@ chaos: install
 browser: install
 	@bash scripts/test.sh tests/browser -q -s
 
-token: install
+# Only the token goes to stdout, so that TOKEN=$(make token) works. It needs only .venv;
+# when install has to run first, its progress goes to stderr.
+token:
+	@[[ -x $(STACK) ]] || bash scripts/install.sh >&2
 	@$(STACK) token
+
+# build/ goes first: setuptools packs whatever an earlier build left in build/lib. No build
+# isolation: .venv has setuptools (test extra), so nothing is downloaded.
+wheel: install
+	@rm -rf build
+	$(BIN)/python -m pip wheel -q --no-deps --no-build-isolation -w dist .
 
 bench: install
 	$(BIN)/python -m bench --profile quick
 
 bench-full: install
 	$(BIN)/python -m bench --profile full
+
+# Not part of install or test: the tests read only the vendored copy. Without
+# GRAFANA_SDK_REF, the newest release tag (monitoring/grafana/schemas/README.md).
+.PHONY: grafana-schemas
+grafana-schemas:
+	@bash scripts/refresh-grafana-schemas.sh $(GRAFANA_SDK_REF)

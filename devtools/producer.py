@@ -40,12 +40,14 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaError
+
+from shared import cli
 
 __all__ = ["EventFactory", "ProducerSettings", "SettingsError", "main", "run"]
 
@@ -525,7 +527,18 @@ async def run(settings: ProducerSettings, stop: asyncio.Event) -> int:
     return stats.acked
 
 
-def main() -> int:
+DESCRIPTION = (
+    "Send sample CRM events (contacts, deals, tickets; keyed by aggregate over every "
+    "partition) to Kafka until SIGTERM/SIGINT, or until CRM_EVENTS_PRODUCER_COUNT events are "
+    "sent. Main settings: CRM_EVENTS_KAFKA_BOOTSTRAP (default 127.0.0.1:9092), "
+    "CRM_EVENTS_KAFKA_TOPIC, CRM_EVENTS_PRODUCER_RATE (events per second, default 5), "
+    "CRM_EVENTS_PRODUCER_COUNT (0: forever), CRM_EVENTS_PRODUCER_SEED."
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # Arguments first: --help, --version or a typo must never start producing.
+    cli.parser("crm-events-producer", DESCRIPTION).parse(argv)
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,

@@ -68,6 +68,7 @@ from devtools.supervisor import (
     SupervisorError,
 )
 from edge.auth import issue_token
+from shared import cli
 
 __all__ = [
     "DEFAULT_EDGE_PORTS",
@@ -682,13 +683,15 @@ def _print_status(rows: Sequence[PartStatus]) -> None:
         print(f"{r.name:<12} {pid:>8}  {r.state.value:<8} {ready:<6} {port}")
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="crm-events-stack",
-        description="Run the crm-events local stack (Kafka, Redis, ingest, edges, nginx, "
-        "producer) as background processes with pidfiles under the run directory.",
+def _build_parser() -> cli.Parser:
+    parser = cli.parser(
+        "crm-events-stack",
+        "Run the crm-events local stack (Kafka, Redis, ingest, edges, nginx, producer, "
+        "Prometheus, Alertmanager) as background processes with pidfiles under the run "
+        "directory. Runs from a checkout of the repository (it reads deploy/ and monitoring/).",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Required, but checked after parsing so that an unknown argument is the one named.
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("up", help="start every part that is not running, then print the URLs")
     sub.add_parser("down", help="stop every part this run directory started, in reverse order")
     st = sub.add_parser(
@@ -768,7 +771,18 @@ def _run(args: argparse.Namespace, stack: Stack) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
+    parser = _build_parser()
+    args = parser.parse(argv)
+    if args.command is None:
+        parser.error("a COMMAND is required")
+    if not (checkout_dir() / "deploy").is_dir():
+        # Installed from a wheel rather than editable from a checkout: no configs to run.
+        print(
+            f"crm-events-stack: error: no deploy/ beside {Path(__file__).parent}; the stack "
+            "runs from a checkout (scripts/install.sh installs it editable)",
+            file=sys.stderr,
+        )
+        return 2
     logging.basicConfig(level=logging.WARNING, format="crm-events-stack: %(message)s")
     # The readiness probes poll a broker that is still starting; aiokafka would log each
     # refused attempt as an error.

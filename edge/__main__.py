@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.argv[1:] if argv is None else argv,
         os.environ,
         EdgeSettings.from_env,
+        description="One stateless edge node: serves GET /crm-events (Server-Sent Events, "
+        "resumable with Last-Event-ID) and GET /crm-events/history from Redis, plus the "
+        "Command Center page, /healthz, /readyz and /metrics.",
     )
     if check_only:
         print(repr(settings))

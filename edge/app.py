@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 
@@ -16,9 +15,10 @@ from shared.keys import RedisKeys
 from shared.redis_client import make_redis
 from shared.settings import EdgeSettings
 from shared.sse import comment_frame, retry_frame
+from shared.tasks import Supervisor
 
 from .auth import Authenticator
-from .bus import Bus
+from .bus import BadInput, Bus
 from .bus_redis import RedisBus
 from .context import EdgeContext
 from .cors import cors_middleware, cors_refusals_counter, cors_response_headers
@@ -47,11 +47,14 @@ def create_app(
     settings: EdgeSettings,
     registry: CollectorRegistry | None = None,
     bus: Bus | None = None,
+    tasks: Supervisor | None = None,
 ) -> web.Application:
     """Build the edge app. ``bus`` injects another Bus (the in-memory one in unit tests);
-    by default a Redis bus is created and closed with the app."""
+    by default a Redis bus is created and closed with the app. ``tasks`` injects the
+    supervisor of the background tasks (tests control its restart delay)."""
     registry = registry if registry is not None else CollectorRegistry()
     metrics = EdgeMetrics(registry, settings.node_id)
+    supervisor = tasks if tasks is not None else Supervisor(registry)
     breakers = BreakerMetrics(registry)
     # Built here, not in the lifecycle, so a bad key file fails before the port is bound.
     authenticator = Authenticator(settings.auth)
@@ -89,6 +92,11 @@ def create_app(
         b = settings.breaker
         breaker = CircuitBreaker("redis", breakers, b.failures, b.reset_s, settings.backoff_max_s)
         subscription = Subscription(active_bus, hub, metrics, settings.resume_page, breaker)
+
+        def count_bad_input(bad: BadInput) -> None:
+            metrics.bad_messages.labels(reason=bad.reason).inc()
+
+        active_bus.bad_inputs.sink = count_bad_input
         limits = settings.limits
         ctx = EdgeContext(
             settings,
@@ -107,12 +115,13 @@ def create_app(
             preface=retry_frame(settings.retry_ms) + comment_frame(f"node {settings.node_id}"),
         )
         app[CONTEXT] = ctx
-        task = asyncio.create_task(subscription.run(), name="edge-subscription")
+        # Watched: if it ever ends (a bug, an input nobody foresaw), /readyz names it and it
+        # is restarted; its repair then resumes from the hub's last id, gap-free.
+        supervisor.add("edge-subscription", subscription.run)
+        supervisor.start()
         log.info("edge started", extra={"port": settings.port, "redis": repr(settings.redis)})
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await supervisor.stop()
         for close in closers:
             result = close()
             if asyncio.iscoroutine(result):
@@ -124,6 +133,7 @@ def create_app(
         # to another edge) at once, resuming with Last-Event-ID.
         ctx = app[CONTEXT]
         ctx.shutting_down = True
+        ctx.closing.set()
         count = hub.client_count
         hub.close_all("shutdown")
         log.info("closing streams for shutdown", extra={"clients": count})
@@ -133,8 +143,16 @@ def create_app(
         subscribed = ctx.subscription.ready.is_set()
         redis_ok = await ctx.bus.ping()
         circuit = ctx.subscription.breaker.state.name.lower()
-        ok = subscribed and redis_ok and ctx.subscription.breaker.closed and not ctx.shutting_down
+        failed = supervisor.failed
+        ok = (
+            subscribed
+            and redis_ok
+            and ctx.subscription.breaker.closed
+            and not ctx.shutting_down
+            and not failed
+        )
         return ok, {
+            "failed_tasks": failed,
             "circuit": circuit,
             "redis": redis_ok,
             "subscribed": subscribed,
@@ -152,7 +170,7 @@ def create_app(
     app.on_shutdown.append(on_shutdown)
     app.router.add_get("/crm-events", crm_events)
     app.router.add_get("/crm-events/history", history)
-    add_ops_page_routes(app)
+    add_ops_page_routes(app, auth_cookie=settings.auth.cookie)
     add_openapi_route(app)
     add_ops_routes(app, registry, metrics, ready)
     return app

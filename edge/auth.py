@@ -156,11 +156,16 @@ class Authenticator:
         ):
             raise _unauthorized(f"'{self._s.match_claim}' must map field names to values")
         exp = claims.get("exp")
+        # RFC 7519 makes exp a NumericDate: a JSON number. PyJWT also accepts a numeric
+        # string, which the expiry timer would not see; such a token would never end its
+        # stream, so it is refused rather than guessed at.
+        if not isinstance(exp, int | float) or isinstance(exp, bool):
+            raise _unauthorized("'exp' must be a number (seconds since the epoch)")
         subject = claims.get("sub")
         return Grant(
             types,
             frozenset((k, str(v)) for k, v in raw_match.items()),
-            float(exp) if isinstance(exp, int | float) else None,
+            float(exp),
             subject if isinstance(subject, str) else None,
         )
 

@@ -12,7 +12,21 @@ from collections.abc import AsyncIterator
 from shared.events import NO_MATCH
 from shared.ids import ZERO, StreamId
 
-from .bus import SUBSCRIBED, BusDisconnected, BusUnavailable, Entry, StreamInfo, _Subscribed
+from .bus import (
+    SUBSCRIBED,
+    BadInputs,
+    BusDisconnected,
+    BusUnavailable,
+    Entry,
+    StreamInfo,
+    _Resync,
+    _Subscribed,
+    read_live_payload,
+    read_stream_rows,
+)
+
+STREAM = "memory:stream"
+CHANNEL = "memory:live"
 
 _DROP = object()
 
@@ -20,7 +34,9 @@ _DROP = object()
 class MemoryBus:
     def __init__(self, maxlen: int = 10_000, start_ms: int = 1_700_000_000_000) -> None:
         self.maxlen = maxlen
-        self._entries: list[Entry] = []
+        self._entries: list[Entry | tuple[StreamId, dict[bytes, bytes]]] = []
+        """Entries, and raw field maps added with ``add_raw`` (foreign or malformed)."""
+        self.bad_inputs = BadInputs()
         self._ms = start_ms
         self._seq = 0
         self._last = ZERO
@@ -56,6 +72,33 @@ class MemoryBus:
             feed.put_nowait(batch)
         return batch
 
+    def publish_raw(self, payload: bytes) -> None:
+        """Publish bytes on the live channel as they are (what a foreign or broken publisher
+        could send); the feed parses them exactly as the Redis bus does."""
+        for feed in self._feeds:
+            feed.put_nowait(payload)
+
+    def add_raw(self, fields: dict[bytes, bytes]) -> StreamId:
+        """XADD arbitrary fields to the stream, without publishing (a foreign writer)."""
+        self._seq += 1
+        sid = StreamId(self._ms, self._seq)
+        if not self._exists:
+            self._exists = True
+            self._genesis = sid
+        self._entries.append((sid, dict(fields)))
+        self._added += 1
+        self._last = sid
+        return sid
+
+    def _read(self, rows: list[Entry | tuple[StreamId, dict[bytes, bytes]]]) -> list[Entry]:
+        out: list[Entry] = []
+        for row in rows:
+            if isinstance(row, Entry):
+                out.append(row)
+            else:
+                out += read_stream_rows([(row[0].encode(), row[1])], STREAM, self.bad_inputs)
+        return out
+
     def drop_subscriptions(self) -> None:
         for feed in self._feeds:
             feed.put_nowait(_DROP)
@@ -79,7 +122,7 @@ class MemoryBus:
         return StreamInfo(
             exists=self._exists,
             length=len(self._entries),
-            first_id=self._entries[0].id if self._entries else None,
+            first_id=_id(self._entries[0]) if self._entries else None,
             last_id=self._last,
             max_deleted_id=self._max_deleted,
             entries_added=self._added,
@@ -90,18 +133,20 @@ class MemoryBus:
         self, after: StreamId, count: int, until: StreamId | None = None
     ) -> list[Entry]:
         self._check_reads()
-        rows = [e for e in self._entries if e.id > after and (until is None or e.id <= until)]
+        rows = self._read(
+            [e for e in self._entries if _id(e) > after and (until is None or _id(e) <= until)]
+        )
         return rows[:count]
 
     async def read_before(self, before: StreamId | None, count: int) -> list[Entry]:
         self._check_reads()
-        rows = [e for e in reversed(self._entries) if before is None or e.id < before]
+        rows = self._read([e for e in reversed(self._entries) if before is None or _id(e) < before])
         return rows[:count]
 
     async def ping(self) -> bool:
         return self.healthy
 
-    async def live(self) -> AsyncIterator[list[Entry] | _Subscribed]:
+    async def live(self) -> AsyncIterator[list[Entry] | _Subscribed | _Resync]:
         feed: asyncio.Queue[object] = asyncio.Queue()
         self._feeds.append(feed)
         try:
@@ -110,7 +155,22 @@ class MemoryBus:
                 item = await feed.get()
                 if item is _DROP:
                     raise BusDisconnected("dropped by the test")
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, bytes):
+                    for parsed in read_live_payload(item, CHANNEL, self.bad_inputs):
+                        yield parsed
+                    continue
                 assert isinstance(item, list)
                 yield item
         finally:
             self._feeds.remove(feed)
+
+    def fail_live(self, exc: BaseException) -> None:
+        """Make every live feed raise ``exc`` (an unforeseen failure, for supervision tests)."""
+        for feed in self._feeds:
+            feed.put_nowait(exc)
+
+
+def _id(row: Entry | tuple[StreamId, dict[bytes, bytes]]) -> StreamId:
+    return row.id if isinstance(row, Entry) else row[0]

@@ -12,33 +12,26 @@ from typing import Any, cast
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from shared.events import NO_MATCH
+from shared.contract import RedisKeys
 from shared.ids import ZERO, StreamId, parse_id_bytes
-from shared.keys import RedisKeys
 
-from .bus import SUBSCRIBED, BusDisconnected, BusUnavailable, Entry, StreamInfo, _Subscribed
+from .bus import (
+    SUBSCRIBED,
+    BadInputs,
+    BusDisconnected,
+    BusUnavailable,
+    Entry,
+    StreamInfo,
+    _Resync,
+    _Subscribed,
+    parse_live_payload,
+    read_live_payload,
+    read_stream_rows,
+)
 
 log = logging.getLogger(__name__)
 
-
-def parse_live_payload(payload: bytes) -> list[Entry]:
-    """Decode one published batch: lines of ``<id> <type> <ts> <match> <envelope>``."""
-    entries = []
-    for line in payload.split(b"\n"):
-        id_b, type_b, ts_b, match, data = line.split(b" ", 4)
-        entries.append(Entry.build(id_b, type_b, int(ts_b), data, parse_id_bytes(id_b), match))
-    return entries
-
-
-def _entry(id_b: bytes, fields: dict[bytes, bytes]) -> Entry:
-    return Entry.build(
-        id_b,
-        fields[b"t"],
-        int(fields[b"ts"]),
-        fields[b"d"],
-        parse_id_bytes(id_b),
-        fields.get(b"m", NO_MATCH),
-    )
+__all__ = ["RedisBus", "parse_live_payload"]
 
 
 class RedisBus:
@@ -49,6 +42,7 @@ class RedisBus:
         self._pubsub_redis = pubsub_redis
         self._keys = keys
         self._ping_interval_s = ping_interval_s
+        self.bad_inputs = BadInputs()
 
     async def info(self) -> StreamInfo:
         try:
@@ -83,28 +77,38 @@ class RedisBus:
     async def read_after(
         self, after: StreamId, count: int, until: StreamId | None = None
     ) -> list[Entry]:
-        try:
-            rows = await self._redis.xrange(
-                self._keys.stream,
-                min=b"(" + after.encode(),
-                max=until.encode() if until is not None else b"+",
-                count=count,
-            )
-        except RedisError as exc:
-            raise BusUnavailable(str(exc)) from exc
-        return [_entry(id_b, fields) for id_b, fields in cast(list[Any], rows)]
+        out: list[Entry] = []
+        low = b"(" + after.encode()
+        high = until.encode() if until is not None else b"+"
+        while True:
+            want = count - len(out)
+            try:
+                raw = await self._redis.xrange(self._keys.stream, min=low, max=high, count=want)
+            except RedisError as exc:
+                raise BusUnavailable(str(exc)) from exc
+            rows = cast(list[tuple[bytes, dict[bytes, bytes]]], raw)
+            out += read_stream_rows(rows, self._keys.stream, self.bad_inputs)
+            # Fewer rows than asked: the end of the range. Otherwise a malformed entry was
+            # skipped, and reading on keeps "fewer than count" meaning the end (callers
+            # page on that).
+            if len(rows) < want or len(out) >= count:
+                return out
+            low = b"(" + rows[-1][0]
 
     async def read_before(self, before: StreamId | None, count: int) -> list[Entry]:
-        try:
-            rows = await self._redis.xrevrange(
-                self._keys.stream,
-                max=b"(" + before.encode() if before is not None else b"+",
-                min=b"-",
-                count=count,
-            )
-        except RedisError as exc:
-            raise BusUnavailable(str(exc)) from exc
-        return [_entry(id_b, fields) for id_b, fields in cast(list[Any], rows)]
+        out: list[Entry] = []
+        high = b"(" + before.encode() if before is not None else b"+"
+        while True:
+            want = count - len(out)
+            try:
+                raw = await self._redis.xrevrange(self._keys.stream, max=high, min=b"-", count=want)
+            except RedisError as exc:
+                raise BusUnavailable(str(exc)) from exc
+            rows = cast(list[tuple[bytes, dict[bytes, bytes]]], raw)
+            out += read_stream_rows(rows, self._keys.stream, self.bad_inputs)
+            if len(rows) < want or len(out) >= count:
+                return out
+            high = b"(" + rows[-1][0]
 
     async def ping(self) -> bool:
         try:
@@ -112,7 +116,7 @@ class RedisBus:
         except (RedisError, OSError, TimeoutError):
             return False
 
-    async def live(self) -> AsyncIterator[list[Entry] | _Subscribed]:
+    async def live(self) -> AsyncIterator[list[Entry] | _Subscribed | _Resync]:
         pubsub = self._pubsub_redis.pubsub()
         interval = self._ping_interval_s
         try:
@@ -132,7 +136,10 @@ class RedisBus:
                     idle = 0.0
                     kind = message["type"]
                     if kind == "message":
-                        yield parse_live_payload(message["data"])
+                        for item in read_live_payload(
+                            message["data"], self._keys.live, self.bad_inputs
+                        ):
+                            yield item
                     elif kind == "subscribe":
                         # Also seen after redis-py reconnects by itself: anything published
                         # in between was missed, so the caller must repair.

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from aiohttp import web
 
@@ -14,12 +16,16 @@ from .auth import Authenticator, Grant
 from .bus import Bus
 from .hub import Hub
 from .limits import ConnectionLimiter, RateLimiter, TrustedProxies, client_ip
-from .lru import Lru
+from .lru import ByteLru
 from .metrics import EdgeMetrics
 from .subscription import Subscription
 
-CACHED_REPLAY_PAGES = 64
-CACHED_HISTORY_BODIES = 256
+K = TypeVar("K")
+V = TypeVar("V")
+
+CACHE_ITEM_SHARE = 8
+"""An entry larger than 1/8 of its cache's budget is not cached: one request cannot evict
+more than that share of what other clients use, and a full cache holds at least 8 entries."""
 
 
 @dataclass(slots=True)
@@ -36,16 +42,30 @@ class EdgeContext:
     preface: bytes
     """Sent first on every stream: the ``retry:`` hint and a comment naming the node."""
     shutting_down: bool = False
-    replay_pages: Lru[tuple[object, ...], tuple[bytes, bytes, StreamId, int]] = field(
-        default_factory=lambda: Lru(CACHED_REPLAY_PAGES)
+    closing: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set with ``shutting_down``: wakes streams still being set up, so that they end within
+    the drain rather than stream on until the server cancels them."""
+    replay_pages: ByteLru[tuple[object, ...], tuple[bytes, bytes, StreamId, int]] = field(
+        init=False
     )
     """Joined frames of ring pages (as is and as one HTTP chunk), keyed by (after, head,
     filter group): a reconnect storm resumes thousands of clients from the same place, so
-    each page is joined once."""
-    history_bodies: Lru[tuple[object, ...], bytes] = field(
-        default_factory=lambda: Lru(CACHED_HISTORY_BODIES)
-    )
-    """History responses served from the ring, keyed by the ring's last id and the query."""
+    each page is joined once. At most ``settings.replay_cache_bytes``."""
+    history_bodies: ByteLru[tuple[object, ...], bytes] = field(init=False)
+    """History responses served from the ring, keyed by the ring's last id and the query.
+    At most ``settings.history_cache_bytes``."""
+
+    def __post_init__(self) -> None:
+        # Keys and sizes are client-chosen, so both caches are bounded by bytes.
+        self.replay_pages = self._cache("replay", self.settings.replay_cache_bytes)
+        self.history_bodies = self._cache("history", self.settings.history_cache_bytes)
+
+    def _cache(self, name: str, budget_bytes: int) -> ByteLru[K, V]:
+        cache: ByteLru[K, V] = ByteLru(budget_bytes, budget_bytes // CACHE_ITEM_SHARE)
+        # Read at scrape time: nothing to keep in step on the request path.
+        self.metrics.cache_bytes.labels(cache=name).set_function(lambda: cache.held_bytes)
+        self.metrics.cache_entries.labels(cache=name).set_function(lambda: len(cache))
+        return cache
 
     def grant(self, request: web.Request) -> Grant:
         """Authenticate the request, counting refusals."""

@@ -73,6 +73,11 @@ class ConnectionLimiter:
         self._per_ip: dict[str, int] = {}
         self._rejected = rejected
 
+    @property
+    def held(self) -> int:
+        """Streams holding a slot now (set up or serving)."""
+        return self._total
+
     def acquire(self, ip: str) -> None:
         if self._total >= self.max_total:
             self._rejected.labels(limit="connections").inc()

@@ -6,6 +6,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from shared.metrics import CommonMetrics
 
+from .bus import BAD_INPUT_REASONS
 from .limits import LIMITS
 
 # 0.05 and 0.1 are boundaries on purpose: the latency SLO is expressed on them.
@@ -105,3 +106,27 @@ class EdgeMetrics(CommonMetrics):
         self.resumed_with_reset = self.resumes.labels(outcome="reset")
         for reason in RESET_REASONS:
             self.resets.labels(reason=reason)
+        # The byte-bounded caches (edge/context.py binds each child to its cache).
+        self.cache_bytes = Gauge(
+            "crm_events_cache_bytes",
+            "Approximate bytes held by each of the edge's caches (history: history bodies, "
+            "replay: joined replay pages), keys and per-entry bookkeeping included.",
+            ["cache"],
+            registry=registry,
+        )
+        self.cache_entries = Gauge(
+            "crm_events_cache_entries",
+            "Entries held by each of the edge's caches (history, replay).",
+            ["cache"],
+            registry=registry,
+        )
+        # Input from Redis that breaks the contract (shared/contract.py): skipped, never fatal.
+        self.bad_messages = Counter(
+            "crm_events_bad_messages",
+            "Malformed input read from Redis and skipped, by reason: bad_live_line (a line on "
+            "the live channel), bad_entry (a stream entry; counted once per entry).",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in BAD_INPUT_REASONS:
+            self.bad_messages.labels(reason=reason)

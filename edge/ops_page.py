@@ -9,6 +9,10 @@ Routes:
 * ``GET /ops/crm-events``: the page (``/ops/crm-events/`` redirects there);
 * ``GET /ops/crm-events/assets/{name}``: its script, style sheet and icon.
 
+The page carries the name of the edge's auth cookie (``CRM_EVENTS_AUTH_COOKIE``) in a
+``<meta name="crm-events-auth-cookie">`` tag, filled in here: its sign-in link (``#token=``)
+stores the token under the name this edge reads, whatever it is configured to.
+
 Files are read when first asked for and again when they change on disk (a developer edits
 and reloads), answered with an ``ETag`` and ``Cache-Control: no-cache`` so browsers
 revalidate cheaply. A missing file is a JSON 404 like every other error; the edge itself
@@ -18,12 +22,15 @@ does not depend on the page being installed.
 from __future__ import annotations
 
 import hashlib
+import html
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
 
 from shared.httpkit import ApiError
+from shared.security_settings import DEFAULT_AUTH_COOKIE
 
 __all__ = ["ASSETS", "PAGE_PATH", "STATIC_DIR", "add_ops_page_routes"]
 
@@ -46,6 +53,8 @@ _PAGE_HEADERS = {
     "Referrer-Policy": "no-referrer",
 }
 _COMMON_HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
+#: The tag of the page that names the auth cookie; its content is this edge's setting.
+_COOKIE_META = re.compile(rb'<meta name="crm-events-auth-cookie" content="[^"]*">')
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +90,16 @@ class _Files:
         return entry
 
 
+def _render_page(file: _File, auth_cookie: str) -> _File:
+    meta = f'<meta name="crm-events-auth-cookie" content="{html.escape(auth_cookie)}">'
+    body, found = _COOKIE_META.subn(meta.encode(), file.body, count=1)
+    if not found:
+        # Without the tag the page would sign in under a name this edge may not read.
+        raise ApiError(500, "internal", f"{PAGE_FILE} lacks its crm-events-auth-cookie tag")
+    etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+    return _File(file.stamp, body, etag)
+
+
 def _respond(
     request: web.Request, file: _File, content_type: str, extra: dict[str, str] | None = None
 ) -> web.Response:
@@ -91,12 +110,25 @@ def _respond(
     return web.Response(body=file.body, headers=headers)
 
 
-def add_ops_page_routes(app: web.Application, static_dir: Path | None = None) -> None:
-    """Register the page and its assets on ``app`` (``static_dir`` for tests)."""
+def add_ops_page_routes(
+    app: web.Application,
+    static_dir: Path | None = None,
+    *,
+    auth_cookie: str = DEFAULT_AUTH_COOKIE,
+) -> None:
+    """Register the page and its assets on ``app`` (``static_dir`` for tests);
+    ``auth_cookie`` is the cookie the edge reads its token from."""
     files = _Files(static_dir if static_dir is not None else STATIC_DIR)
+    rendered: dict[str, _File] = {}  # etag of the file on disk -> the page as served
 
     async def page(request: web.Request) -> web.Response:
-        return _respond(request, files.get(PAGE_FILE), "text/html; charset=utf-8", _PAGE_HEADERS)
+        source = files.get(PAGE_FILE)
+        out = rendered.get(source.etag)
+        if out is None:
+            out = _render_page(source, auth_cookie)
+            rendered.clear()
+            rendered[source.etag] = out
+        return _respond(request, out, "text/html; charset=utf-8", _PAGE_HEADERS)
 
     async def page_slash(request: web.Request) -> web.Response:
         location = PAGE_PATH + (f"?{request.query_string}" if request.query_string else "")

@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
@@ -25,6 +27,33 @@ log = logging.getLogger(__name__)
 
 READY_WAIT_S = 3.0
 
+T = TypeVar("T")
+
+
+async def _unless_closing(ctx: EdgeContext, awaitable: Awaitable[T]) -> T | None:
+    """``awaitable``'s result, or None as soon as the edge starts shutting down.
+
+    A request that passed the ``shutting_down`` check may still be waiting here (for
+    readiness, or for Redis to locate its position) when SIGTERM's ``close_all`` runs; it
+    must not wait on, then attach and stream until the server cancels it."""
+    if ctx.shutting_down:
+        if asyncio.iscoroutine(awaitable):
+            awaitable.close()
+        return None
+    work = asyncio.ensure_future(awaitable)
+    closing = asyncio.ensure_future(ctx.closing.wait())
+    try:
+        done, _ = await asyncio.wait((work, closing), return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        work.cancel()  # the ready wait's timeout, or the request went away
+        raise
+    finally:
+        closing.cancel()
+    if work in done:
+        return work.result()
+    work.cancel()
+    return None
+
 
 async def _wait_ready(ctx: EdgeContext) -> None:
     if ctx.subscription.ready.is_set():
@@ -32,7 +61,8 @@ async def _wait_ready(ctx: EdgeContext) -> None:
     # A just-restarted edge, or one riding out a Redis blip: hold the request briefly
     # rather than fail a browser's EventSource, which does not retry after an error status.
     try:
-        await asyncio.wait_for(ctx.subscription.ready.wait(), timeout=READY_WAIT_S)
+        async with asyncio.timeout(READY_WAIT_S):
+            await _unless_closing(ctx, ctx.subscription.ready.wait())
     except TimeoutError:
         raise ApiError(
             503,
@@ -71,14 +101,20 @@ async def _serve(
     settings, metrics, hub = ctx.settings, ctx.metrics, ctx.hub
     await _wait_ready(ctx)
     decision: Resume | Reset | None = None
-    if last_event_id is not None and hub.ring.covers(last_event_id):
+    if ctx.shutting_down:
+        # SIGTERM came while this stream was being set up: it gets the preface and ends
+        # at once below, so that the client reconnects elsewhere (an EventSource gives up
+        # for good on an error status, but reconnects after a stream that ends).
+        pass
+    elif last_event_id is not None and hub.ring.covers(last_event_id):
         # Everything after it is in memory: gap-free without asking Redis.
         metrics.ring_hits.inc()
         decision = Resume(last_event_id)
     elif last_event_id is not None:
         metrics.ring_misses.inc()
         try:
-            decision = check_position(last_event_id, await ctx.bus.info())
+            info = await _unless_closing(ctx, ctx.bus.info())
+            decision = check_position(last_event_id, info) if info is not None else None
         except BusUnavailable as exc:
             raise ApiError(
                 503,
@@ -104,6 +140,10 @@ async def _serve(
         client.transport = transport
     resume_after = decision.after if decision is not None else None
     head = hub.attach(client, resume_after)
+    if ctx.shutting_down:
+        # on_shutdown's close_all ran while this stream was being set up; nothing awaits
+        # between attach and this check, so no stream can slip past both.
+        client.close("shutdown")
     metrics.clients.inc()
     metrics.connections.inc()
     # The ping task ends when the peer goes away; that must wake this handler too.

@@ -15,7 +15,7 @@ import logging
 from shared.breaker import CircuitBreaker
 from shared.sse import control_frame
 
-from .bus import SUBSCRIBED, Bus, BusDisconnected, BusUnavailable
+from .bus import RESYNC, SUBSCRIBED, Bus, BusDisconnected, BusUnavailable
 from .hub import Hub
 from .metrics import EdgeMetrics
 from .resume import Reset, check_position
@@ -38,6 +38,8 @@ class Subscription:
         self.ready = asyncio.Event()
 
     async def run(self) -> None:
+        # Also after a restart by the supervisor: not ready until subscribed and repaired.
+        self._set_ready(False)
         connected_once = False
         while True:
             delay = self.breaker.wait_s()
@@ -49,12 +51,18 @@ class Subscription:
                     if item is SUBSCRIBED:
                         if connected_once:
                             self._metrics.bus_reconnects.inc()
-                        await self._repair()
+                        await self._repair("resubscribed")
                         connected_once = True
                         self.breaker.success()
                         self._set_ready(True)
                     elif isinstance(item, list):
                         self._metrics.messages.inc(self._hub.dispatch(item))
+                    elif item is RESYNC:
+                        # A malformed live line was skipped (the bus reported it). It may
+                        # have stood for a real event: the stream is the truth, so read it
+                        # after our last id before dispatching anything later; the hub drops
+                        # what the repair already delivered.
+                        await self._repair("resynced after a malformed live line")
                 raise BusDisconnected("the subscription ended")
             except asyncio.CancelledError:
                 raise
@@ -79,7 +87,7 @@ class Subscription:
         else:
             self.ready.clear()
 
-    async def _repair(self) -> None:
+    async def _repair(self, what: str) -> None:
         hub = self._hub
         info = await self._bus.info()
         if not hub.initialized:
@@ -109,4 +117,4 @@ class Subscription:
                 break
         self._metrics.bus_repaired.inc(repaired)
         self._metrics.messages.inc(repaired)
-        log.info("resubscribed", extra={"repaired_events": repaired, "last_id": str(hub.last_id)})
+        log.info(what, extra={"repaired_events": repaired, "last_id": str(hub.last_id)})

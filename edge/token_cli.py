@@ -3,22 +3,32 @@ for operators of a deployment that uses a shared secret (e.g. docker-compose).""
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from shared import cli
+
 from .auth import issue_token
+
+DESCRIPTION = (
+    "Print an HS256 JWT signed with the shared secret in --secret-file (the edge's "
+    "CRM_EVENTS_JWT_SECRET_FILE), granting the given event types."
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="crm-events-token", description=__doc__)
-    parser.add_argument("--secret-file", required=True, type=Path)
+    # The token is made from its arguments alone; no CRM_EVENTS_* setting applies.
+    parser = cli.parser("crm-events-token", DESCRIPTION, env_settings=False)
+    # Required, but checked after parsing so that an unknown argument is the one named.
+    parser.add_argument("--secret-file", type=Path, help="file holding the HS256 secret (required)")
     parser.add_argument("--types", default="*", help="comma-separated event types (default: all)")
     parser.add_argument("--tenant", default=None, help="only events with this TenantId")
     parser.add_argument("--ttl", type=float, default=3600.0, help="lifetime in seconds")
-    parser.add_argument("--subject", default="operator")
-    args = parser.parse_args(argv)
+    parser.add_argument("--subject", default="operator", help="the sub claim (default: operator)")
+    args = parser.parse(argv)
+    if args.secret_file is None:
+        parser.error("the following arguments are required: --secret-file")
     try:
         secret = args.secret_file.read_text(encoding="utf-8").strip()
     except OSError as exc:

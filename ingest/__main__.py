@@ -22,6 +22,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.argv[1:] if argv is None else argv,
         os.environ,
         IngestSettings.from_env,
+        description="The Kafka -> Redis worker: consumes the CRM events topic and writes each "
+        "batch to Redis in one atomic step (replay stream, live channel, applied offsets). "
+        "Serves /healthz, /readyz and /metrics.",
     )
     if check_only:
         print(repr(settings))

@@ -13,10 +13,11 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared.breaker import BreakerMetrics, CircuitBreaker
+from shared.contract import RedisKeys
 from shared.httpkit import add_ops_routes, make_middlewares
-from shared.keys import RedisKeys
 from shared.redis_client import make_redis
 from shared.settings import IngestSettings
+from shared.tasks import Supervisor
 
 from .metrics import IngestMetrics
 from .worker import IngestWorker
@@ -29,24 +30,32 @@ METRICS = web.AppKey("metrics", IngestMetrics)
 REDIS = web.AppKey("redis", Redis)
 WORKER = web.AppKey("worker", IngestWorker)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
+TASKS = web.AppKey("tasks", Supervisor)
 
 
 def create_app(
-    settings: IngestSettings, registry: CollectorRegistry | None = None
+    settings: IngestSettings,
+    registry: CollectorRegistry | None = None,
+    tasks: Supervisor | None = None,
 ) -> web.Application:
+    """Build the ingest app. ``tasks`` injects the supervisor of the background tasks
+    (tests control its restart delay)."""
     registry = registry if registry is not None else CollectorRegistry()
     metrics = IngestMetrics(registry, settings.node_id)
     app = web.Application(middlewares=make_middlewares(metrics))
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[REGISTRY] = registry
+    app[TASKS] = tasks if tasks is not None else Supervisor(registry)
 
     async def ready() -> tuple[bool, dict[str, object]]:
         worker = app.get(WORKER)
         redis_ok = False
         with contextlib.suppress(RedisError, OSError, TimeoutError):
             redis_ok = bool(await asyncio.wait_for(app[REDIS].ping(), timeout=1.0))
+        failed = app[TASKS].failed
         detail: dict[str, object] = {
+            "failed_tasks": failed,
             "redis": redis_ok,
             "group_joined": bool(worker and worker.joined),
             "circuits": {
@@ -54,7 +63,7 @@ def create_app(
                 "redis": worker.redis.state.name.lower() if worker else "unknown",
             },
         }
-        return bool(worker and worker.ready and redis_ok), detail
+        return bool(worker and worker.ready and redis_ok and not failed), detail
 
     add_ops_routes(app, registry, metrics, ready)
     app.cleanup_ctx.append(_lifecycle)
@@ -86,7 +95,12 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         ),
     )
     app[WORKER] = worker
-    task = asyncio.create_task(worker.run(), name="ingest-worker")
+    # Watched: a crash of the consume loop (or of the committer or Kafka probe, which end
+    # the consumer session with their error) makes /readyz name it, and it is restarted
+    # with a new consumer; what was applied but not committed is re-read and skipped.
+    supervisor = app[TASKS]
+    supervisor.add("ingest-worker", worker.run)
+    supervisor.start()
     log.info(
         "ingest started",
         extra={
@@ -97,8 +111,6 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     )
     yield
     log.info("ingest stopping")
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await supervisor.stop()
     await redis.aclose()
     log.info("ingest stopped")

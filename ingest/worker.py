@@ -195,8 +195,12 @@ class IngestWorker:
                 elif inflight is not None and inflight.done():
                     await inflight  # surfaces an unexpected error
                     inflight = None
+                # The session's helpers never end on their own; if one does, end the session
+                # with its error: the supervisor (shared/tasks.py) reports and restarts it.
                 if prober.done():
-                    await prober  # surfaces an unexpected error
+                    await prober
+                    raise RuntimeError("the Kafka probe stopped")
+                committer.check()
         finally:
             self.joined = False
             prober.cancel()
@@ -367,6 +371,12 @@ class _Committer:
                 # One odd failure must not stop every later commit; later commits carry
                 # newer offsets, and a lost one only costs a re-read the script skips.
                 log.exception("offset commit failed unexpectedly")
+
+    def check(self) -> None:
+        """Raise what ended the background task, if it ended (it never should)."""
+        if self._task.done():
+            self._task.result()
+            raise RuntimeError("the offset committer stopped")
 
     async def close(self) -> None:
         """Stop the background task, then commit what is still pending (bounded wait)."""

@@ -8,12 +8,14 @@ from importlib.resources import files
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from shared.contract import DEAD_FIELDS, EVENT_FIELDS, RedisKeys
 from shared.errors import RedisUnavailable
-from shared.keys import RedisKeys
 
 from .records import Prepared, pack
 
 _SCRIPT = files("shared").joinpath("apply_batch.lua").read_text(encoding="utf-8")
+_FIELD_NAMES = (*EVENT_FIELDS, *DEAD_FIELDS)
+"""ARGV[7..16]: the script takes its field names from the contract."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +45,7 @@ class BatchWriter:
         if not count:
             return ApplyResult(0, 0, 0, "")
         keys = self._key_list
-        args = [*self._head, count, blob]
+        args = [*self._head, count, blob, *_FIELD_NAMES]
         try:
             raw = await self._script(keys=keys, args=args)
         except RedisError as exc:

@@ -7,7 +7,9 @@
 #      ports. chromium is the browser the browser tests drive (tests/browser, through
 #      Playwright with executable_path=/usr/bin/chromium; Playwright's own browser download
 #      is never used).
-#   2. .venv in the checkout with the project installed editable, with test and dev extras.
+#   2. .venv in the checkout with the project installed editable, with test and dev extras,
+#      and the repository-only local-stack tools (devtools/pyproject.toml: crm-events-stack,
+#      crm-events-producer), also editable; they are not part of the crm-events wheel.
 #   3. The Kafka broker jars from Maven Central (deploy/kafka/kafka-pom.xml) into
 #      <run dir>/kafka/libs.
 #
@@ -22,9 +24,9 @@ PYTHON="${CRM_EVENTS_PYTHON:-python3}"
 VENV="$ROOT/.venv"
 POM="$ROOT/deploy/kafka/kafka-pom.xml"
 KAFKA_LIBS="$RUN_DIR/kafka/libs"
-APT_PACKAGES=(redis-server nginx-light openssl prometheus prometheus-alertmanager chromium firefox-esr wrk)
+APT_PACKAGES=(redis-server nginx-light haproxy openssl prometheus prometheus-alertmanager chromium firefox-esr wrk)
 # Services those packages ship; none of them may keep running in the background.
-DISTRO_SERVICES=(redis-server nginx prometheus prometheus-alertmanager prometheus-node-exporter)
+DISTRO_SERVICES=(redis-server nginx haproxy prometheus prometheus-alertmanager prometheus-node-exporter)
 # The stack's default ports (see devtools/stack.py).
 STACK_PORTS=(9092 19093 6379 9020 9011 9012 9010 9443 9090 9093)
 
@@ -117,7 +119,7 @@ fi
     || die "$PYTHON is missing or older than 3.11 (set CRM_EVENTS_PYTHON)"
 py_id=$("$PYTHON" -c 'import sys; print(sys.version)')
 venv_stamp="$VENV/.crm-events-install"
-want_venv=$(printf '%s\n%s\n' "$py_id" "$(sha "$ROOT/pyproject.toml")")
+want_venv=$(printf '%s\n%s\n' "$py_id" "$(sha "$ROOT/pyproject.toml" "$ROOT/devtools/pyproject.toml")")
 
 if [[ ! -x $VENV/bin/python ]]; then
     if ! "$PYTHON" -c 'import ensurepip' 2>/dev/null; then
@@ -128,11 +130,12 @@ if [[ ! -x $VENV/bin/python ]]; then
     "$PYTHON" -m venv "$VENV"
 fi
 if [[ ! -f $venv_stamp || $(cat "$venv_stamp") != "$want_venv" ]]; then
-    say "installing the project into .venv (new or pyproject.toml changed: up to ~1 min)..."
+    say "installing the project into .venv (new or a pyproject.toml changed: up to ~1 min)..."
     # pip's build backend is chatty even with -q; its output is kept for when it fails.
     pip_log="$VENV/pip-install.log"
     if ! { "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip \
-           && "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[test,dev,bench]"; \
+           && "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[test,dev,bench]" \
+           && "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT/devtools"; \
          } >"$pip_log" 2>&1; then
         tail -n 40 "$pip_log" >&2
         die "pip install failed (full log: $pip_log)"

@@ -9,14 +9,21 @@
 --   f1..f4 (u32 each, big-endian), then f1..f4
 --   e: f1 type, f2 kafka timestamp ms, f3 envelope JSON, f4 match token
 --   d: f1 reason, f2 detail, f3 raw value (possibly truncated), f4 unused
+-- ARGV[7..10] the field names of an event entry (type, ts, match, envelope) and
+-- ARGV[11..16] those of a dead letter (topic, partition, offset, reason, detail, value):
+--   shared/contract.py owns them, so this script names no field itself.
 -- Returns {written, duplicates, dead, last stream id or ""}.
 --
--- Published payload: one line per event, "<id> <type> <ts> <match> <envelope>"; ids, types,
--- timestamps and match tokens hold no spaces, and the envelope is one line of JSON.
+-- Published payload (shared/contract.py, encode_live_line): one line per event,
+-- "<id> <type> <ts> <match> <envelope>"; ids, types, timestamps and match tokens hold no
+-- spaces, and the envelope is one line of JSON.
 local stream, dead, offsets, genesis = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local maxlen, dead_maxlen, topic, channel = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local n = tonumber(ARGV[5])
 local blob = ARGV[6]
+local f_type, f_ts, f_match, f_data = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
+local f_topic, f_partition, f_offset = ARGV[11], ARGV[12], ARGV[13]
+local f_reason, f_detail, f_value = ARGV[14], ARGV[15], ARGV[16]
 
 local applied = {}
 local highest = {}
@@ -45,7 +52,7 @@ for _ = 1, n do
       sub(blob, e2, e3 - 1), sub(blob, e3, pos - 1)
     if kind == 'e' then
       local id = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*',
-        't', f1, 'ts', f2, 'm', f4, 'd', f3)
+        f_type, f1, f_ts, f2, f_match, f4, f_data, f3)
       if fresh then
         redis.call('SET', genesis, id)
         fresh = false
@@ -59,8 +66,8 @@ for _ = 1, n do
       written = written + 1
     else
       redis.call('XADD', dead, 'MAXLEN', '~', dead_maxlen, '*',
-        'topic', topic, 'partition', partition, 'offset', string.format('%d', offset),
-        'reason', f1, 'detail', f2, 'value', f3)
+        f_topic, topic, f_partition, partition, f_offset, string.format('%d', offset),
+        f_reason, f1, f_detail, f2, f_value, f3)
       dead_count = dead_count + 1
     end
     applied[field] = offset

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from .metrics import CONTENT_TYPE_LATEST, CommonMetrics, render
 
@@ -52,15 +53,33 @@ def _route_label(request: web.Request) -> str:
     return resource.canonical
 
 
+# Any other method is counted as "other": the method is the client's choice, and a label the
+# client chooses must not make one series per request.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+#: The status label of a request whose client went away before the answer.
+CLIENT_GONE = 499
+
+
+def _method_label(request: web.Request) -> str:
+    method = request.method
+    return method if method in KNOWN_METHODS else "other"
+
+
 def make_middlewares(metrics: CommonMetrics) -> list[web.middleware]:  # type: ignore[valid-type]
     children: dict[tuple[str, str, int], Counter] = {}
+    durations: dict[tuple[str, str], Histogram] = {}
 
     @web.middleware
     async def errors_and_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
         status = 500
+        # A handler that prepared its response itself streamed the body (SSE): its duration
+        # is the client's stay, so it is left out of the request-duration histogram.
+        streamed = False
         try:
             response = await handler(request)
             status = response.status
+            streamed = response.prepared
             return response
         except ApiError as exc:
             status = exc.status
@@ -73,25 +92,33 @@ def make_middlewares(metrics: CommonMetrics) -> list[web.middleware]:  # type: i
             headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
             return json_error(exc.status, code, message, headers)
         except asyncio.CancelledError:
-            status = 499
+            status = CLIENT_GONE
             raise
         except (ConnectionResetError, BrokenPipeError):
-            status = 499
+            status = CLIENT_GONE
             raise
         except Exception:
             log.exception("unhandled error", extra={"path": request.path})
             return json_error(500, "internal", "internal server error")
         finally:
-            key = (_route_label(request), request.method, status)
+            route = _route_label(request)
+            method = _method_label(request)
+            key = (route, method, status)
             counter = children.get(key)
             if counter is None:
                 # Bounded: routes are canonical (unmatched paths share one label), methods
                 # and statuses are few.
                 counter = metrics.http_requests.labels(
-                    path=key[0], method=key[1], status=str(status)
+                    path=route, method=method, status=str(status)
                 )
                 children[key] = counter
             counter.inc()
+            if not streamed and status != CLIENT_GONE:
+                histogram = durations.get((route, method))
+                if histogram is None:
+                    histogram = metrics.http_request_duration.labels(path=route, method=method)
+                    durations[(route, method)] = histogram
+                histogram.observe(time.perf_counter() - started)
 
     return [errors_and_metrics]
 
@@ -118,3 +145,6 @@ def add_ops_routes(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler)
+    # Exported (at zero) from the first scrape, before any other route has been requested.
+    for path in ("/healthz", "/readyz", "/metrics"):
+        metrics.http_request_duration.labels(path=path, method="GET")

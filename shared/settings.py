@@ -47,6 +47,13 @@ DEFAULT_HISTORY_N = 100
 DEFAULT_HISTORY_MAX_N = 1000
 DEFAULT_RESUME_PAGE = 1000
 DEFAULT_REPLAY_RING_EVENTS = 10_000
+# The two caches of joined bytes on an edge, sized together under 64 MiB (the rest of that
+# is headroom for the entry-size approximation). History bodies get the larger share: their
+# keys (n, after, types, match claim) are the most varied, so they need the most room to
+# keep a useful hit rate; a replay page only needs to live through a reconnect storm.
+DEFAULT_HISTORY_CACHE_BYTES = 32 * 1024 * 1024
+DEFAULT_REPLAY_CACHE_BYTES = 24 * 1024 * 1024
+MAX_CACHE_BYTES = 16 * 1024 * 1024 * 1024
 DEFAULT_SHUTDOWN_GRACE_S = 3.0
 DEFAULT_REDIS_TIMEOUT_S = 5.0
 DEFAULT_BACKOFF_MAX_S = 10.0
@@ -187,6 +194,12 @@ class EdgeSettings:
     """``uvloop`` or ``asyncio``."""
     replay_ring_events: int = DEFAULT_REPLAY_RING_EVENTS
     """Newest events kept in memory for resumes and history (0: always read Redis)."""
+    history_cache_bytes: int = DEFAULT_HISTORY_CACHE_BYTES
+    """Most bytes of history bodies (served from the ring) kept for repeated queries,
+    keys included (0: no cache)."""
+    replay_cache_bytes: int = DEFAULT_REPLAY_CACHE_BYTES
+    """Most bytes of joined replay pages kept for clients resuming from the same place,
+    keys included (0: no cache)."""
     shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
     """Seconds to let streams close on SIGTERM before the process exits."""
     backoff_max_s: float = DEFAULT_BACKOFF_MAX_S
@@ -222,6 +235,12 @@ class EdgeSettings:
             event_loop=_event_loop(env),
             replay_ring_events=env.integer(
                 "REPLAY_RING_EVENTS", DEFAULT_REPLAY_RING_EVENTS, 0, 1_000_000
+            ),
+            history_cache_bytes=env.integer(
+                "HISTORY_CACHE_BYTES", DEFAULT_HISTORY_CACHE_BYTES, 0, MAX_CACHE_BYTES
+            ),
+            replay_cache_bytes=env.integer(
+                "REPLAY_CACHE_BYTES", DEFAULT_REPLAY_CACHE_BYTES, 0, MAX_CACHE_BYTES
             ),
             shutdown_grace_s=env.number("SHUTDOWN_GRACE_S", DEFAULT_SHUTDOWN_GRACE_S, 0.0, 600.0),
             backoff_max_s=env.number("BACKOFF_MAX_S", DEFAULT_BACKOFF_MAX_S, 0.1, 600.0),

@@ -57,6 +57,7 @@
     sparkFrom: $("spark-from"),
     authNotice: $("auth-notice"),
     authText: $("auth-text"),
+    authCookieName: $("auth-cookie-name"),
     protocol: $("protocol"),
     reconnects: $("reconnects"),
     duplicates: $("duplicates"),
@@ -815,15 +816,44 @@
 
   // --- sign-in from a link ---------------------------------------------------------------------
 
+  // The edge names its auth cookie (CRM_EVENTS_AUTH_COOKIE) in a meta tag of this page.
+  const COOKIE_NAME_RE = /^[A-Za-z0-9_.-]{1,64}$/;
+  const cookieMeta = document.querySelector('meta[name="crm-events-auth-cookie"]');
+  const authCookie =
+    cookieMeta && COOKIE_NAME_RE.test(cookieMeta.content) ? cookieMeta.content : "crm_events_token";
+  if (el.authCookieName) el.authCookieName.textContent = authCookie;
+
+  // The token's expiry (its `exp` claim, epoch seconds), or null when it has none. Not a
+  // verification: the edge checks the signature; this only bounds how long the cookie lives.
+  function tokenExpiry(token) {
+    try {
+      const part = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+      const claims = JSON.parse(atob(part.padEnd(part.length + ((4 - (part.length % 4)) % 4), "=")));
+      const exp = Number(claims.exp);
+      return Number.isFinite(exp) ? exp : null;
+    } catch {
+      return null;
+    }
+  }
+
   // A link ending in #token=<jwt> (the local stack prints one) signs the page in: the token
   // becomes the auth cookie, which EventSource and fetch send on their own, and leaves the
-  // address bar. A fragment never reaches a server or its logs.
+  // address bar. A fragment never reaches a server or its logs. The cookie lives no longer
+  // than the token, is sent only by this site's own pages (SameSite=Strict), and only over
+  // TLS when the page came over TLS.
   function adoptTokenFromFragment() {
     const match = /^#token=([A-Za-z0-9_.-]+)$/.exec(window.location.hash);
     if (!match) return;
-    const secure = window.location.protocol === "https:" ? "; Secure" : "";
-    document.cookie = `crm_events_token=${match[1]}; Path=/; SameSite=Strict${secure}`;
     history.replaceState(null, "", window.location.pathname + window.location.search);
+    const exp = tokenExpiry(match[1]);
+    const maxAge = exp === null ? null : Math.floor(exp - Date.now() / 1000);
+    if (maxAge !== null && maxAge <= 0) {
+      log("auth", "the token from the link has expired: not signed in");
+      return;
+    }
+    const secure = window.location.protocol === "https:" ? "; Secure" : "";
+    const lifetime = maxAge === null ? "" : `; Max-Age=${maxAge}`;
+    document.cookie = `${authCookie}=${match[1]}; Path=/${lifetime}; SameSite=Strict${secure}`;
     log("auth", "signed in with the token from the link");
   }
 

@@ -2,10 +2,16 @@
 // Serve this example next to the crm-events API, so the page and the stream share an origin
 // (EventSource across origins needs CORS, which the edges only answer for listed origins).
 //
-//   node examples/js/serve.mjs [--port 8090] [--upstream http://127.0.0.1:9010]
+//   CRM_EVENTS_TOKEN=$(make token) node examples/js/serve.mjs
+//       [--port 8090] [--upstream http://127.0.0.1:9010] [--token JWT]
 //
 // Static files come from this directory; /crm-events and /crm-events/history are proxied to
 // the load balancer, streamed through unbuffered. Node >= 18, no dependencies.
+//
+// With a token (CRM_EVENTS_TOKEN, or --token), the proxied requests carry it as
+// "Authorization: Bearer", so the page needs no sign-in of its own: a development setup. A
+// real application would have each user's browser present that user's token (the edges also
+// read it from their auth cookie) instead of one shared token added on the way.
 
 import { createReadStream, statSync } from "node:fs";
 import http from "node:http";
@@ -19,6 +25,7 @@ const { values } = parseArgs({
     port: { type: "string", default: process.env.PORT ?? "8090" },
     host: { type: "string", default: "127.0.0.1" },
     upstream: { type: "string", default: process.env.CRM_EVENTS_URL ?? "http://127.0.0.1:9010" },
+    token: { type: "string", default: process.env.CRM_EVENTS_TOKEN || undefined },
   },
 });
 const root = path.dirname(fileURLToPath(import.meta.url));
@@ -30,6 +37,7 @@ const server = http.createServer((req, res) => {
   if (url.pathname === "/crm-events" || url.pathname.startsWith("/crm-events/")) {
     const client = upstream.protocol === "https:" ? https : http;
     const headers = { ...req.headers, host: upstream.host };
+    if (values.token && !headers.authorization) headers.authorization = `Bearer ${values.token.trim()}`;
     const out = client.request(
       new URL(url.pathname + url.search, upstream),
       { method: req.method, headers, rejectUnauthorized: false },
@@ -63,7 +71,8 @@ const server = http.createServer((req, res) => {
 
 server.listen(Number(values.port), values.host, () => {
   const { port } = server.address();
-  console.log(`crm-events example on http://${values.host}:${port}/ (API: ${upstream.origin})`);
+  const auth = values.token ? ", with a token" : ", no token (set CRM_EVENTS_TOKEN if the API asks for one)";
+  console.log(`crm-events example on http://${values.host}:${port}/ (API: ${upstream.origin}${auth})`);
 });
 for (const signal of ["SIGINT", "SIGTERM"]) {
   process.on(signal, () => {

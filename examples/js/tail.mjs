@@ -2,9 +2,13 @@
 // tail.mjs: follow the crm-events stream from Node >= 20 with fetch() alone (no EventSource,
 // no dependencies), resuming across reconnects *and restarts*.
 //
-//   node examples/js/tail.mjs [--url http://127.0.0.1:9010/crm-events] [--types A,B]
-//                             [--last-event-id ID] [--state-file FILE] [--count N] [--json]
+//   CRM_EVENTS_TOKEN=$(make token) node examples/js/tail.mjs
+//       [--url http://127.0.0.1:9010/crm-events] [--types A,B] [--token JWT]
+//       [--last-event-id ID] [--state-file FILE] [--count N] [--json]
 //
+// The token (CRM_EVENTS_TOKEN, or --token, which other users of the machine can see in the
+// process list) goes in an Authorization: Bearer header; the edges refuse streams without one
+// unless their authentication is off.
 // stdout: one line per event, "<id> <type> <key>" (or the whole envelope with --json).
 // stderr: connection notes, and any reset. With --state-file the last id is saved after each
 // event and read at start, so a restarted tail continues where it stopped. For the HTTPS port
@@ -20,6 +24,7 @@ import { parseArgs } from "node:util";
 const { values: args } = parseArgs({
   options: {
     url: { type: "string", default: process.env.CRM_EVENTS_URL ?? "http://127.0.0.1:9010/crm-events" },
+    token: { type: "string", default: process.env.CRM_EVENTS_TOKEN || undefined },
     types: { type: "string" },
     "last-event-id": { type: "string" },
     "state-file": { type: "string" },
@@ -93,6 +98,7 @@ while (!controller.signal.aborted) {
   if (args.types) url.searchParams.set("types", args.types);
   const headers = { Accept: "text/event-stream" };
   if (lastId) headers["Last-Event-ID"] = lastId;
+  if (args.token) headers.Authorization = `Bearer ${args.token.trim()}`;
   try {
     const res = await fetch(url, { headers, signal: controller.signal });
     if (res.ok) {
@@ -102,6 +108,7 @@ while (!controller.signal.aborted) {
     } else {
       const body = await res.json().catch(() => ({}));
       note(`HTTP ${res.status} ${body.error ?? ""}: ${body.message ?? ""}`);
+      if (res.status === 401 && !args.token) note("no token: set CRM_EVENTS_TOKEN (e.g. CRM_EVENTS_TOKEN=$(make token)) or pass --token");
       // A 4xx other than 429 will not get better by retrying (bad id, bad types, no token).
       if (res.status >= 400 && res.status < 500 && res.status !== 429) process.exit(1);
     }

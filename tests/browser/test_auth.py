@@ -1,24 +1,32 @@
-"""The page with authentication on (issue 7): refused without a token, live once the token
-cookie is there, with the backfill it was refused before."""
+"""The page with authentication on: refused without a token, live once the token cookie is
+there, with the backfill it was refused before; signing in with a ``#token=`` link stores the
+token in the cookie the edge is configured to read, for as long as the token lives.
+
+The edges here read a non-default cookie name (``CRM_EVENTS_AUTH_COOKIE``): a page that
+ignored the setting would sign in under a name the edge never reads."""
 
 from __future__ import annotations
 
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import jwt
 import pytest
 from playwright.sync_api import Page, expect
 
+from edge import auth
+from shared.security_settings import DEFAULT_AUTH_COOKIE
 from tests.browser.conftest import PAGE, KafkaFeed, TlsCluster, wait_rows
 from tests.harness.backends import Backends
 from tests.harness.cluster import crm_event
 
-auth = pytest.importorskip("edge.auth", reason="the edge has no authentication yet")
-
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
 SECRET = "browser-test-secret-" + "x" * 32
-COOKIE = "crm_events_token"
+COOKIE = "acme_crm.session-token"
+assert COOKIE != DEFAULT_AUTH_COOKIE
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +40,11 @@ def auth_cluster(
         run_dir,
         backends,
         edges=1,
-        env={"CRM_EVENTS_AUTH_MODE": "jwt", "CRM_EVENTS_JWT_SECRET_FILE": str(secret)},
+        env={
+            "CRM_EVENTS_AUTH_MODE": "jwt",
+            "CRM_EVENTS_JWT_SECRET_FILE": str(secret),
+            "CRM_EVENTS_AUTH_COOKIE": COOKIE,
+        },
     )
     with c.running():
         yield c
@@ -75,3 +87,32 @@ def test_page_asks_for_a_token_then_goes_live_with_the_cookie(
     wait_rows(page, "auth-2", 1, 5, "a granted event")
     types = page.eval_on_selector_all("#events-body tr", "(rs) => rs.map((r) => r.dataset.type)")
     assert set(types) == {"DealWon"}  # the claim filters the stream; the page shows it as is
+
+
+@pytest.mark.parametrize("scheme", ["https", "http"])
+def test_sign_in_link_sets_the_configured_cookie_for_the_tokens_lifetime(
+    page: Page, scheme: str, auth_cluster: TlsCluster, auth_feed: KafkaFeed
+) -> None:
+    token = auth.issue_token(SECRET, types=["*"], ttl_s=900)
+    exp = jwt.decode(token, options={"verify_signature": False})["exp"]
+    base = auth_cluster.https_url("") if scheme == "https" else auth_cluster.lb_url("")
+    page.goto(f"{base}{PAGE}#token={token}")
+    expect(page.locator("#status")).to_have_attribute("data-state", "live", timeout=15_000)
+    assert "#token" not in page.url  # the token leaves the address bar
+    expect(page.locator("#auth-cookie-name")).to_have_text(COOKIE)
+
+    cookies = page.context.cookies(base + "/")
+    assert [c["name"] for c in cookies] == [COOKIE], cookies  # never the default name
+    [cookie] = cookies
+    assert cookie["value"] == token
+    assert cookie["path"] == "/"
+    assert cookie["sameSite"] == "Strict"
+    assert cookie["secure"] is (scheme == "https")
+    # Max-Age up to the token's expiry: a persistent cookie that ends with the token.
+    assert time.time() < cookie["expires"] <= exp + 1, (cookie["expires"], exp)
+    assert cookie["expires"] >= exp - 30, (cookie["expires"], exp)
+
+    # The stream authenticates with that cookie: a new event arrives live.
+    key = f"signin-{scheme}-{uuid.uuid4().hex[:8]}"
+    auth_feed.send([(key.encode(), crm_event(10, "TicketOpened", key=key))])
+    wait_rows(page, key, 1, 10, "an event streamed with the cookie")

@@ -1,9 +1,11 @@
 """examples/js works as documented: the browser example (served by serve.mjs next to the
-API) and the Node tail, against the same deployment as the page tests."""
+API) and the Node tail, against a deployment with authentication on, as `make up` runs it:
+both take the token from CRM_EVENTS_TOKEN (or --token), as examples/js/README.md says."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import urllib.request
@@ -14,7 +16,9 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Page, expect
 
+from edge.auth import issue_token
 from tests.browser.conftest import ROOT, KafkaFeed, TlsCluster
+from tests.harness.backends import Backends
 from tests.harness.cluster import crm_event, free_port
 from tests.waiting import eventually_sync
 
@@ -23,6 +27,44 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 EXAMPLES = ROOT / "examples" / "js"
 NODE = shutil.which("node")
 needs_node = pytest.mark.skipif(NODE is None, reason="node is not installed")
+SECRET = "examples-test-secret-" + "x" * 32
+
+
+@pytest.fixture(scope="module")
+def auth_cluster(
+    backends: Backends, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TlsCluster]:
+    """Authentication on, with an HS256 secret from a file, as the local stack's edges."""
+    run_dir = Path(tmp_path_factory.mktemp("examples-auth"))
+    secret = run_dir / "jwt-secret"
+    secret.write_text(SECRET + "\n")
+    c = TlsCluster(
+        run_dir,
+        backends,
+        env={"CRM_EVENTS_AUTH_MODE": "jwt", "CRM_EVENTS_JWT_SECRET_FILE": str(secret)},
+    )
+    with c.running():
+        yield c
+
+
+@pytest.fixture(scope="module")
+def feed(auth_cluster: TlsCluster) -> Iterator[KafkaFeed]:
+    f = KafkaFeed(auth_cluster.backends.kafka_bootstrap, auth_cluster.topic)
+    yield f
+    f.close()
+
+
+@pytest.fixture(scope="module")
+def token() -> str:
+    """What `make token` prints: every type, signed with the deployment's secret."""
+    return issue_token(SECRET, types=["*"], ttl_s=3600, subject="local-developer")
+
+
+def node_env(token: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "CRM_EVENTS_TOKEN"}
+    if token is not None:
+        env["CRM_EVENTS_TOKEN"] = token
+    return env
 
 
 def _records(prefix: str, n: int) -> list[tuple[bytes, bytes]]:
@@ -32,19 +74,22 @@ def _records(prefix: str, n: int) -> list[tuple[bytes, bytes]]:
 
 
 @pytest.fixture
-def example_server(cluster: TlsCluster) -> Iterator[str]:
+def example_server(auth_cluster: TlsCluster, token: str) -> Iterator[str]:
     assert NODE is not None
     port = free_port()
+    upstream = auth_cluster.lb_url("")
     proc = subprocess.Popen(
-        [NODE, str(EXAMPLES / "serve.mjs"), "--port", str(port), "--upstream", cluster.lb_url("")],
+        [NODE, str(EXAMPLES / "serve.mjs"), "--port", str(port), "--upstream", upstream],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        env=node_env(token),
     )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()  # printed once it listens
         assert "crm-events example on" in line, line
+        assert "with a token" in line, line
         yield f"http://127.0.0.1:{port}/"
     finally:
         proc.terminate()
@@ -88,35 +133,44 @@ def test_browser_example_streams_resumes_and_reports_reset(
 
 @needs_node
 def test_node_tail_resumes_from_a_state_file_and_reports_reset(
-    cluster: TlsCluster, feed: KafkaFeed, tmp_path: Path
+    auth_cluster: TlsCluster, feed: KafkaFeed, token: str, tmp_path: Path
 ) -> None:
     assert NODE is not None
     prefix = f"tail-{uuid.uuid4().hex[:8]}-"
     state = tmp_path / "tail.state"
     feed.send(_records(prefix, 4))
     ids = eventually_sync(
-        lambda: (found := _history_ids(cluster, prefix)) and len(found) == 4 and found,
+        lambda: (found := _history_ids(auth_cluster, token, prefix)) and len(found) == 4 and found,
         5,
         "the four events stored",
     )
 
-    tail = [NODE, str(EXAMPLES / "tail.mjs"), "--url", cluster.lb_url("/crm-events")]
+    tail = [NODE, str(EXAMPLES / "tail.mjs"), "--url", auth_cluster.lb_url("/crm-events")]
+    # Without a token the edge refuses, and tail says how to get one instead of retrying.
+    refused = subprocess.run(
+        [*tail, "--count", "1"], capture_output=True, text=True, timeout=20, env=node_env(None)
+    )
+    assert refused.returncode == 1, refused.stderr
+    assert "HTTP 401" in refused.stderr and "CRM_EVENTS_TOKEN" in refused.stderr, refused.stderr
+
     # Start after the first event; stop after two: the state file holds the third's id.
     first = subprocess.run(
         [*tail, "--last-event-id", ids[0], "--state-file", str(state), "--count", "2"],
         capture_output=True,
         text=True,
         timeout=20,
+        env=node_env(token),
     )
     assert first.returncode == 0, first.stderr
     assert [line.split()[0] for line in first.stdout.splitlines()] == ids[1:3]
     assert state.read_text().strip() == ids[2]
-    # A restart continues from the state file.
+    # A restart continues from the state file (the token given as --token this time).
     second = subprocess.run(
-        [*tail, "--state-file", str(state), "--count", "1"],
+        [*tail, "--token", token, "--state-file", str(state), "--count", "1"],
         capture_output=True,
         text=True,
         timeout=20,
+        env=node_env(None),
     )
     assert second.returncode == 0, second.stderr
     assert second.stdout.split()[0] == ids[3]
@@ -128,6 +182,7 @@ def test_node_tail_resumes_from_a_state_file_and_reports_reset(
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
         text=True,
+        env=node_env(token),
     )
     try:
         assert proc.stderr is not None
@@ -147,7 +202,11 @@ def test_node_tail_resumes_from_a_state_file_and_reports_reset(
             proc.wait()
 
 
-def _history_ids(cluster: TlsCluster, prefix: str) -> list[str]:
-    with urllib.request.urlopen(cluster.lb_url("/crm-events/history?n=1000"), timeout=5) as resp:
+def _history_ids(cluster: TlsCluster, token: str, prefix: str) -> list[str]:
+    request = urllib.request.Request(
+        cluster.lb_url("/crm-events/history?n=1000"),
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    with urllib.request.urlopen(request, timeout=5) as resp:
         items = json.load(resp)["items"]
     return [item["id"] for item in items if str(item.get("key", "")).startswith(prefix)]

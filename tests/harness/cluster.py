@@ -1,6 +1,7 @@
 """A private crm-events deployment for one test module (or one benchmark): ingest workers,
-edges and an nginx load balancer on free ports, over the shared Kafka and Redis, with a
-unique topic, consumer group and Redis prefix so that nothing is shared between tests.
+edges and a load balancer (nginx, or HAProxy with ``lb="haproxy"``) on free ports, over the
+shared Kafka and Redis, with a unique topic, consumer group and Redis prefix so that nothing
+is shared between tests.
 
 It also injects faults: stop/start, kill -9, SIGSTOP/SIGCONT of any process, and dropping
 one edge's Redis connections (CLIENT KILL).
@@ -16,17 +17,20 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from redis.asyncio import Redis
 
-from devtools import nginx_conf
+from devtools import haproxy_conf, nginx_conf
 from devtools.probes import HttpReady
 from devtools.supervisor import ProcessSpec, Supervisor
 
 from .backends import Backends
+
+LoadBalancer = Literal["nginx", "haproxy"]
+LOAD_BALANCERS: tuple[LoadBalancer, ...] = ("nginx", "haproxy")
 
 
 def free_port() -> int:
@@ -44,6 +48,9 @@ class Cluster:
     env: Mapping[str, str] = field(default_factory=dict)
     """Extra CRM_EVENTS_* settings for every ingest and edge process."""
     with_nginx: bool = True
+    """Start a load balancer in front of the edges (the name predates the choice of ``lb``)."""
+    lb: LoadBalancer = "nginx"
+    """Which load balancer: its process is named after it (``nginx`` or ``haproxy``)."""
 
     def __post_init__(self) -> None:
         tag = uuid.uuid4().hex[:10]
@@ -59,8 +66,11 @@ class Cluster:
             self._specs[f"ingest{i}"] = self._ingest_spec(i, port)
         for i, port in enumerate(self.edge_ports, start=1):
             self._specs[f"edge{i}"] = self._edge_spec(i, port)
+        if self.lb not in LOAD_BALANCERS:
+            raise ValueError(f"lb: expected one of {LOAD_BALANCERS}, got {self.lb!r}")
         if self.with_nginx:
-            self._specs["nginx"] = self._nginx_spec()
+            spec = self._haproxy_spec() if self.lb == "haproxy" else self._nginx_spec()
+            self._specs[spec.name] = spec
 
     # -- process specs --------------------------------------------------------------------
 
@@ -118,6 +128,20 @@ class Cluster:
             name="nginx",
             argv=nginx_conf.nginx_argv(main),
             ready=HttpReady(f"http://127.0.0.1:{self.lb_port}/nginx-health"),
+            ready_timeout_s=20,
+            port=self.lb_port,
+        )
+
+    def _haproxy_config(self, out: Path) -> Path:
+        """Render HAProxy's configuration under ``out``; returns it."""
+        return haproxy_conf.render(out, self.lb_port, self.edge_ports)
+
+    def _haproxy_spec(self) -> ProcessSpec:
+        conf = self._haproxy_config(self.run_dir / "haproxy")
+        return ProcessSpec(
+            name="haproxy",
+            argv=haproxy_conf.haproxy_argv(conf),
+            ready=HttpReady(f"http://127.0.0.1:{self.lb_port}{haproxy_conf.HEALTH_PATH}"),
             ready_timeout_s=20,
             port=self.lb_port,
         )

@@ -6,6 +6,7 @@ crm-events.conf that devtools/nginx_conf.render includes, so both stacks proxy a
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Any
@@ -248,3 +249,33 @@ def test_compose_runs_the_monitoring_of_monitoring_dir(services: dict[str, dict[
         assert services[name].get("healthcheck"), name
     mounts = " ".join(services["prometheus"]["volumes"])
     assert "./monitoring/prometheus:/etc/prometheus" in mounts
+
+
+def test_edges_trust_nginx_on_the_network_compose_defines(
+    compose: dict[str, Any], services: dict[str, dict[str, Any]]
+) -> None:
+    # nginx is another container: unless the edges trust its address, every browser counts
+    # as nginx for the per-address limits (the 201st stream on an edge would get 429).
+    nginx_nets = services["nginx"].get("networks")
+    assert isinstance(nginx_nets, dict), "nginx needs a fixed address on a network compose defines"
+    [(net_name, attachment)] = nginx_nets.items()
+    nginx_ip = ipaddress.ip_address(attachment["ipv4_address"])
+    subnets = [
+        ipaddress.ip_network(cfg["subnet"])
+        for cfg in compose["networks"][net_name]["ipam"]["config"]
+    ]
+    assert any(nginx_ip in net for net in subnets), (nginx_ip, subnets)
+    for name in EDGES:
+        assert net_name in services[name].get("networks", [net_name]), name
+        trusted = [
+            ipaddress.ip_network(p.strip(), strict=False)
+            for p in env_of(services[name])["CRM_EVENTS_TRUSTED_PROXIES"].split(",")
+        ]
+        assert any(nginx_ip in net for net in trusted), (name, nginx_ip, trusted)
+        # Nothing else on the network: connections published from the host may come from the
+        # network's gateway, and a trusted gateway would let their X-Forwarded-For choose the
+        # client's address.
+        for subnet in subnets:
+            gateway = next(subnet.hosts())
+            assert not any(gateway in net for net in trusted), (name, gateway)
+            assert not any(subnet.subnet_of(net) for net in trusted if net.version == 4), name

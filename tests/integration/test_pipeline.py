@@ -1,21 +1,42 @@
-"""Kafka -> ingest -> Redis -> edges -> nginx, end to end on the real services."""
+"""Kafka -> ingest -> Redis -> edges -> load balancer, end to end on the real services.
+
+Every test here runs twice, once behind nginx and once behind HAProxy (the module's cluster
+is parametrised over both load balancers), so delivery, resume, history and errors are
+checked through each.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.harness.cluster import Cluster, crm_event
+from tests.harness.backends import Backends
+from tests.harness.cluster import LOAD_BALANCERS, Cluster, LoadBalancer, crm_event
 from tests.integration.checks import assert_exactly_once_in_order
 from tests.sse_client import Collector
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture(scope="module", params=LOAD_BALANCERS)
+def cluster(
+    request: pytest.FixtureRequest,
+    backends: Backends,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Cluster]:
+    """Ingest, two edges and one load balancer; one cluster at a time (pytest groups the
+    tests by parameter of a module-scoped fixture)."""
+    lb: LoadBalancer = request.param
+    run_dir = Path(tmp_path_factory.mktemp(f"pipeline-{lb}"))
+    with Cluster(run_dir, backends, lb=lb).running() as c:
+        yield c
 
 
 @pytest.fixture

@@ -83,6 +83,11 @@ def test_grant_from_claims() -> None:
             401,
             id="alg-none",
         ),
+        pytest.param(
+            jwt.encode({"exp": str(int(time.time() + 3600)), "crm_types": ["A"]}, SECRET, "HS256"),
+            401,
+            id="exp-a-numeric-string",
+        ),
     ],
 )
 def test_refusals(token: str, status: int) -> None:
@@ -269,3 +274,14 @@ async def test_stream_ends_when_the_token_expires(
     await asyncio.wait_for(client.ended.wait(), 10)
     assert client.received[-1].event == "auth_expired"
     assert client.received[-1].json()["error"] == "token_expired"
+
+
+async def test_a_string_exp_never_opens_an_endless_stream(
+    edge: tuple[TestServer, MemoryBus], session: aiohttp.ClientSession
+) -> None:
+    # PyJWT accepts a numeric string as exp; the edge used to arm no expiry timer for it.
+    server, _ = edge
+    token = jwt.encode({"exp": str(int(time.time() + 2)), "crm_types": ["*"]}, SECRET, "HS256")
+    async with session.get(server.make_url("/crm-events"), headers=bearer(token)) as resp:
+        assert resp.status == 401
+        assert (await resp.json())["error"] == "unauthorized"

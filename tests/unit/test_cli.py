@@ -1,17 +1,24 @@
-"""shared.cli.load and the real console modules: a wrong argument or setting ends the process
-with status 2 and one stderr line naming the culprit."""
+"""shared.cli and the console scripts: a wrong argument or setting ends the process with
+status 2 and one stderr line naming the culprit, before anything starts; --help prints usage
+and says where the settings are documented; --version prints the version. Every console
+script (crm-events-ingest, -edge, -token, -stack, -producer) is held to it."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from devtools import producer, stack
+from edge import __main__ as edge_main
+from edge import token_cli
+from ingest import __main__ as ingest_main
 from shared.cli import load
 from shared.settings import EdgeSettings, IngestSettings
 
@@ -37,7 +44,12 @@ def stderr_lines(capsys: pytest.CaptureFixture[str]) -> list[str]:
         pytest.param(["--bogus"], "'--bogus'", id="unknown-flag"),
         pytest.param(["check"], "'check'", id="positional"),
         pytest.param(["--check-config", "-x"], "'-x'", id="after-a-good-one"),
-        pytest.param(["--check-config=yes"], "'--check-config=yes'", id="flag-with-value"),
+        pytest.param(
+            ["--check-config=yes"],
+            "--check-config: ignored explicit argument 'yes'",
+            id="flag-with-value",
+        ),
+        pytest.param(["--check"], "'--check'", id="no-abbreviations"),
         pytest.param(["--bo\ngus"], "'--bo\\ngus'", id="newline-in-argument"),
     ],
 )
@@ -108,9 +120,20 @@ def test_help_exits_0_with_usage_even_when_settings_are_bad(
 
     assert info.value.code == 0
     out = capsys.readouterr()
-    assert out.out.startswith(f"usage: {PROG} [--check-config]")
-    assert "--check-config" in out.out
+    assert out.out.startswith(f"usage: {PROG} [-h] [--version] [--check-config]")
+    assert "CRM_EVENTS_*" in out.out and "README" in out.out
     assert out.err == ""
+
+
+def test_version_exits_0_with_the_installed_version_even_when_settings_are_bad(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CRM_EVENTS_REVISION", raising=False)
+    with pytest.raises(SystemExit) as info:
+        load(PROG, ["--version"], {"CRM_EVENTS_EDGE_PORT": "abc"}, edge_from_env)
+
+    assert info.value.code == 0
+    assert capsys.readouterr().out == f"{PROG} {metadata.version('crm-events')}\n"
 
 
 # --- the real console modules, as subprocesses -----------------------------------------------
@@ -171,3 +194,137 @@ def test_console_module_refuses_with_one_line(
     lines = err.splitlines()
     assert len(lines) == 1, err
     assert culprit in lines[0]
+
+
+# --- every console script's main(), in process ------------------------------------------------
+
+Main = Callable[[Sequence[str] | None], object]
+#: Console script -> its main (the entry points in pyproject.toml and devtools/pyproject.toml).
+SCRIPTS: dict[str, Main] = {
+    "crm-events-ingest": ingest_main.main,
+    "crm-events-edge": edge_main.main,
+    "crm-events-token": token_cli.main,
+    "crm-events-stack": stack.main,
+    "crm-events-producer": producer.main,
+}
+#: The commands whose settings are CRM_EVENTS_* variables (the token takes arguments only).
+ENV_CONFIGURED = set(SCRIPTS) - {"crm-events-token"}
+
+
+@pytest.fixture
+def harmless_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Were an argument ignored, nothing would reach the running Kafka or the stack's run/:
+    a closed port, one event, a private run directory."""
+    for key in list(os.environ):
+        if key.startswith("CRM_EVENTS_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("CRM_EVENTS_KAFKA_BOOTSTRAP", "127.0.0.1:1")
+    monkeypatch.setenv("CRM_EVENTS_PRODUCER_COUNT", "1")
+    monkeypatch.setenv("CRM_EVENTS_RUN_DIR", str(tmp_path / "run"))
+
+
+def exit_code(main: Main, argv: list[str]) -> object:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    return info.value.code
+
+
+@pytest.mark.usefixtures("harmless_env")
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_help_prints_usage_and_exits_0(script: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert exit_code(SCRIPTS[script], ["--help"]) == 0
+
+    out = capsys.readouterr()
+    assert out.out.startswith(f"usage: {script} [-h] [--version]")
+    assert out.err == ""
+    if script in ENV_CONFIGURED:
+        assert "CRM_EVENTS_* environment variables" in out.out
+        assert "configuration table in the README" in out.out
+
+
+@pytest.mark.usefixtures("harmless_env")
+@pytest.mark.parametrize("script", list(SCRIPTS))
+@pytest.mark.parametrize("argv", [["--no-such-flag"], ["--help-me"], ["stray"]], ids=str)
+def test_unknown_argument_exits_2_naming_it(
+    script: str, argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    if script == "crm-events-stack" and argv == ["stray"]:
+        argv = ["status", "stray", "--no-such-flag"]  # parts are positional: the flag is unknown
+    assert exit_code(SCRIPTS[script], argv) == 2
+
+    out = capsys.readouterr()
+    assert out.out == ""
+    lines = out.err.splitlines()
+    assert len(lines) == 1, out.err
+    assert lines[0].startswith(f"{script}: error: unknown argument ")
+    culprit = argv[-1] if script == "crm-events-stack" else argv[0]
+    assert repr(culprit) in lines[0]
+
+
+@pytest.mark.usefixtures("harmless_env")
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_version_prints_the_version(script: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert exit_code(SCRIPTS[script], ["--version"]) == 0
+
+    assert capsys.readouterr().out == f"{script} {metadata.version('crm-events')}\n"
+
+
+@pytest.mark.usefixtures("harmless_env")
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_version_names_the_revision_when_it_is_set(
+    script: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CRM_EVENTS_REVISION", "3f2c1ab")
+    assert exit_code(SCRIPTS[script], ["--version"]) == 0
+
+    assert capsys.readouterr().out.endswith(" (revision 3f2c1ab)\n")
+
+
+# --- the installed console scripts, as subprocesses --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def installed_help(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, str, str]]:
+    """``<script> --help`` for each console script next to this interpreter, all at once."""
+    bin_dir = Path(sys.executable).parent
+    base = {k: v for k, v in os.environ.items() if not k.startswith("CRM_EVENTS_")}
+    env = {
+        **base,
+        "CRM_EVENTS_KAFKA_BOOTSTRAP": "127.0.0.1:1",
+        "CRM_EVENTS_PRODUCER_COUNT": "1",
+        "CRM_EVENTS_RUN_DIR": str(tmp_path_factory.mktemp("run")),
+    }
+    procs = {
+        script: subprocess.Popen(
+            [str(bin_dir / script), "--help"],
+            env=env,
+            cwd=tmp_path_factory.mktemp("elsewhere"),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for script in SCRIPTS
+    }
+    results = {}
+    try:
+        for script, proc in procs.items():
+            out, err = proc.communicate(timeout=60)
+            results[script] = (proc.returncode, out, err)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return results
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_installed_script_answers_help(
+    script: str, installed_help: dict[str, tuple[int, str, str]]
+) -> None:
+    returncode, out, err = installed_help[script]
+
+    assert returncode == 0, err
+    assert out.startswith(f"usage: {script} "), out
+    assert err == ""

@@ -86,6 +86,8 @@ def test_edge_defaults_from_an_empty_mapping() -> None:
         got.history_max_n,
         got.resume_page,
         got.replay_ring_events,
+        got.history_cache_bytes,
+        got.replay_cache_bytes,
         got.shutdown_grace_s,
         got.backoff_max_s,
     ) == (
@@ -99,9 +101,17 @@ def test_edge_defaults_from_an_empty_mapping() -> None:
         1000,
         s.DEFAULT_RESUME_PAGE,
         s.DEFAULT_REPLAY_RING_EVENTS,
+        32 * 1024 * 1024,
+        24 * 1024 * 1024,
         s.DEFAULT_SHUTDOWN_GRACE_S,
         s.DEFAULT_BACKOFF_MAX_S,
     )
+
+
+def test_default_cache_budgets_keep_an_edge_under_64_mib() -> None:
+    got = edge_from_env({})
+
+    assert got.history_cache_bytes + got.replay_cache_bytes < 64 * 1024 * 1024
 
 
 def test_blank_values_count_as_unset() -> None:
@@ -124,6 +134,20 @@ def test_blank_values_count_as_unset() -> None:
             "history_default_n",
             10,
             id="default-n-follows-small-max",
+        ),
+        pytest.param(
+            edge_from_env,
+            {"HISTORY_CACHE_BYTES": "0"},
+            "history_cache_bytes",
+            0,
+            id="history-cache-off",
+        ),
+        pytest.param(
+            edge_from_env,
+            {"REPLAY_CACHE_BYTES": "1048576"},
+            "replay_cache_bytes",
+            1 << 20,
+            id="replay-cache-1mib",
         ),
         pytest.param(
             IngestSettings.from_env,
@@ -178,6 +202,18 @@ BAD = [
     pytest.param(EDGE, {"CLIENT_BUFFER_BYTES": "10"}, "CLIENT_BUFFER_BYTES", id="buffer-tiny"),
     pytest.param(EDGE, {"NODE_ID": "edge 1"}, "NODE_ID", id="node-id-space"),
     pytest.param(EDGE, {"REPLAY_RING_EVENTS": "-1"}, "REPLAY_RING_EVENTS", id="ring-negative"),
+    pytest.param(
+        EDGE, {"HISTORY_CACHE_BYTES": "-1"}, "HISTORY_CACHE_BYTES", id="history-cache-negative"
+    ),
+    pytest.param(
+        EDGE, {"HISTORY_CACHE_BYTES": "32MiB"}, "HISTORY_CACHE_BYTES", id="history-cache-unit"
+    ),
+    pytest.param(
+        EDGE, {"REPLAY_CACHE_BYTES": str(1 << 40)}, "REPLAY_CACHE_BYTES", id="replay-cache-huge"
+    ),
+    pytest.param(
+        EDGE, {"REPLAY_CACHE_BYTES": "1.5"}, "REPLAY_CACHE_BYTES", id="replay-cache-float"
+    ),
     pytest.param(EDGE, {"REPLAY_RING_EVENTS": "lots"}, "REPLAY_RING_EVENTS", id="ring-word"),
     pytest.param(INGEST, {"KAFKA_BOOTSTRAP": "nohost"}, "KAFKA_BOOTSTRAP", id="bootstrap-nohost"),
     pytest.param(

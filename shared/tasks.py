@@ -1,0 +1,187 @@
+"""Long-lived background tasks that are watched: a task that ends unexpectedly (an exception
+other than cancellation, or returning at all) makes its process not ready and is restarted
+with jittered exponential backoff.
+
+Without this, a bug or an input nobody foresaw ends a task such as the edge's subscription
+silently: the process keeps answering ``/readyz`` 200 while doing nothing. Here each crash
+is logged once with its traceback, counted in ``crm_events_task_restarts_total{task}``, and
+``/readyz`` names the task until it runs again.
+
+Tasks are started and stopped with the aiohttp app (``Supervisor.lifecycle`` goes into
+``cleanup_ctx``). Cancellation is never swallowed: stopping the supervisor cancels every
+task and waits for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter
+
+log = logging.getLogger(__name__)
+
+TaskFactory = Callable[[], Coroutine[Any, Any, None]]
+Sleep = Callable[[float], Awaitable[None]]
+
+BACKOFF_INITIAL_S = 0.5
+BACKOFF_MAX_S = 30.0
+STABLE_AFTER_S = 60.0
+"""A task that ran this long before crashing starts its backoff over (an isolated crash
+restarts quickly; a crash loop slows down to ``BACKOFF_MAX_S``)."""
+
+
+def task_restarts_counter(registry: CollectorRegistry) -> Counter:
+    return Counter(
+        "crm_events_task_restarts",
+        "Background tasks restarted after they ended unexpectedly (a crash or a return), "
+        "by task name.",
+        ["task"],
+        registry=registry,
+    )
+
+
+class Supervised:
+    """One named task, restarted whenever it ends on its own."""
+
+    def __init__(
+        self,
+        name: str,
+        factory: TaskFactory,
+        restarts: Counter,
+        *,
+        backoff_initial_s: float = BACKOFF_INITIAL_S,
+        backoff_max_s: float = BACKOFF_MAX_S,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        self.name = name
+        self._factory = factory
+        self._restarts = restarts
+        self._initial = backoff_initial_s
+        self._max = max(backoff_max_s, backoff_initial_s)
+        self._sleep = sleep
+        self._runner: asyncio.Task[None] | None = None
+        self.healthy = False
+        """True while the task runs; False from a crash until it is running again."""
+        self.crashes = 0
+        self.last_error: str | None = None
+        restarts.labels(task=name)  # exported as 0 from the start, so rate() works
+
+    def start(self) -> None:
+        if self._runner is None:
+            self._runner = asyncio.create_task(self._watch(), name=f"supervise-{self.name}")
+
+    async def stop(self) -> None:
+        runner, self._runner = self._runner, None
+        self.healthy = False
+        if runner is None:
+            return
+        runner.cancel()
+        # Wait for the task's own cleanup; a stop that is itself cancelled still propagates.
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+
+    async def _watch(self) -> None:
+        delay = self._initial
+        while True:
+            started = time.monotonic()
+            self.healthy = True
+            task = asyncio.create_task(self._factory(), name=self.name)
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                me = asyncio.current_task()
+                if me is None or me.cancelling() or not task.done():
+                    # Our own stop (the shield keeps the task alive for exactly this): cancel
+                    # the task, wait for its cleanup, and propagate.
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                    raise
+                # The task was cancelled by someone else while we were not: it ended.
+                self.last_error = "cancelled"
+                log.error("background task was cancelled; restarting", extra={"task": self.name})
+            except Exception as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.error(
+                    "background task crashed; restarting",
+                    exc_info=exc,
+                    extra={"task": self.name, "error": self.last_error},
+                )
+            else:
+                self.last_error = "returned"
+                log.error(
+                    "background task ended unexpectedly; restarting", extra={"task": self.name}
+                )
+            self.healthy = False
+            self.crashes += 1
+            if time.monotonic() - started >= STABLE_AFTER_S:
+                delay = self._initial
+            # Full jitter around the current step, so replicas that crashed together on the
+            # same bad input do not restart in lockstep.
+            wait = delay * (0.5 + random.random() / 2)
+            log.info(
+                "restarting background task", extra={"task": self.name, "in_s": round(wait, 2)}
+            )
+            await self._sleep(wait)
+            delay = min(delay * 2, self._max)
+            self._restarts.labels(task=self.name).inc()
+
+
+class Supervisor:
+    """The supervised tasks of one process, started and stopped with its aiohttp app."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        backoff_initial_s: float = BACKOFF_INITIAL_S,
+        backoff_max_s: float = BACKOFF_MAX_S,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        self._restarts = task_restarts_counter(registry)
+        self._initial = backoff_initial_s
+        self._max = backoff_max_s
+        self._sleep = sleep
+        self.tasks: dict[str, Supervised] = {}
+
+    def add(self, name: str, factory: TaskFactory) -> Supervised:
+        if name in self.tasks:
+            raise ValueError(f"a task named {name!r} is already supervised")
+        task = Supervised(
+            name,
+            factory,
+            self._restarts,
+            backoff_initial_s=self._initial,
+            backoff_max_s=self._max,
+            sleep=self._sleep,
+        )
+        self.tasks[name] = task
+        return task
+
+    def start(self) -> None:
+        for task in self.tasks.values():
+            task.start()
+
+    async def stop(self) -> None:
+        for task in reversed(self.tasks.values()):
+            await task.stop()
+
+    @property
+    def failed(self) -> list[str]:
+        """Names of the tasks that are not running (for ``/readyz``)."""
+        return [name for name, task in self.tasks.items() if not task.healthy]
+
+    async def lifecycle(self, _app: web.Application) -> AsyncIterator[None]:
+        """For ``app.cleanup_ctx``: tasks start with the app and are stopped with it."""
+        self.start()
+        try:
+            yield
+        finally:
+            await self.stop()
