@@ -56,7 +56,9 @@ def client_ip(request: web.Request, trusted: TrustedProxies) -> str:
     peer = request.remote or "unknown"
     if peer not in trusted:
         return peer
-    forwarded = request.headers.get("X-Forwarded-For", "")
+    # Several header lines are one comma-separated list (RFC 9110); the proxy appends its
+    # peer to the last one, so reading only the first line would believe a client's own line.
+    forwarded = ",".join(request.headers.getall("X-Forwarded-For", ()))
     for hop in reversed([h.strip() for h in forwarded.split(",") if h.strip()]):
         if hop not in trusted:
             return hop

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import make_mocked_request
+from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry, Counter
 
 from edge.limits import ConnectionLimiter, RateLimiter, TrustedProxies, client_ip
@@ -59,6 +60,15 @@ def test_history_token_bucket() -> None:
     now[0] += 0.5  # one token back at 2/s
     limiter.take("a")
     assert rejected(registry, "history_rate") == 1
+
+
+def test_client_ip_reads_every_forwarded_line() -> None:
+    # A client's own X-Forwarded-For line comes first; a proxy that adds a line of its own
+    # puts the real peer last.
+    headers = CIMultiDict([("X-Forwarded-For", "6.6.6.6"), ("X-Forwarded-For", "198.51.100.7")])
+    request = make_mocked_request("GET", "/", headers=headers)
+    request._transport_peername = ("127.0.0.1", 1234)  # type: ignore[attr-defined]
+    assert client_ip(request, TrustedProxies(frozenset({"127.0.0.1"}))) == "198.51.100.7"
 
 
 @pytest.mark.parametrize(
