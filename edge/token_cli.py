@@ -3,6 +3,7 @@ for operators of a deployment that uses a shared secret (e.g. docker-compose).""
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +30,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse(argv)
     if args.secret_file is None:
         parser.error("the following arguments are required: --secret-file")
+    # Each refusal below would otherwise issue a token broader or other than asked for: an
+    # empty tenant is no tenant filter at all (every tenant's events), an empty type grants
+    # nothing anyone meant, and a NaN, infinite or non-positive lifetime is no lifetime.
+    if args.tenant is not None and not args.tenant.strip():
+        parser.error("argument --tenant: must not be empty (omit it for every tenant)")
+    types = [t.strip() for t in args.types.split(",")]
+    if not all(types):
+        parser.error(f"argument --types: empty event type in {args.types!r}")
+    if not (math.isfinite(args.ttl) and args.ttl > 0):
+        parser.error(f"argument --ttl: must be a finite number of seconds > 0, not {args.ttl}")
     try:
         secret = args.secret_file.read_text(encoding="utf-8").strip()
     except OSError as exc:
@@ -37,12 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    match = {"TenantId": args.tenant} if args.tenant else None
-    print(
-        issue_token(
-            secret, types=args.types.split(","), match=match, ttl_s=args.ttl, subject=args.subject
-        )
-    )
+    match = {"TenantId": args.tenant} if args.tenant is not None else None
+    print(issue_token(secret, types=types, match=match, ttl_s=args.ttl, subject=args.subject))
     return 0
 
 

@@ -60,6 +60,13 @@ KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPT
 CLIENT_GONE = 499
 
 
+def _answer_started(request: web.Request) -> bool:
+    """Whether the handler already sent part of its answer itself (a stream it prepared and
+    wrote to). A handler that returns its response has sent nothing yet: the server writes
+    that response after the middlewares return."""
+    return request.writer.output_size > 0
+
+
 def _method_label(request: web.Request) -> str:
     method = request.method
     return method if method in KNOWN_METHODS else "other"
@@ -91,11 +98,11 @@ def make_middlewares(metrics: CommonMetrics) -> list[web.middleware]:  # type: i
             code, message = _STATUS_CODES.get(exc.status, ("http_error", exc.reason))
             headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
             return json_error(exc.status, code, message, headers)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, ConnectionResetError, BrokenPipeError):
+            # The client went away. Still timed (the slowest answers are the likeliest to lose
+            # their client), unless the handler was streaming: that was the client's stay.
             status = CLIENT_GONE
-            raise
-        except (ConnectionResetError, BrokenPipeError):
-            status = CLIENT_GONE
+            streamed = _answer_started(request)
             raise
         except Exception:
             log.exception("unhandled error", extra={"path": request.path})
@@ -113,7 +120,7 @@ def make_middlewares(metrics: CommonMetrics) -> list[web.middleware]:  # type: i
                 )
                 children[key] = counter
             counter.inc()
-            if not streamed and status != CLIENT_GONE:
+            if not streamed:
                 histogram = durations.get((route, method))
                 if histogram is None:
                     histogram = metrics.http_request_duration.labels(path=route, method=method)

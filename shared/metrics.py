@@ -57,8 +57,9 @@ class CommonMetrics:
         self.http_request_duration = Histogram(
             "crm_events_http_request_duration_seconds",
             "Time from a request reaching the application to its handler's answer (writing "
-            "the body to the socket excluded), by route template and method. Streams (SSE) "
-            "are not observed: their duration is the client's visit, not the server's work.",
+            "the body to the socket excluded), by route template and method; a request "
+            "whose client left first is observed too, up to its leaving. Streams (SSE) are "
+            "not observed: their duration is the client's visit, not the server's work.",
             ["path", "method"],
             buckets=REQUEST_DURATION_BUCKETS_S,
             registry=registry,

@@ -15,7 +15,6 @@ task and waits for it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -82,27 +81,46 @@ class Supervised:
         self.healthy = False
         if runner is None:
             return
+        me = asyncio.current_task()
+        # Counted before the wait: a caller already being cancelled (e.g. cleanup running in a
+        # cancelled main task) still stops every task; only a cancellation of this wait counts.
+        cancels_before = me.cancelling() if me is not None else 0
         runner.cancel()
         # Wait for the task's own cleanup; a stop that is itself cancelled still propagates.
-        with contextlib.suppress(asyncio.CancelledError):
+        try:
             await runner
+        except asyncio.CancelledError:
+            if me is not None and me.cancelling() > cancels_before:
+                raise
 
     async def _watch(self) -> None:
         delay = self._initial
         while True:
             started = time.monotonic()
-            self.healthy = True
-            task = asyncio.create_task(self._factory(), name=self.name)
+            task: asyncio.Task[None] | None = None
             try:
+                # Inside the try: a factory that raises, or returns no coroutine, is a crash.
+                task = asyncio.create_task(self._factory(), name=self.name)
+                self.healthy = True
                 await asyncio.shield(task)
             except asyncio.CancelledError:
                 me = asyncio.current_task()
-                if me is None or me.cancelling() or not task.done():
+                if task is not None and (me is None or me.cancelling() or not task.done()):
                     # Our own stop (the shield keeps the task alive for exactly this): cancel
-                    # the task, wait for its cleanup, and propagate.
+                    # the task, wait for its cleanup, and propagate. A cleanup that fails
+                    # (e.g. closing a client whose server is down) is logged, not raised: the
+                    # stop goes on either way.
                     task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
+                    try:
                         await task
+                    except asyncio.CancelledError:
+                        pass
+                    except Exception as exc:
+                        log.error(
+                            "background task failed while stopping",
+                            exc_info=exc,
+                            extra={"task": self.name, "error": f"{type(exc).__name__}: {exc}"},
+                        )
                     raise
                 # The task was cancelled by someone else while we were not: it ended.
                 self.last_error = "cancelled"
@@ -121,17 +139,19 @@ class Supervised:
                 )
             self.healthy = False
             self.crashes += 1
+            # Counted when the crash is seen, so a stop during the backoff does not lose it.
+            self._restarts.labels(task=self.name).inc()
             if time.monotonic() - started >= STABLE_AFTER_S:
                 delay = self._initial
-            # Full jitter around the current step, so replicas that crashed together on the
-            # same bad input do not restart in lockstep.
+            # Jittered within [step/2, step] (half jitter: the wait still grows with the
+            # step), so replicas that crashed together on the same bad input do not restart
+            # in lockstep.
             wait = delay * (0.5 + random.random() / 2)
             log.info(
                 "restarting background task", extra={"task": self.name, "in_s": round(wait, 2)}
             )
             await self._sleep(wait)
             delay = min(delay * 2, self._max)
-            self._restarts.labels(task=self.name).inc()
 
 
 class Supervisor:
@@ -170,8 +190,17 @@ class Supervisor:
             task.start()
 
     async def stop(self) -> None:
+        """Stop every task, last added first; one that fails to stop is logged and the others
+        are stopped all the same (a cancellation of this stop still propagates)."""
         for task in reversed(self.tasks.values()):
-            await task.stop()
+            try:
+                await task.stop()
+            except Exception as exc:
+                log.error(
+                    "background task failed to stop cleanly",
+                    exc_info=exc,
+                    extra={"task": task.name, "error": f"{type(exc).__name__}: {exc}"},
+                )
 
     @property
     def failed(self) -> list[str]:

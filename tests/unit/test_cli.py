@@ -13,6 +13,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 
 from devtools import producer, stack
@@ -328,3 +329,55 @@ def test_installed_script_answers_help(
     assert returncode == 0, err
     assert out.startswith(f"usage: {script} "), out
     assert err == ""
+
+
+# --- crm-events-token: the claims it is asked for, or a refusal ---------------------------------
+
+
+@pytest.fixture
+def secret_file(tmp_path: Path) -> Path:
+    path = tmp_path / "secret"
+    path.write_text("s3cret-for-tests-only-0123456789abcdef\n", encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("argv", "culprit"),
+    [
+        pytest.param(["--tenant", ""], "--tenant", id="empty-tenant"),
+        pytest.param(["--tenant", "  "], "--tenant", id="blank-tenant"),
+        pytest.param(["--ttl", "nan"], "--ttl", id="ttl-nan"),
+        pytest.param(["--ttl", "inf"], "--ttl", id="ttl-inf"),
+        pytest.param(["--ttl", "0"], "--ttl", id="ttl-zero"),
+        pytest.param(["--ttl", "-100"], "--ttl", id="ttl-negative"),
+        pytest.param(["--types", ","], "--types", id="types-comma"),
+        pytest.param(["--types", ""], "--types", id="types-empty"),
+        pytest.param(["--types", "a,,b"], "--types", id="types-empty-item"),
+    ],
+)
+def test_token_refuses_a_claim_it_cannot_issue_as_asked(
+    argv: list[str], culprit: str, secret_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An empty tenant would be a token for every tenant; an empty type or a lifetime that is
+    NaN, infinite or not positive is not what anyone asked for."""
+    assert exit_code(token_cli.main, ["--secret-file", str(secret_file), *argv]) == 2
+
+    out = capsys.readouterr()
+    assert out.out == "", "no token is printed"
+    lines = out.err.splitlines()
+    assert len(lines) == 1, out.err
+    assert lines[0].startswith("crm-events-token: error: argument ")
+    assert culprit in lines[0]
+
+
+def test_token_carries_the_tenant_types_and_lifetime_asked_for(
+    secret_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--tenant", "acme", "--types", "a, b", "--ttl", "60"]
+    assert token_cli.main(["--secret-file", str(secret_file), *argv]) == 0
+
+    token = capsys.readouterr().out.strip()
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert claims["crm_match"] == {"TenantId": "acme"}
+    assert claims["crm_types"] == ["a", "b"]
+    assert claims["exp"] - claims["iat"] == 60

@@ -1,10 +1,11 @@
 """Request metrics of shared/httpkit.py and the build info of shared/metrics.py: the duration
-histogram times non-streaming answers per route template (never the raw path), leaves SSE
-streams out, keeps the method label bounded, and crm_events_build_info carries the version
-and the revision."""
+histogram times non-streaming answers per route template (never the raw path), those whose
+client left first included, leaves SSE streams out, keeps the method label bounded, and
+crm_events_build_info carries the version and the revision."""
 
 from __future__ import annotations
 
+import asyncio
 import tomllib
 import types
 from collections.abc import AsyncIterator
@@ -23,10 +24,12 @@ from shared import httpkit, version
 from shared.httpkit import ApiError, add_ops_routes, make_middlewares
 from shared.metrics import CommonMetrics, render
 from shared.settings import EdgeSettings, RedisSettings
+from tests.waiting import eventually
 
 REPO = Path(__file__).resolve().parents[2]
 DURATION = "crm_events_http_request_duration_seconds"
 HANDLER_S = 0.2
+SLOW_S = 7.0
 
 
 class FakeClock:
@@ -44,9 +47,13 @@ def sample(registry: CollectorRegistry, name: str, labels: dict[str, str]) -> fl
 
 
 class Tiny:
-    def __init__(self, server: TestServer, registry: CollectorRegistry) -> None:
+    def __init__(
+        self, server: TestServer, registry: CollectorRegistry, entered: asyncio.Event
+    ) -> None:
         self.server = server
         self.registry = registry
+        self.entered = entered
+        """Set by the handlers that wait for their client to leave, once they wait."""
 
     def url(self, path: str) -> str:
         return str(self.server.make_url(path))
@@ -81,9 +88,27 @@ async def tiny(clock: FakeClock) -> AsyncIterator[Tiny]:
         clock.now += HANDLER_S
         raise ApiError(400, "invalid_n", "bad n")
 
+    async def slow(_: web.Request) -> web.Response:
+        clock.now += SLOW_S  # e.g. a history query on a slow Redis: the client gives up
+        tiny_entered.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def held_stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: x\n\n")
+        clock.now += 30.0  # a long stay, ended by the client: must not show in the histogram
+        tiny_entered.set()
+        await asyncio.Event().wait()
+        return response
+
+    tiny_entered = asyncio.Event()
     app.router.add_get("/items/{id}", item)
     app.router.add_get("/stream", stream)
     app.router.add_get("/refuse", refuse)
+    app.router.add_get("/slow/{id}", slow)
+    app.router.add_get("/held-stream", held_stream)
 
     async def ready() -> tuple[bool, dict[str, object]]:
         return True, {}
@@ -92,7 +117,7 @@ async def tiny(clock: FakeClock) -> AsyncIterator[Tiny]:
     server = TestServer(app)
     await server.start_server()
     try:
-        yield Tiny(server, registry)
+        yield Tiny(server, registry, tiny_entered)
     finally:
         await server.close()
 
@@ -129,6 +154,43 @@ async def test_an_error_answer_is_timed(tiny: Tiny) -> None:
     labels = {"path": "/refuse", "method": "GET"}
     assert sample(tiny.registry, f"{DURATION}_count", labels) == 1
     assert sample(tiny.registry, f"{DURATION}_sum", labels) == pytest.approx(HANDLER_S)
+
+
+async def leave_mid_request(tiny: Tiny, path: str) -> None:
+    """Send a GET, wait until its handler runs, then close the connection (the client gives
+    up)."""
+    tiny.entered.clear()
+    _, writer = await asyncio.open_connection(tiny.server.host, tiny.server.port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+    await writer.drain()
+    await asyncio.wait_for(tiny.entered.wait(), 5)
+    writer.close()
+    await writer.wait_closed()
+
+
+async def test_a_request_whose_client_went_away_is_timed_unless_it_streamed(tiny: Tiny) -> None:
+    """The slowest answers are the likeliest to lose their client (a history query on a slow
+    Redis): leaving them out would hide them from the p99. A stream the client ends is its
+    stay, not an answer time, and stays out."""
+    gone = {"method": "GET", "status": str(httpkit.CLIENT_GONE)}
+    await leave_mid_request(tiny, "/slow/1")
+    await leave_mid_request(tiny, "/held-stream")
+    for path in ("/slow/{id}", "/held-stream"):
+        await eventually(
+            lambda p=path: sample(
+                tiny.registry, "crm_events_http_requests_total", {**gone, "path": p}
+            ),
+            5,
+            f"{path} counted as the client's departure",
+        )
+
+    slow = {"path": "/slow/{id}", "method": "GET"}
+    assert sample(tiny.registry, f"{DURATION}_count", slow) == 1
+    assert sample(tiny.registry, f"{DURATION}_sum", slow) == pytest.approx(SLOW_S)
+    assert sample(tiny.registry, f"{DURATION}_bucket", {**slow, "le": "5.0"}) == 0
+    held = {"path": "/held-stream", "method": "GET"}
+    assert sample(tiny.registry, f"{DURATION}_count", held) is None
+    assert 'path="/slow/1"' not in render(tiny.registry).decode()
 
 
 async def test_a_method_outside_the_known_set_is_labelled_other(tiny: Tiny) -> None:
