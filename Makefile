@@ -20,6 +20,7 @@ help:
 	@echo "make unit      unit tests only (no services)"
 	@echo "make test      lint, then all tests against a local Kafka and Redis"
 	@echo "make chaos     the full chaos test alone (20,000 events, faults, 20 clients)"
+	@echo "make failover  Redis Sentinel failover and wipe under load, 3 seeds x 20,000 events"
 	@echo "make browser   the browser tests alone (Chromium and Firefox ESR)"
 	@echo "make bench     benchmarks beside Centrifugo, quick (~8 min; bench/README.md)"
 	@echo "make bench-full the full benchmark (~25 min; Centrifugo built once, ~10 min)"
@@ -84,3 +85,12 @@ bench-full: install
 .PHONY: grafana-schemas
 grafana-schemas:
 	@bash scripts/refresh-grafana-schemas.sh $(GRAFANA_SDK_REF)
+
+# Redis failover and wipe under load, three seeds of 20,000 events; the table is printed and
+# kept in run/failover-report.json.
+.PHONY: failover
+failover: install
+	@mkdir -p run
+	CRM_EVENTS_FAILOVER_SEEDS=$${CRM_EVENTS_FAILOVER_SEEDS:-3} \
+	CRM_EVENTS_FAILOVER_REPORT=$${CRM_EVENTS_FAILOVER_REPORT:-run/failover-report.json} \
+	bash scripts/test.sh tests/integration/test_failover.py -s -q -p no:randomly

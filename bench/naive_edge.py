@@ -1,11 +1,12 @@
 """The naive baseline of scenario A: the textbook aiohttp-sse server.
 
-It reads the same Redis pub/sub channel as the edge (``<prefix>:live``, one message per
-ingest batch, a line per event that starts
-with its stream id and ends with its JSON envelope) and, for every event, loops
+It reads the same Redis pub/sub channels as the edge (``<prefix>:{pN}:live``, one per
+partition, one message per ingest batch of that partition, a line per event that starts
+with its offset and ends with its JSON envelope) and, for every event, loops
 over the clients and awaits ``EventSourceResponse.send`` for each: the event is decoded and
 encoded once per client, and one slow socket write delays every client after it. No resume,
-no filter, no bounded buffers. It exists only to show what the edge's design buys.
+no filter, no bounded buffers. Its SSE id is ``<partition>-<offset>`` (no cursor: nothing
+can resume from it). It exists only to show what the edge's design buys.
 
 Run: ``python -m bench.naive_edge`` with ``CRM_EVENTS_REDIS_URL``, ``CRM_EVENTS_REDIS_PREFIX``
 and ``CRM_EVENTS_EDGE_PORT`` set.
@@ -21,6 +22,8 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 from redis.asyncio import Redis
+
+from shared.contract import RedisKeys
 
 CLIENTS = web.AppKey("clients", set[EventSourceResponse])
 READY = web.AppKey("ready", asyncio.Event)
@@ -43,16 +46,18 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"ready": ready}, status=200 if ready else 503)
 
 
-async def fan_out(app: web.Application, redis: Redis, channel: str) -> None:
+async def fan_out(app: web.Application, redis: Redis, keys: RedisKeys) -> None:
     pubsub = redis.pubsub()
-    await pubsub.subscribe(channel)
+    # Every partition's channel, however many the topic has.
+    await pubsub.psubscribe(keys.live(0).replace("{p0}", "{p*}"))
     app[READY].set()
     async for message in pubsub.listen():
-        if message["type"] != "message":
+        if message["type"] != "pmessage":
             continue
+        partition = keys.live_partition(message["channel"])
         for line in message["data"].split(b"\n"):
-            # ``<id> <type> <ts> ... <envelope>``: the id leads, the JSON envelope ends the line.
-            id_b = line[: line.index(b" ")]
+            # ``<offset> <pv> <type> <ts> <match> <envelope>``: the JSON envelope ends the line.
+            id_b = b"%d-%s" % (partition, line[: line.index(b" ")])
             envelope = line[line.index(b"{") :]
             clients: set[EventSourceResponse] = app[CLIENTS]
             for client in list(clients):
@@ -70,7 +75,7 @@ def create_app() -> web.Application:
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         redis = Redis.from_url(url)
-        task = asyncio.create_task(fan_out(app, redis, f"{prefix}:live"))
+        task = asyncio.create_task(fan_out(app, redis, RedisKeys(prefix)))
         yield
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

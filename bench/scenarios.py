@@ -25,9 +25,11 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from devtools.probes import HttpReady
 from devtools.supervisor import ProcessSpec, Supervisor
+from shared.contract import RedisKeys
 from tests.harness.backends import Backends
 from tests.harness.cluster import Cluster, free_port
 
+from .backends import PARTITIONS
 from .profiles import Profile
 from .servers import (
     BENCH_EDGE_ENV,
@@ -465,18 +467,28 @@ async def scenario_b(bench: Bench, servers: list[str]) -> list[dict[str, Any]]:
 # -- C: reconnect storm (+ E on the same server: its stream holds the events) ------------------
 
 
+def _offsets(newest: list[int | None]) -> str:
+    """The load generator's per-partition offset list: ``17,-,4``."""
+    return ",".join("-" if off is None else str(off) for off in newest)
+
+
 async def _backlog(
     target: Target, behind: int, size: int, result: dict[str, Any]
 ) -> tuple[dict[str, Any], str]:
     """One event marks the position the clients saw last; then ``behind`` more. Returns the
-    load generator's resume parameters and (our edge) the newest id."""
+    load generator's resume parameters and (our edge) the newest offset per partition, as
+    the load generator's ``expect_last``."""
     await target.publish_burst(1, size, 0)
     if isinstance(target, CrmTarget):
-        position = await target.wait_stored(1, 60.0)
+        seen = await target.wait_stored(1, 60.0)
+        # The clients' position: the cursor a client holding the marker has (opaque, from
+        # the edge), and what it covers per partition, so the first event after it is
+        # checked too.
+        cursor = await target.cursor_after(seen, 60.0)
         await target.publish_burst(behind, size, 1)
-        head = await target.wait_stored(1 + behind, 60.0)
-        result.update({"last_event_id": position, "head": head})
-        return {"lei": position}, head
+        head = _offsets(await target.wait_stored(1 + behind, 60.0))
+        result.update({"last_event_id": cursor, "covered": _offsets(seen), "head": head})
+        return {"lei": cursor, "lei_parts": _offsets(seen)}, head
     if isinstance(target, CentrifugoTarget):
         await target.wait_stored(1, 60.0)
         offset0, _ = await target.position()
@@ -548,7 +560,7 @@ async def scenario_c_one(bench: Bench, kind: str) -> dict[str, Any]:
                     "at_expect": b["at_expect"],
                     "events_min": b["events_min"],
                     "events_max": b["events_max"],
-                    "last_id_ok": b["expect_last_seen"] if kind != "centrifugo" else None,
+                    "last_offsets_ok": b["expect_last_seen"] if kind != "centrifugo" else None,
                     "gaps": s["gaps"],
                     "dups": s["dups"],
                     "resets": s["resets"],
@@ -638,7 +650,7 @@ def _check_history(target: Target) -> int:
         body: bytes = resp.read()
     if isinstance(target, CentrifugoTarget):
         return body.count(b'"offset":') - 1  # publications, plus the top offset
-    return body.count(b'"id":"')
+    return body.count(b'"cursor":"')
 
 
 async def scenario_e_on(bench: Bench, target: Target) -> dict[str, Any]:
@@ -729,7 +741,9 @@ async def scenario_d(bench: Bench) -> dict[str, Any]:
     admin = AIOKafkaAdminClient(bootstrap_servers=bench.backends.kafka_bootstrap)
     await admin.start()
     try:
-        await admin.create_topics([NewTopic(cluster.topic, num_partitions=3, replication_factor=1)])
+        await admin.create_topics(
+            [NewTopic(cluster.topic, num_partitions=PARTITIONS, replication_factor=1)]
+        )
     finally:
         await admin.close()
     say(f"D: preloading {backlog:,} events into {cluster.topic}")
@@ -749,6 +763,7 @@ async def scenario_d(bench: Bench) -> dict[str, Any]:
         cwd=cluster.run_dir if bench.server_pythonpath else None,
     )
     redis = cluster.redis()
+    keys = RedisKeys(cluster.prefix)
     samples: list[tuple[float, int]] = []
     # CPU of the Redis and Kafka processes too: tells whether ingest waited on them.
     helpers = {
@@ -763,11 +778,13 @@ async def scenario_d(bench: Bench) -> dict[str, Any]:
         deadline = t_spawn + max(120.0, backlog / 2000)
         async with bench.pyspy(pid or 0, "D-ingest") if pid else _null():
             while time.monotonic() < deadline:
-                try:
-                    info = await redis.xinfo_stream(cluster.stream_key)
-                    added = int(info.get("entries-added", 0))
-                except Exception:  # noqa: BLE001 - the stream does not exist yet
-                    added = 0
+                added = 0
+                for partition in range(PARTITIONS):
+                    try:
+                        info = await redis.xinfo_stream(keys.stream(partition))
+                        added += int(info.get("entries-added", 0))
+                    except Exception:  # noqa: BLE001 - the stream does not exist yet
+                        pass
                 samples.append((time.monotonic(), added))
                 if added >= backlog:
                     break

@@ -25,9 +25,11 @@ from aiokafka import AIOKafkaProducer
 
 from devtools.probes import HttpReady
 from devtools.supervisor import ProcessSpec, Supervisor
+from shared.contract import RedisKeys, position_of
 from tests.harness.backends import Backends
 from tests.harness.cluster import Cluster, free_port
 
+from .backends import PARTITIONS
 from .tools import (
     OTHER_CORE,
     ROOT,
@@ -257,11 +259,15 @@ class CrmTarget(Target):
         self._probe = asyncio.create_task(self._pipeline_probe(ready))
         await asyncio.wait_for(ready.wait(), 10)
 
+    @property
+    def keys(self) -> RedisKeys:
+        return RedisKeys(self.cluster.prefix)
+
     async def _pipeline_probe(self, ready: asyncio.Event) -> None:
         redis = self.cluster.redis()
         pubsub = redis.pubsub()
         try:
-            await pubsub.subscribe(f"{self.cluster.prefix}:live")
+            await pubsub.subscribe(*(self.keys.live(p) for p in range(PARTITIONS)))
             ready.set()
             while True:
                 msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
@@ -289,29 +295,60 @@ class CrmTarget(Target):
         assert self._producer is not None
         return await self._producer.send(self.cluster.topic, make_event(seq, size))
 
-    async def stored(self) -> tuple[int, str | None]:
-        """Entries added to the stream so far and the newest id."""
+    async def stored(self) -> tuple[int, list[int | None]]:
+        """Events added to the partitions' streams so far, and per partition the offset of
+        the newest one (None: none yet)."""
         redis = self.cluster.redis()
+        added = 0
+        newest: list[int | None] = []
         try:
-            try:
-                info = await redis.xinfo_stream(self.cluster.stream_key)
-            except Exception:  # noqa: BLE001 - no stream yet
-                return 0, None
-            last = info.get("last-generated-id")
-            added = int(info.get("entries-added", info.get("length", 0)))
-            return added, last.decode() if isinstance(last, bytes) else last
+            for partition in range(PARTITIONS):
+                key = self.keys.stream(partition)
+                try:
+                    info = await redis.xinfo_stream(key)
+                except Exception:  # noqa: BLE001 - no stream yet
+                    newest.append(None)
+                    continue
+                added += int(info.get("entries-added", info.get("length", 0)))
+                last = info.get("last-generated-id")
+                if isinstance(last, str):
+                    last = last.encode()
+                # An entry's id is <offset+1>-0: its "ms" part is the position after it.
+                newest.append(position_of(last) - 1 if last else None)
+            return added, newest
         finally:
             await redis.aclose()
 
-    async def wait_stored(self, count: int, timeout_s: float) -> str:
+    async def wait_stored(self, count: int, timeout_s: float) -> list[int | None]:
+        """Per partition, the newest offset, once ``count`` events are stored."""
         deadline = time.monotonic() + timeout_s
         while True:
-            added, last = await self.stored()
-            if added >= count and last is not None:
-                return last
+            added, newest = await self.stored()
+            if added >= count:
+                return newest
             if time.monotonic() > deadline:
                 raise BenchError(f"{self.name}: only {added}/{count} events reached Redis")
             await asyncio.sleep(0.1)
+
+    async def cursor_after(self, newest: list[int | None], timeout_s: float) -> str:
+        """The edge's cursor after everything in ``newest`` (per partition, the newest
+        offset), as a client gets it: a history page's ``next_after``, kept opaque. Waits
+        until the edge's newest page ends with the newest stored event."""
+        want = {(p, off) for p, off in enumerate(newest) if off is not None}
+        url = f"http://127.0.0.1:{self.port}/crm-events/history?n=1"
+        deadline = time.monotonic() + timeout_s
+        async with aiohttp.ClientSession() as session:
+            while True:
+                async with session.get(url) as resp:
+                    body = await resp.json() if resp.status == 200 else {}
+                items = body.get("items") or []
+                last = items[-1] if items else None
+                if last is not None and (last["partition"], last["offset"]) in want:
+                    cursor: str = body["next_after"]
+                    return cursor
+                if time.monotonic() > deadline:
+                    raise BenchError(f"{self.name}: the edge's history does not show {want}")
+                await asyncio.sleep(0.1)
 
     def history_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/crm-events/history?n=100"

@@ -1,6 +1,7 @@
 """The local crm-events stack without Docker: settings, its parts, and ``crm-events-stack``.
 
-Parts, in start order: ``kafka``, ``redis``, ``ingest``, ``edge1`` … ``edgeN``, ``nginx``,
+Parts, in start order: ``kafka``, ``redis`` (with CRM_EVENTS_REDIS_MODE=sentinel also
+``redis-replica``, ``sentinel1`` … ``sentinelN``), ``ingest``, ``edge1`` … ``edgeN``, ``nginx``,
 ``producer``. Each is a :class:`~devtools.supervisor.ProcessSpec` built from
 :class:`StackSettings`; a :class:`~devtools.supervisor.Supervisor` on the run directory starts
 and stops them through pidfiles, so ``down`` stops exactly what ``up`` started.
@@ -23,7 +24,12 @@ CRM_EVENTS_KAFKA_PORT              9092               Kafka client listener (127
 CRM_EVENTS_KAFKA_CONTROLLER_PORT   19093              KRaft controller listener
 CRM_EVENTS_KAFKA_TOPIC             aetherlink.events  topic the producer writes, ingest reads
 CRM_EVENTS_KAFKA_PARTITIONS        3                  partitions when the stack creates it
-CRM_EVENTS_REDIS_PORT              6379               Redis
+CRM_EVENTS_REDIS_PORT              6379               Redis (the first primary in sentinel mode)
+CRM_EVENTS_REDIS_MODE              single             ``single``, or ``sentinel``: a primary, a
+                                                      replica and Sentinels; the stack's URL
+                                                      is then ``redis+sentinel://``
+CRM_EVENTS_REDIS_REPLICA_PORT      6380               the replica (sentinel mode)
+CRM_EVENTS_REDIS_SENTINEL_PORTS    26379,26380,26381  one Sentinel per port (sentinel mode)
 CRM_EVENTS_INGEST_PORT             9020               ingest worker's /healthz /readyz /metrics
 CRM_EVENTS_EDGE_PORTS              9011,9012          one edge per port: edge1, edge2, …
 CRM_EVENTS_LB_PORT                 9010               nginx in front of the edges, plain HTTP
@@ -35,6 +41,10 @@ CRM_EVENTS_PRODUCER_RATE           5                  sample events per second
 
 Without CRM_EVENTS_LB_TLS_CERT/KEY, nginx's first start makes a self-signed certificate for
 localhost and 127.0.0.1 in ``<run dir>/nginx/tls/`` (kept and reused while it is valid).
+
+The Redis mode of a running stack is remembered in ``<run dir>/redis-mode`` (written by ``up``
+and ``start``, removed by ``down``): ``status``, ``down`` and a second ``up`` without
+CRM_EVENTS_REDIS_MODE follow the running stack, and switching modes needs a ``down`` first.
 """
 
 from __future__ import annotations
@@ -51,7 +61,7 @@ import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
-from devtools import kafka_local, nginx_conf
+from devtools import kafka_local, nginx_conf, redis_ha
 from devtools.monitoring_stack import (
     MonitoringSettings,
     MonitoringSettingsError,
@@ -81,8 +91,13 @@ __all__ = [
     "DEFAULT_LB_TLS_PORT",
     "DEFAULT_PRODUCER_RATE",
     "DEFAULT_REDIS_PORT",
+    "DEFAULT_REDIS_REPLICA_PORT",
+    "DEFAULT_SENTINEL_PORTS",
     "HOST",
+    "REDIS_MODES",
+    "SENTINEL_SERVICE",
     "PartStatus",
+    "RedisTopology",
     "SettingsError",
     "Stack",
     "StackSettings",
@@ -94,7 +109,10 @@ __all__ = [
     "main",
     "nginx_spec",
     "producer_spec",
+    "redis_replica_spec",
     "redis_spec",
+    "sentinel_conf_text",
+    "sentinel_spec",
 ]
 
 log = logging.getLogger(__name__)
@@ -105,6 +123,16 @@ DEFAULT_KAFKA_CONTROLLER_PORT = 19093
 DEFAULT_KAFKA_TOPIC = "aetherlink.events"
 DEFAULT_KAFKA_PARTITIONS = 3
 DEFAULT_REDIS_PORT = 6379
+DEFAULT_REDIS_REPLICA_PORT = 6380
+DEFAULT_SENTINEL_PORTS: tuple[int, ...] = (26379, 26380, 26381)
+REDIS_MODES = ("single", "sentinel")
+#: Sentinel's name for the primary it watches (the ``<service>`` of the stack's URL).
+SENTINEL_SERVICE = "crm-events"
+#: Sentinel declares the primary down after this long without an answer. Sentinel's own default
+#: (30 s) is for production networks; a local stack fails over in a few seconds.
+STACK_SENTINEL_DOWN_AFTER_MS = 5000
+STACK_SENTINEL_FAILOVER_TIMEOUT_MS = 60_000
+REDIS_MODE_FILE = "redis-mode"
 DEFAULT_INGEST_PORT = 9020
 DEFAULT_EDGE_PORTS: tuple[int, ...] = (9011, 9012)
 DEFAULT_LB_PORT = 9010
@@ -123,6 +151,15 @@ _TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 
 class SettingsError(ValueError):
     """A setting has a bad value; the message is one line and names the variable."""
+
+
+def recorded_redis_mode(run_dir: Path) -> str | None:
+    """The Redis mode the stack in ``run_dir`` was started in, if it still runs."""
+    try:
+        mode = (Path(run_dir) / REDIS_MODE_FILE).read_text().strip()
+    except OSError:
+        return None
+    return mode if mode in REDIS_MODES else None
 
 
 def checkout_dir() -> Path:
@@ -147,6 +184,10 @@ class StackSettings:
     lb_tls_cert: Path | None = None
     lb_tls_key: Path | None = None
     """An operator's certificate and key; None = a self-signed one in the run directory."""
+    redis_mode: str = "single"
+    """``single``: one Redis. ``sentinel``: a primary, a replica and Sentinels."""
+    redis_replica_port: int = DEFAULT_REDIS_REPLICA_PORT
+    sentinel_ports: tuple[int, ...] = DEFAULT_SENTINEL_PORTS
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "run_dir", Path(self.run_dir).resolve())
@@ -155,6 +196,13 @@ class StackSettings:
                 "CRM_EVENTS_LB_TLS_CERT, CRM_EVENTS_LB_TLS_KEY: set both or neither"
             )
         object.__setattr__(self, "edge_ports", tuple(self.edge_ports))
+        object.__setattr__(self, "sentinel_ports", tuple(self.sentinel_ports))
+        if self.redis_mode not in REDIS_MODES:
+            raise SettingsError(
+                f"CRM_EVENTS_REDIS_MODE: expected single or sentinel, got {self.redis_mode!r}"
+            )
+        if self.sentinel and not self.sentinel_ports:
+            raise SettingsError("CRM_EVENTS_REDIS_SENTINEL_PORTS: at least one Sentinel is needed")
         if not self.edge_ports:
             raise SettingsError("CRM_EVENTS_EDGE_PORTS: at least one edge port is needed")
         if not self.producer_rate > 0 or not math.isfinite(self.producer_rate):
@@ -184,6 +232,12 @@ class StackSettings:
             ("CRM_EVENTS_KAFKA_PORT", self.kafka_port),
             ("CRM_EVENTS_KAFKA_CONTROLLER_PORT", self.kafka_controller_port),
             ("CRM_EVENTS_REDIS_PORT", self.redis_port),
+            *(
+                [("CRM_EVENTS_REDIS_REPLICA_PORT", self.redis_replica_port)]
+                + [("CRM_EVENTS_REDIS_SENTINEL_PORTS", p) for p in self.sentinel_ports]
+                if self.sentinel
+                else []
+            ),
             ("CRM_EVENTS_INGEST_PORT", self.ingest_port),
             *(("CRM_EVENTS_EDGE_PORTS", p) for p in self.edge_ports),
             ("CRM_EVENTS_LB_PORT", self.lb_port),
@@ -207,15 +261,16 @@ class StackSettings:
             except ValueError:
                 raise SettingsError(f"{var}: expected a TCP port 1-65535, got {raw!r}") from None
 
-        raw_edges = env.get("CRM_EVENTS_EDGE_PORTS", "").strip()
-        edge_ports = DEFAULT_EDGE_PORTS
-        if raw_edges:
+        def ports(var: str, default: tuple[int, ...]) -> tuple[int, ...]:
+            raw = env.get(var, "").strip()
+            if not raw:
+                return default
             try:
-                edge_ports = tuple(int(p) for p in raw_edges.split(","))
+                return tuple(int(p) for p in raw.split(","))
             except ValueError:
-                raise SettingsError(
-                    f"CRM_EVENTS_EDGE_PORTS: expected comma-separated ports, got {raw_edges!r}"
-                ) from None
+                raise SettingsError(f"{var}: expected comma-separated ports, got {raw!r}") from None
+
+        edge_ports = ports("CRM_EVENTS_EDGE_PORTS", DEFAULT_EDGE_PORTS)
 
         raw_rate = env.get("CRM_EVENTS_PRODUCER_RATE", "").strip()
         rate = DEFAULT_PRODUCER_RATE
@@ -252,6 +307,7 @@ class StackSettings:
 
         raw_run = env.get("CRM_EVENTS_RUN_DIR", "").strip()
         run_dir = Path(raw_run).expanduser() if raw_run else (checkout or checkout_dir()) / "run"
+        mode = env.get("CRM_EVENTS_REDIS_MODE", "").strip().lower() or recorded_redis_mode(run_dir)
         return cls(
             run_dir=run_dir,
             kafka_port=port("CRM_EVENTS_KAFKA_PORT", DEFAULT_KAFKA_PORT),
@@ -268,7 +324,14 @@ class StackSettings:
             lb_tls_port=tls_port,
             lb_tls_cert=tls_files["CRM_EVENTS_LB_TLS_CERT"],
             lb_tls_key=tls_files["CRM_EVENTS_LB_TLS_KEY"],
+            redis_mode=mode or "single",
+            redis_replica_port=port("CRM_EVENTS_REDIS_REPLICA_PORT", DEFAULT_REDIS_REPLICA_PORT),
+            sentinel_ports=ports("CRM_EVENTS_REDIS_SENTINEL_PORTS", DEFAULT_SENTINEL_PORTS),
         )
+
+    @property
+    def sentinel(self) -> bool:
+        return self.redis_mode == "sentinel"
 
     @property
     def kafka_bootstrap(self) -> str:
@@ -276,7 +339,27 @@ class StackSettings:
 
     @property
     def redis_url(self) -> str:
+        """What ingest and the edges connect to: the Redis, or the Sentinels in front of it."""
+        if self.sentinel:
+            sentinels = ",".join(f"{HOST}:{p}" for p in self.sentinel_ports)
+            return f"redis+sentinel://{sentinels}/{SENTINEL_SERVICE}/0"
         return f"redis://{HOST}:{self.redis_port}/0"
+
+    @property
+    def redis_nodes(self) -> list[tuple[str, int]]:
+        """(part, port) of every Redis server (not the Sentinels)."""
+        nodes = [("redis", self.redis_port)]
+        if self.sentinel:
+            nodes.append(("redis-replica", self.redis_replica_port))
+        return nodes
+
+    @property
+    def sentinel_names(self) -> list[str]:
+        return (
+            [f"sentinel{i}" for i in range(1, len(self.sentinel_ports) + 1)]
+            if self.sentinel
+            else []
+        )
 
     @property
     def lb_url(self) -> str:
@@ -303,7 +386,8 @@ class StackSettings:
         """All parts, in start order."""
         return [
             "kafka",
-            "redis",
+            *(name for name, _ in self.redis_nodes),
+            *self.sentinel_names,
             "ingest",
             *self.edge_names,
             "nginx",
@@ -378,40 +462,112 @@ def kafka_spec(settings: StackSettings) -> ProcessSpec:
     )
 
 
-def redis_conf_text(settings: StackSettings, data_dir: Path) -> str:
-    return (
-        "# Generated by devtools/stack.py; rewritten on every start.\n"
-        f"port {settings.redis_port}\n"
-        f"bind {HOST}\n"
-        "protected-mode no\n"
-        "daemonize no\n"
-        # stdout goes to the supervisor's log of this part.
-        'logfile ""\n'
-        f'dir "{data_dir}"\n'
-        "appendonly yes\n"
-        "appendfsync everysec\n"
-        # The append-only file is the persistence; no RDB snapshots on top.
-        'save ""\n'
+def redis_conf_text(
+    settings: StackSettings,
+    data_dir: Path,
+    *,
+    port: int | None = None,
+    replicaof: tuple[str, int] | None = None,
+) -> str:
+    return redis_ha.redis_conf_text(
+        settings.redis_port if port is None else port, data_dir, host=HOST, replicaof=replicaof
+    )
+
+
+def _sentinel_addresses(settings: StackSettings) -> list[tuple[str, int]]:
+    return [(HOST, p) for p in settings.sentinel_ports] if settings.sentinel else []
+
+
+def _primary_now(settings: StackSettings) -> tuple[str, int] | None:
+    """Who the running Sentinels (else the running Redis servers) say is primary."""
+    nodes = [(HOST, port) for _, port in settings.redis_nodes]
+    return redis_ha.current_primary(_sentinel_addresses(settings), nodes, SENTINEL_SERVICE)
+
+
+def _redis_node_spec(settings: StackSettings, name: str, port: int) -> ProcessSpec:
+    home = settings.run_dir / name
+
+    def prepare() -> None:
+        (home / "data").mkdir(parents=True, exist_ok=True)
+        replicaof: tuple[str, int] | None = None
+        if settings.sentinel:
+            # After a failover the primary is whoever the Sentinels say, not the first port:
+            # a restarted node rejoins as a replica of it (or as the primary it still is).
+            primary = _primary_now(settings) or (HOST, settings.redis_port)
+            replicaof = None if primary == (HOST, port) else primary
+        (home / "redis.conf").write_text(
+            redis_conf_text(settings, home / "data", port=port, replicaof=replicaof)
+        )
+
+    ready: Callable[[], bool] = RedisReady(HOST, port)
+    if name != "redis":
+        ready = redis_ha.ReplicaReady(HOST, port)
+    return ProcessSpec(
+        name=name,
+        argv=[_binary("redis-server"), str(home / "redis.conf")],
+        cwd=home,
+        ready=ready,
+        ready_timeout_s=SERVICE_READY_TIMEOUT_S,
+        port=port,
+        prepare=prepare,
     )
 
 
 def redis_spec(settings: StackSettings) -> ProcessSpec:
-    home = settings.run_dir / "redis"
-    conf = home / "redis.conf"
+    """The Redis on CRM_EVENTS_REDIS_PORT: the only one, or the first primary (sentinel mode)."""
+    return _redis_node_spec(settings, "redis", settings.redis_port)
+
+
+def redis_replica_spec(settings: StackSettings) -> ProcessSpec:
+    return _redis_node_spec(settings, "redis-replica", settings.redis_replica_port)
+
+
+def sentinel_conf_text(settings: StackSettings, index: int, primary: tuple[str, int]) -> str:
+    home = settings.run_dir / f"sentinel{index}"
+    return redis_ha.sentinel_conf_text(
+        settings.sentinel_ports[index - 1],
+        home,
+        SENTINEL_SERVICE,
+        primary,
+        sentinels=len(settings.sentinel_ports),
+        down_after_ms=STACK_SENTINEL_DOWN_AFTER_MS,
+        failover_timeout_ms=STACK_SENTINEL_FAILOVER_TIMEOUT_MS,
+        host=HOST,
+        myid=redis_ha.existing_myid(home / "sentinel.conf"),
+    )
+
+
+def sentinel_spec(settings: StackSettings, index: int) -> ProcessSpec:
+    """Sentinel number ``index`` (1-based). Its file is written afresh on every start, watching
+    the primary the other Sentinels name (so a restart after a failover follows it); the epochs
+    and the lists of replicas and Sentinels it then relearns within a second from the others."""
+    port = settings.sentinel_ports[index - 1]
+    home = settings.run_dir / f"sentinel{index}"
+    conf = home / "sentinel.conf"
 
     def prepare() -> None:
-        (home / "data").mkdir(parents=True, exist_ok=True)
-        conf.write_text(redis_conf_text(settings, home / "data"))
+        home.mkdir(parents=True, exist_ok=True)
+        primary = _primary_now(settings) or (HOST, settings.redis_port)
+        conf.write_text(sentinel_conf_text(settings, index, primary))
 
     return ProcessSpec(
-        name="redis",
-        argv=[_binary("redis-server"), str(conf)],
+        name=f"sentinel{index}",
+        argv=_sentinel_argv(conf),
         cwd=home,
-        ready=RedisReady(HOST, settings.redis_port),
+        ready=redis_ha.SentinelReady(HOST, port, SENTINEL_SERVICE),
         ready_timeout_s=SERVICE_READY_TIMEOUT_S,
-        port=settings.redis_port,
+        stop_timeout_s=SERVICE_STOP_TIMEOUT_S,
+        port=port,
         prepare=prepare,
     )
+
+
+def _sentinel_argv(conf: Path) -> list[str]:
+    # Debian's redis-sentinel package; without it, the same binary in Sentinel mode.
+    found = _binary("redis-sentinel")
+    if Path(found).is_file():
+        return [found, str(conf)]
+    return [_binary("redis-server"), str(conf), "--sentinel"]
 
 
 def ingest_spec(settings: StackSettings) -> ProcessSpec:
@@ -425,6 +581,8 @@ def ingest_spec(settings: StackSettings) -> ProcessSpec:
             "CRM_EVENTS_REDIS_URL": settings.redis_url,
             "CRM_EVENTS_INGEST_PORT": str(settings.ingest_port),
             "CRM_EVENTS_NODE_ID": "ingest-1",
+            # With a replica, a batch's offsets are committed once the replica has it too.
+            **({"CRM_EVENTS_REDIS_WAIT_REPLICAS": "1"} if settings.sentinel else {}),
         },
         cwd=settings.run_dir,
         ready=HttpReady(f"{settings.ingest_url}/readyz"),
@@ -537,6 +695,8 @@ def build_specs(settings: StackSettings, env: Mapping[str, str] | None = None) -
     return [
         kafka_spec(settings),
         redis_spec(settings),
+        *([redis_replica_spec(settings)] if settings.sentinel else []),
+        *(sentinel_spec(settings, i) for i in range(1, len(settings.sentinel_names) + 1)),
         ingest_spec(settings),
         *(edge_spec(settings, i) for i in range(1, len(settings.edge_ports) + 1)),
         nginx_spec(settings),
@@ -556,6 +716,39 @@ class PartStatus:
     #: None when the part has no readiness check or is not running.
     ready: bool | None
     port: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class RedisTopology:
+    sentinels: list[tuple[str, int, tuple[str, int] | None]]
+    """(part, port, the primary it names or None when it does not answer)."""
+    nodes: list[tuple[str, int, redis_ha.Role | None]]
+    """(part, port, its ROLE or None when it does not answer)."""
+
+    @property
+    def primary(self) -> tuple[str, int] | None:
+        """The primary a majority of the Sentinels name; None without a majority."""
+        named = [p for _, _, p in self.sentinels if p is not None]
+        for candidate in dict.fromkeys(named):
+            if named.count(candidate) >= redis_ha.quorum(len(self.sentinels)):
+                return candidate
+        return None
+
+    def lines(self) -> list[str]:
+        primary = self.primary
+        owner = {(HOST, port): name for name, port, _ in self.nodes}
+        if primary is None:
+            head = "redis primary: unknown (no majority of the Sentinels names one)"
+        else:
+            part = owner.get(primary, "not a part of this stack")
+            head = f"redis primary: {primary[0]}:{primary[1]} ({part}), per the Sentinels"
+        rows = [head]
+        for name, port, named in self.sentinels:
+            said = "no answer" if named is None else f"names {named[0]}:{named[1]}"
+            rows.append(f"  {name:<14} {HOST}:{port:<6} {said}")
+        for name, port, role in self.nodes:
+            rows.append(f"  {name:<14} {HOST}:{port:<6} {role or 'no answer'}")
+        return rows
 
 
 class Stack:
@@ -588,8 +781,10 @@ class Stack:
     ) -> list[StartResult]:
         """Start the named parts (default: all) that are not running, in start order, each
         ready before the next starts. Raises StartError on the first part that fails."""
+        specs = self.select(parts)
+        self._record_redis_mode()
         results = []
-        for spec in self.select(parts):
+        for spec in specs:
             result = self.supervisor.start(spec)
             if report is not None:
                 report(result)
@@ -617,7 +812,37 @@ class Stack:
         return stopped
 
     def down(self) -> list[str]:
-        return self.stop(None)
+        stopped = self.stop(None)
+        (self.settings.run_dir / REDIS_MODE_FILE).unlink(missing_ok=True)
+        return stopped
+
+    def _record_redis_mode(self) -> None:
+        """Remember the mode for later commands; refuse to mix modes in one running stack (the
+        running ingest and edges would keep pointing at the other Redis setup)."""
+        s = self.settings
+        recorded = recorded_redis_mode(s.run_dir)
+        if recorded not in (None, s.redis_mode) and any(
+            self.supervisor.is_running(n) for n in self.supervisor.known()
+        ):
+            raise SettingsError(
+                f"CRM_EVENTS_REDIS_MODE: the stack in {s.run_dir} runs in {recorded} mode; "
+                f"stop it first (make down) to switch to {s.redis_mode}"
+            )
+        s.run_dir.mkdir(parents=True, exist_ok=True)
+        (s.run_dir / REDIS_MODE_FILE).write_text(s.redis_mode + "\n")
+
+    def redis_topology(self) -> RedisTopology | None:
+        """Sentinel mode: what each Sentinel names as primary and each Redis's ROLE."""
+        s = self.settings
+        if not s.sentinel:
+            return None
+        return RedisTopology(
+            sentinels=[
+                (name, port, redis_ha.sentinel_primary((HOST, port), SENTINEL_SERVICE))
+                for name, port in zip(s.sentinel_names, s.sentinel_ports, strict=True)
+            ],
+            nodes=[(name, port, redis_ha.role((HOST, port))) for name, port in s.redis_nodes],
+        )
 
     def status(self, parts: Iterable[str] | None = None) -> list[PartStatus]:
         rows = []
@@ -650,6 +875,7 @@ class Stack:
             ("ingest", f"{s.ingest_url}/metrics  {s.ingest_url}/readyz"),
             ("kafka", f"{s.kafka_bootstrap}  topic {s.kafka_topic}"),
             ("redis", s.redis_url),
+            *([("", "make status: which Redis is primary (Sentinel mode)")] if s.sentinel else []),
             ("prometheus", self.monitoring.prometheus_url),
             ("alertmanager", self.monitoring.alertmanager_url),
             ("logs", str(self.supervisor.log_dir)),
@@ -671,16 +897,16 @@ class Stack:
 def _print_result(result: StartResult) -> None:
     when = f" ready in {result.ready_after_s:.1f} s" if result.ready_after_s is not None else ""
     what = "started" if result.spawned else "already running"
-    print(f"[stack] {result.name:<9} {what} (pid {result.pid}){when}", flush=True)
+    print(f"[stack] {result.name:<13} {what} (pid {result.pid}){when}", flush=True)
 
 
 def _print_status(rows: Sequence[PartStatus]) -> None:
-    print(f"{'PART':<12} {'PID':>8}  {'STATE':<8} {'READY':<6} PORT")
+    print(f"{'PART':<14} {'PID':>8}  {'STATE':<8} {'READY':<6} PORT")
     for r in rows:
         ready = "-" if r.ready is None else ("yes" if r.ready else "no")
         pid = "-" if r.pid is None else str(r.pid)
         port = "-" if r.port is None else str(r.port)
-        print(f"{r.name:<12} {pid:>8}  {r.state.value:<8} {ready:<6} {port}")
+        print(f"{r.name:<14} {pid:>8}  {r.state.value:<8} {ready:<6} {port}")
 
 
 def _build_parser() -> cli.Parser:
@@ -743,6 +969,10 @@ def _run(args: argparse.Namespace, stack: Stack) -> int:
     if cmd == "status":
         rows = stack.status(args.parts or None)
         _print_status(rows)
+        topology = stack.redis_topology()
+        if topology is not None and not args.parts:
+            print()
+            print("\n".join(topology.lines()))
         if args.parts and any(r.pid is None for r in rows):
             return 3
         return 0

@@ -10,8 +10,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from shared.breaker import BreakerMetrics, CircuitBreaker
+from shared.contract import RedisKeys
 from shared.httpkit import add_ops_routes, make_middlewares
-from shared.keys import RedisKeys
 from shared.redis_client import make_redis
 from shared.settings import EdgeSettings
 from shared.sse import comment_frame, retry_frame
@@ -71,8 +71,9 @@ def create_app(
     app.on_response_prepare.append(
         cors_response_headers(settings.limits.cors_origins, cors_refused)
     )
-    hub = Hub(ring_capacity=settings.replay_ring_events)
+    hub = Hub(ring_bytes=settings.replay_ring_bytes)
     metrics.ring_events.set_function(lambda: len(hub.ring))
+    metrics.ring_bytes.set_function(lambda: hub.ring.held_bytes)
     hub.on_direct_write = lambda ts_ms: metrics.latency.observe(
         max(0.0, (hub.clock_ms() - ts_ms) / 1000.0)
     )
@@ -94,7 +95,7 @@ def create_app(
         subscription = Subscription(active_bus, hub, metrics, settings.resume_page, breaker)
 
         def count_bad_input(bad: BadInput) -> None:
-            metrics.bad_messages.labels(reason=bad.reason).inc()
+            metrics.bad_messages.labels(reason=bad.reason).inc(bad.count)
 
         active_bus.bad_inputs.sink = count_bad_input
         limits = settings.limits
@@ -116,7 +117,7 @@ def create_app(
         )
         app[CONTEXT] = ctx
         # Watched: if it ever ends (a bug, an input nobody foresaw), /readyz names it and it
-        # is restarted; its repair then resumes from the hub's last id, gap-free.
+        # is restarted; its repairs then resume from the hub's positions, gap-free.
         supervisor.add("edge-subscription", subscription.run)
         supervisor.start()
         log.info("edge started", extra={"port": settings.port, "redis": repr(settings.redis)})

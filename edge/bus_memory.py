@@ -1,176 +1,341 @@
 """An in-memory Bus for fast unit tests of edge logic (not for production).
 
-It mimics the Redis semantics the edge relies on: ids ``ms-seq`` that only grow, trimming
-that records the largest deleted id, a genesis id per incarnation, and a live feed that
-can be dropped (the subscription is lost) or wiped (Redis lost the data)."""
+It models what the edge relies on, Kafka included: per partition a Kafka log (offsets that
+only grow, with records that are no events, like transaction markers), the ingest step that
+copies it into a capped stream with ids ``<offset+1>-0`` and ``pv`` links, the state hash,
+the meta hash, and one live channel per partition. The failure modes of Redis are methods:
+trimming, a wipe (then the next ingest step refills the window from Kafka with the same
+ids, as ingest does), a rollback to an older copy (then ingest re-applies what it lost), a
+recreated topic (new epoch, offsets from 0), a dropped subscription, a silent publish."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
+from shared.contract import Meta, PartitionState
 from shared.events import NO_MATCH
-from shared.ids import ZERO, StreamId
 
 from .bus import (
-    SUBSCRIBED,
+    TICK,
     BadInputs,
     BusDisconnected,
     BusUnavailable,
     Entry,
-    StreamInfo,
-    _Resync,
-    _Subscribed,
+    LiveItem,
+    Subscribed,
     read_live_payload,
     read_stream_rows,
 )
 
-STREAM = "memory:stream"
-CHANNEL = "memory:live"
+STREAM = "memory:{p%d}:stream"
+CHANNEL = "memory:{p%d}:live"
 
 _DROP = object()
 
+Event = tuple[bytes, int, bytes]
+"""``(type, kafka ts ms, envelope)``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One Kafka record: an event, or something that takes an offset but is no event
+    (a transaction marker, a dead letter)."""
+
+    offset: int
+    event: Event | None
+    match: bytes = NO_MATCH
+
+
+Row = Entry | tuple[int, dict[bytes, bytes]]
+"""A stream entry, or raw fields at a position (written by a foreign or broken writer)."""
+
+
+def _position(row: Row) -> int:
+    return row.position if isinstance(row, Entry) else row[0]
+
 
 class MemoryBus:
-    def __init__(self, maxlen: int = 10_000, start_ms: int = 1_700_000_000_000) -> None:
+    def __init__(
+        self,
+        maxlen: int = 10_000,
+        partitions: int = 1,
+        epoch: int = 1,
+        topic: str = "memory.events",
+        tick_s: float = 0.05,
+    ) -> None:
         self.maxlen = maxlen
-        self._entries: list[Entry | tuple[StreamId, dict[bytes, bytes]]] = []
-        """Entries, and raw field maps added with ``add_raw`` (foreign or malformed)."""
+        self.topic = topic
+        self.epoch = epoch
+        self.tick_s = tick_s
+        self.kafka: list[list[Record]] = [[] for _ in range(partitions)]
+        """Each partition's log; ``kafka[p][i].offset == kafka_start[p] + i``."""
+        self.kafka_start: list[int] = [0] * partitions
+        """Each log's start offset (Kafka retention moves it)."""
+        self._next_offset: list[int] = [0] * partitions
+        self.expect: list[int] = [-1] * partitions
+        """What ingest believes Redis has applied per partition (its ``expect``)."""
+        self._streams: list[list[Row]] = [[] for _ in range(partitions)]
+        self._states: list[PartitionState | None] = [None] * partitions
+        self._meta: Meta | None = Meta(topic, partitions, epoch)
         self.bad_inputs = BadInputs()
-        self._ms = start_ms
-        self._seq = 0
-        self._last = ZERO
-        self._max_deleted = ZERO
-        self._genesis: StreamId | None = None
-        self._exists = False
-        self._added = 0
         self._feeds: list[asyncio.Queue[object]] = []
         self.healthy = True
         self.reads_fail = False
         """When set, reads raise ``BusUnavailable`` (what a Redis outage looks like)."""
+        self.before_read: Callable[[int], None] | None = None
+        """Called with the partition before every ``read_after`` (tests trim in between)."""
+        self.refills = 0
+
+    @property
+    def partitions(self) -> int:
+        return len(self.kafka)
+
+    # --- the producer and ingest ------------------------------------------------------------
+
+    def produce(
+        self, events: list[Event], match: bytes = NO_MATCH, partition: int = 0
+    ) -> list[Record]:
+        """Append events to the partition's Kafka log (not yet applied to Redis)."""
+        out = []
+        for event in events:
+            record = Record(self._next_offset[partition], event, match)
+            self._next_offset[partition] += 1
+            self.kafka[partition].append(record)
+            out.append(record)
+        return out
+
+    def skip_offsets(self, count: int, partition: int = 0) -> None:
+        """Records that take offsets but are no events (transaction markers, dead letters)."""
+        for _ in range(count):
+            self.kafka[partition].append(Record(self._next_offset[partition], None))
+            self._next_offset[partition] += 1
 
     def publish(
-        self, events: list[tuple[bytes, int, bytes]], match: bytes = NO_MATCH
+        self,
+        events: list[Event],
+        match: bytes = NO_MATCH,
+        partition: int = 0,
+        live: bool = True,
     ) -> list[Entry]:
-        """Append ``(type, ts_ms, envelope)`` events (all with the same match token), trim,
-        and publish them as one batch."""
-        batch = []
-        for type_, ts, data in events:
-            self._seq += 1
-            sid = StreamId(self._ms, self._seq)
-            entry = Entry.build(sid.encode(), type_, ts, data, sid, match)
-            if not self._exists:
-                self._exists = True
-                self._genesis = sid
-            self._entries.append(entry)
-            self._added += 1
-            self._last = sid
-            batch.append(entry)
-        # Trimming, like Redis's, drops the oldest entries and leaves max-deleted alone.
-        del self._entries[: max(0, len(self._entries) - self.maxlen)]
-        for feed in self._feeds:
-            feed.put_nowait(batch)
-        return batch
+        """Produce events and run ingest's step for the partition: returns the entries
+        written (the new events, and everything re-applied by a refill before them).
+        ``live=False`` writes without publishing (a lost pub/sub message)."""
+        self.produce(events, match, partition)
+        return self.ingest(partition, live)
 
-    def publish_raw(self, payload: bytes) -> None:
-        """Publish bytes on the live channel as they are (what a foreign or broken publisher
+    def ingest(self, partition: int = 0, live: bool = True) -> list[Entry]:
+        """Ingest's step for one partition, as ``apply_partition.lua`` and the worker do it:
+        refill a lost partition from Kafka, re-apply what a rollback lost, apply the rest,
+        trim, publish one message."""
+        p = partition
+        if self._meta is None:
+            self._meta = Meta(self.topic, self.partitions, self.epoch)
+        state = self._states[p]
+        if state is None or state.applied < self.expect[p]:
+            self.refills += 1
+        if state is None:
+            committed = self.expect[p] + 1
+            start = self.kafka_start[p]
+            if self.expect[p] >= 0:
+                start = max(start, committed - self.maxlen)
+            state = PartitionState(start - 1, start, start)
+            self._streams[p] = []
+        applied, last, base = state
+        written: list[Entry] = []
+        for record in self.kafka[p][max(0, applied + 1 - self.kafka_start[p]) :]:
+            if record.offset <= applied:
+                continue
+            applied = record.offset
+            if record.event is None:
+                continue
+            type_, ts, data = record.event
+            entry = Entry.build(p, record.offset, last, type_, ts, data, record.match)
+            self._streams[p].append(entry)
+            last = entry.position
+            written.append(entry)
+        self._states[p] = PartitionState(applied, last, base)
+        self.expect[p] = applied
+        self.trim(p, self.maxlen)
+        if written and live:
+            for feed in self._feeds:
+                feed.put_nowait((p, written))
+        return written
+
+    # --- failures ---------------------------------------------------------------------------
+
+    def trim(self, partition: int, maxlen: int) -> None:
+        """Drop the oldest entries beyond ``maxlen`` (Redis records nothing of it)."""
+        stream = self._streams[partition]
+        del stream[: max(0, len(stream) - maxlen)]
+
+    def retain_kafka(self, partition: int, start: int) -> None:
+        """Kafka retention: the partition's log now starts at ``start``."""
+        drop = max(0, start - self.kafka_start[partition])
+        del self.kafka[partition][:drop]
+        self.kafka_start[partition] = max(self.kafka_start[partition], start)
+
+    def wipe(self) -> None:
+        """Lose everything in Redis, as FLUSHALL or a restart without persistence would."""
+        for p in range(self.partitions):
+            self._streams[p] = []
+            self._states[p] = None
+        self._meta = None
+
+    def rollback(self, partition: int, applied: int) -> None:
+        """Redis fails over to a copy that had applied only up to offset ``applied``."""
+        state = self._states[partition]
+        if state is None or applied >= state.applied:
+            return
+        self._streams[partition] = [
+            r for r in self._streams[partition] if _position(r) <= applied + 1
+        ]
+        # The older copy's state as it was: its last event is the last one at or below
+        # ``applied`` (the next write links to it, even if trimming removed its entry).
+        events = [
+            r.offset + 1
+            for r in self.kafka[partition]
+            if r.event is not None and r.offset <= applied and r.offset + 1 > state.base
+        ]
+        last = max([state.base, *events])
+        self._states[partition] = PartitionState(applied, last, state.base)
+
+    def recreate_topic(self, epoch: int) -> None:
+        """The topic was deleted and created again: offsets restart at 0, a new epoch, and
+        ingest deletes the old incarnation's keys."""
+        self.epoch = epoch
+        n = self.partitions
+        self.kafka = [[] for _ in range(n)]
+        self.kafka_start = [0] * n
+        self._next_offset = [0] * n
+        self.expect = [-1] * n
+        self._streams = [[] for _ in range(n)]
+        self._states = [None] * n
+        self._meta = Meta(self.topic, n, epoch)
+
+    def add_partitions(self, count: int) -> None:
+        for _ in range(count):
+            self.kafka.append([])
+            self.kafka_start.append(0)
+            self._next_offset.append(0)
+            self.expect.append(-1)
+            self._streams.append([])
+            self._states.append(None)
+        self._meta = Meta(self.topic, self.partitions, self.epoch)
+
+    def publish_raw(self, payload: bytes, partition: int = 0) -> None:
+        """Publish bytes on a live channel as they are (what a foreign or broken publisher
         could send); the feed parses them exactly as the Redis bus does."""
         for feed in self._feeds:
-            feed.put_nowait(payload)
+            feed.put_nowait((partition, payload))
 
-    def add_raw(self, fields: dict[bytes, bytes]) -> StreamId:
-        """XADD arbitrary fields to the stream, without publishing (a foreign writer)."""
-        self._seq += 1
-        sid = StreamId(self._ms, self._seq)
-        if not self._exists:
-            self._exists = True
-            self._genesis = sid
-        self._entries.append((sid, dict(fields)))
-        self._added += 1
-        self._last = sid
-        return sid
-
-    def _read(self, rows: list[Entry | tuple[StreamId, dict[bytes, bytes]]]) -> list[Entry]:
-        out: list[Entry] = []
-        for row in rows:
-            if isinstance(row, Entry):
-                out.append(row)
-            else:
-                out += read_stream_rows([(row[0].encode(), row[1])], STREAM, self.bad_inputs)
-        return out
+    def add_raw(self, fields: dict[bytes, bytes], partition: int = 0) -> int:
+        """XADD arbitrary fields at the next offset's id, without publishing (a foreign
+        writer); the offset is spent as a non-event record. Returns the entry's position."""
+        offset = self._next_offset[partition]
+        self.skip_offsets(1, partition)
+        state = self._states[partition]
+        if state is not None:
+            self._states[partition] = state._replace(applied=offset)
+            self.expect[partition] = offset
+        self._streams[partition].append((offset + 1, dict(fields)))
+        return offset + 1
 
     def drop_subscriptions(self) -> None:
         for feed in self._feeds:
             feed.put_nowait(_DROP)
-
-    def wipe(self) -> None:
-        """Lose everything, as a Redis restart without persistence would."""
-        self._entries.clear()
-        self._exists = False
-        self._genesis = None
-        self._max_deleted = ZERO
-        self._last = ZERO
-        self._added = 0
-        self._ms += 1000
-
-    def _check_reads(self) -> None:
-        if self.reads_fail:
-            raise BusUnavailable("reads are failing (test)")
-
-    async def info(self) -> StreamInfo:
-        self._check_reads()
-        return StreamInfo(
-            exists=self._exists,
-            length=len(self._entries),
-            first_id=_id(self._entries[0]) if self._entries else None,
-            last_id=self._last,
-            max_deleted_id=self._max_deleted,
-            entries_added=self._added,
-            genesis=self._genesis,
-        )
-
-    async def read_after(
-        self, after: StreamId, count: int, until: StreamId | None = None
-    ) -> list[Entry]:
-        self._check_reads()
-        rows = self._read(
-            [e for e in self._entries if _id(e) > after and (until is None or _id(e) <= until)]
-        )
-        return rows[:count]
-
-    async def read_before(self, before: StreamId | None, count: int) -> list[Entry]:
-        self._check_reads()
-        rows = self._read([e for e in reversed(self._entries) if before is None or _id(e) < before])
-        return rows[:count]
-
-    async def ping(self) -> bool:
-        return self.healthy
-
-    async def live(self) -> AsyncIterator[list[Entry] | _Subscribed | _Resync]:
-        feed: asyncio.Queue[object] = asyncio.Queue()
-        self._feeds.append(feed)
-        try:
-            yield SUBSCRIBED
-            while True:
-                item = await feed.get()
-                if item is _DROP:
-                    raise BusDisconnected("dropped by the test")
-                if isinstance(item, BaseException):
-                    raise item
-                if isinstance(item, bytes):
-                    for parsed in read_live_payload(item, CHANNEL, self.bad_inputs):
-                        yield parsed
-                    continue
-                assert isinstance(item, list)
-                yield item
-        finally:
-            self._feeds.remove(feed)
 
     def fail_live(self, exc: BaseException) -> None:
         """Make every live feed raise ``exc`` (an unforeseen failure, for supervision tests)."""
         for feed in self._feeds:
             feed.put_nowait(exc)
 
+    # --- what the edge reads ----------------------------------------------------------------
 
-def _id(row: Entry | tuple[StreamId, dict[bytes, bytes]]) -> StreamId:
-    return row.id if isinstance(row, Entry) else row[0]
+    def entries(self, partition: int = 0) -> list[Entry]:
+        """The partition's well-formed stream entries (for assertions)."""
+        return [r for r in self._streams[partition] if isinstance(r, Entry)]
+
+    def _read(self, partition: int, rows: list[Row]) -> list[Entry]:
+        out: list[Entry] = []
+        for row in rows:
+            if isinstance(row, Entry):
+                out.append(row)
+            else:
+                out += read_stream_rows(
+                    [(b"%d-0" % row[0], row[1])],
+                    partition,
+                    STREAM % partition,
+                    self.bad_inputs,
+                )
+        return out
+
+    def _check_reads(self) -> None:
+        if self.reads_fail:
+            raise BusUnavailable("reads are failing (test)")
+
+    async def meta(self) -> Meta | None:
+        self._check_reads()
+        return self._meta
+
+    async def state(self, partition: int) -> PartitionState | None:
+        self._check_reads()
+        if partition >= self.partitions:
+            return None
+        return self._states[partition]
+
+    async def read_after(
+        self, partition: int, position: int, count: int, until: int | None = None
+    ) -> list[Entry]:
+        if self.before_read is not None:
+            self.before_read(partition)
+        self._check_reads()
+        if partition >= self.partitions:
+            return []
+        rows = [
+            r
+            for r in self._streams[partition]
+            if _position(r) > position and (until is None or _position(r) <= until)
+        ]
+        return self._read(partition, rows)[:count]
+
+    async def read_before(self, partition: int, before: int | None, count: int) -> list[Entry]:
+        self._check_reads()
+        if partition >= self.partitions:
+            return []
+        rows = [
+            r for r in reversed(self._streams[partition]) if before is None or _position(r) < before
+        ]
+        return self._read(partition, rows)[:count]
+
+    async def ping(self) -> bool:
+        return self.healthy
+
+    async def live(self, partitions: int) -> AsyncIterator[LiveItem]:
+        feed: asyncio.Queue[object] = asyncio.Queue()
+        self._feeds.append(feed)
+        try:
+            for p in range(partitions):
+                yield Subscribed(p)
+            while True:
+                try:
+                    item = await asyncio.wait_for(feed.get(), self.tick_s)
+                except TimeoutError:
+                    yield TICK
+                    continue
+                if item is _DROP:
+                    raise BusDisconnected("dropped by the test")
+                if isinstance(item, BaseException):
+                    raise item
+                assert isinstance(item, tuple)
+                p, payload = item
+                if p >= partitions:
+                    continue  # not subscribed to that channel
+                if isinstance(payload, bytes):
+                    for parsed in read_live_payload(payload, p, CHANNEL % p, self.bad_inputs):
+                        yield parsed
+                    continue
+                yield list(payload)
+        finally:
+            self._feeds.remove(feed)

@@ -1,5 +1,5 @@
-"""The Redis implementation of the edge's bus: XRANGE/XREVRANGE for history and one
-pub/sub subscription for the live path."""
+"""The Redis implementation of the edge's bus: XRANGE/XREVRANGE per partition stream, and
+one pub/sub connection subscribed to every partition's live channel (invariant 7)."""
 
 from __future__ import annotations
 
@@ -7,31 +7,32 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any, cast
+from typing import cast
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
-from shared.contract import RedisKeys
-from shared.ids import ZERO, StreamId, parse_id_bytes
+from shared.contract import ContractError, Meta, PartitionState, RedisKeys, parse_meta, parse_state
 
 from .bus import (
-    SUBSCRIBED,
+    TICK,
     BadInputs,
     BusDisconnected,
     BusUnavailable,
     Entry,
-    StreamInfo,
-    _Resync,
-    _Subscribed,
-    parse_live_payload,
+    LiveItem,
+    Subscribed,
     read_live_payload,
     read_stream_rows,
 )
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RedisBus", "parse_live_payload"]
+__all__ = ["RedisBus"]
+
+SUBSCRIBE_TIMEOUT_S = 5.0
+
+Rows = list[tuple[bytes, dict[bytes, bytes]]]
 
 
 class RedisBus:
@@ -44,50 +45,46 @@ class RedisBus:
         self._ping_interval_s = ping_interval_s
         self.bad_inputs = BadInputs()
 
-    async def info(self) -> StreamInfo:
+    async def meta(self) -> Meta | None:
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.execute_command("XINFO", "STREAM", self._keys.stream)
-                pipe.get(self._keys.genesis)
-                raw_info, genesis = await pipe.execute(raise_on_error=False)
+            raw = await self._redis.hgetall(self._keys.meta)
         except RedisError as exc:
             raise BusUnavailable(str(exc)) from exc
-        genesis_id = parse_id_bytes(genesis) if genesis else None
-        if isinstance(raw_info, ResponseError):
-            if "no such key" in str(raw_info).lower():
-                return StreamInfo(False, 0, None, ZERO, ZERO, 0, genesis_id)
-            raise BusUnavailable(str(raw_info))
-        if isinstance(raw_info, Exception):
-            raise BusUnavailable(str(raw_info))
-        fields = _pairs(raw_info)
-        first = fields.get(b"first-entry")
-        first_id = parse_id_bytes(first[0]) if first else None
-        length = int(fields[b"length"])
-        return StreamInfo(
-            exists=True,
-            length=length,
-            first_id=first_id,
-            last_id=parse_id_bytes(fields[b"last-generated-id"]),
-            max_deleted_id=parse_id_bytes(fields.get(b"max-deleted-entry-id", b"0-0")),
-            # Before Redis 7.0 there is no count of added entries: assume trimming happened.
-            entries_added=int(fields.get(b"entries-added", length + 1)),
-            genesis=genesis_id,
-        )
+        try:
+            return parse_meta(cast(dict[bytes, bytes], raw))
+        except ContractError as exc:
+            # Written by ingest alone; a broken one is treated as absent (no change).
+            log.warning("unreadable meta hash", extra={"detail": exc.detail})
+            return None
+
+    async def state(self, partition: int) -> PartitionState | None:
+        try:
+            raw = await self._redis.hgetall(self._keys.state(partition))
+        except RedisError as exc:
+            raise BusUnavailable(str(exc)) from exc
+        try:
+            return parse_state(cast(dict[bytes, bytes], raw))
+        except ContractError as exc:
+            log.warning(
+                "unreadable partition state", extra={"partition": partition, "detail": exc.detail}
+            )
+            return None
 
     async def read_after(
-        self, after: StreamId, count: int, until: StreamId | None = None
+        self, partition: int, position: int, count: int, until: int | None = None
     ) -> list[Entry]:
+        key = self._keys.stream(partition)
         out: list[Entry] = []
-        low = b"(" + after.encode()
-        high = until.encode() if until is not None else b"+"
+        low = b"(%d-0" % position
+        high = b"%d-0" % until if until is not None else b"+"
         while True:
             want = count - len(out)
             try:
-                raw = await self._redis.xrange(self._keys.stream, min=low, max=high, count=want)
+                raw = await self._redis.xrange(key, min=low, max=high, count=want)
             except RedisError as exc:
                 raise BusUnavailable(str(exc)) from exc
-            rows = cast(list[tuple[bytes, dict[bytes, bytes]]], raw)
-            out += read_stream_rows(rows, self._keys.stream, self.bad_inputs)
+            rows = cast(Rows, raw)
+            out += read_stream_rows(rows, partition, key, self.bad_inputs)
             # Fewer rows than asked: the end of the range. Otherwise a malformed entry was
             # skipped, and reading on keeps "fewer than count" meaning the end (callers
             # page on that).
@@ -95,17 +92,18 @@ class RedisBus:
                 return out
             low = b"(" + rows[-1][0]
 
-    async def read_before(self, before: StreamId | None, count: int) -> list[Entry]:
+    async def read_before(self, partition: int, before: int | None, count: int) -> list[Entry]:
+        key = self._keys.stream(partition)
         out: list[Entry] = []
-        high = b"(" + before.encode() if before is not None else b"+"
+        high = b"(%d-0" % before if before is not None else b"+"
         while True:
             want = count - len(out)
             try:
-                raw = await self._redis.xrevrange(self._keys.stream, max=high, min=b"-", count=want)
+                raw = await self._redis.xrevrange(key, max=high, min=b"-", count=want)
             except RedisError as exc:
                 raise BusUnavailable(str(exc)) from exc
-            rows = cast(list[tuple[bytes, dict[bytes, bytes]]], raw)
-            out += read_stream_rows(rows, self._keys.stream, self.bad_inputs)
+            rows = cast(Rows, raw)
+            out += read_stream_rows(rows, partition, key, self.bad_inputs)
             if len(rows) < want or len(out) >= count:
                 return out
             high = b"(" + rows[-1][0]
@@ -116,14 +114,26 @@ class RedisBus:
         except (RedisError, OSError, TimeoutError):
             return False
 
-    async def live(self) -> AsyncIterator[list[Entry] | _Subscribed | _Resync]:
+    async def live(self, partitions: int) -> AsyncIterator[LiveItem]:
         pubsub = self._pubsub_redis.pubsub()
         interval = self._ping_interval_s
+        keys = self._keys
+        channels = [keys.live(p) for p in range(partitions)]
+        by_channel = {name.encode(): p for p, name in enumerate(channels)}
         try:
             try:
-                await asyncio.wait_for(pubsub.subscribe(self._keys.live), timeout=5.0)
+                if channels:
+                    await asyncio.wait_for(pubsub.subscribe(*channels), timeout=SUBSCRIBE_TIMEOUT_S)
+                else:
+                    # No partition known yet (ingest never ran): keep a connection to ping, so
+                    # that a dead Redis still shows, and tick until the caller learns more.
+                    await asyncio.wait_for(pubsub.ping(), timeout=SUBSCRIBE_TIMEOUT_S)
                 idle = 0.0
                 while True:
+                    if not channels:
+                        await asyncio.sleep(interval)
+                        yield TICK
+                        continue
                     message = await pubsub.get_message(timeout=interval)
                     if message is None:
                         idle += interval
@@ -132,28 +142,25 @@ class RedisBus:
                         if idle > 3 * interval:
                             raise BusDisconnected("no answer to pings on the subscription")
                         await pubsub.ping()
+                        yield TICK
                         continue
                     idle = 0.0
                     kind = message["type"]
+                    channel = message.get("channel")
+                    partition = by_channel.get(channel) if isinstance(channel, bytes) else None
+                    if partition is None:
+                        continue  # a pong, or a channel we did not ask for
                     if kind == "message":
                         for item in read_live_payload(
-                            message["data"], self._keys.live, self.bad_inputs
+                            message["data"], partition, channels[partition], self.bad_inputs
                         ):
                             yield item
                     elif kind == "subscribe":
                         # Also seen after redis-py reconnects by itself: anything published
-                        # in between was missed, so the caller must repair.
-                        yield SUBSCRIBED
+                        # in between was missed, so the caller repairs that partition.
+                        yield Subscribed(partition)
             except (RedisError, OSError, TimeoutError) as exc:
                 raise BusDisconnected(repr(exc)) from exc
         finally:
             with contextlib.suppress(RedisError, OSError, TimeoutError):
                 await asyncio.wait_for(pubsub.aclose(), timeout=1.0)  # type: ignore[no-untyped-call]
-
-
-def _pairs(raw: Any) -> dict[bytes, Any]:
-    """XINFO STREAM's flat reply ``[name, value, ...]`` as a dict."""
-    if isinstance(raw, dict):
-        return cast(dict[bytes, Any], raw)
-    it = iter(raw)
-    return dict(zip(it, it, strict=True))

@@ -9,7 +9,6 @@ from typing import TypeVar
 from aiohttp import web
 
 from shared.httpkit import ApiError
-from shared.ids import StreamId
 from shared.settings import EdgeSettings
 
 from .auth import Authenticator, Grant
@@ -18,6 +17,7 @@ from .hub import Hub
 from .limits import ConnectionLimiter, RateLimiter, TrustedProxies, client_ip
 from .lru import ByteLru
 from .metrics import EdgeMetrics
+from .replay import CachedPage, PageKey, Resumer
 from .subscription import Subscription
 
 K = TypeVar("K")
@@ -45,20 +45,23 @@ class EdgeContext:
     closing: asyncio.Event = field(default_factory=asyncio.Event)
     """Set with ``shutting_down``: wakes streams still being set up, so that they end within
     the drain rather than stream on until the server cancels them."""
-    replay_pages: ByteLru[tuple[object, ...], tuple[bytes, bytes, StreamId, int]] = field(
-        init=False
-    )
-    """Joined frames of ring pages (as is and as one HTTP chunk), keyed by (after, head,
-    filter group): a reconnect storm resumes thousands of clients from the same place, so
-    each page is joined once. At most ``settings.replay_cache_bytes``."""
+    replay_pages: ByteLru[PageKey, CachedPage] = field(init=False)
+    """Joined frames of ring pages (as is and as one HTTP chunk), keyed by (the ring's
+    generation, the client's cursor at the page, partition, position, head, filter group):
+    a reconnect storm resumes thousands of clients from the same place, so each page is
+    joined once. At most ``settings.replay_cache_bytes``."""
     history_bodies: ByteLru[tuple[object, ...], bytes] = field(init=False)
-    """History responses served from the ring, keyed by the ring's last id and the query.
-    At most ``settings.history_cache_bytes``."""
+    """History responses served from the ring, keyed by the rings' generations and last
+    positions and the query. At most ``settings.history_cache_bytes``."""
+    resumer: Resumer = field(init=False)
 
     def __post_init__(self) -> None:
         # Keys and sizes are client-chosen, so both caches are bounded by bytes.
         self.replay_pages = self._cache("replay", self.settings.replay_cache_bytes)
         self.history_bodies = self._cache("history", self.settings.history_cache_bytes)
+        self.resumer = Resumer(
+            self.bus, self.hub, self.metrics, self.settings.resume_page, self.replay_pages
+        )
 
     def _cache(self, name: str, budget_bytes: int) -> ByteLru[K, V]:
         cache: ByteLru[K, V] = ByteLru(budget_bytes, budget_bytes // CACHE_ITEM_SHARE)

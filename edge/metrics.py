@@ -8,13 +8,13 @@ from shared.metrics import CommonMetrics
 
 from .bus import BAD_INPUT_REASONS
 from .limits import LIMITS
+from .resume import RESET_REASONS
 
 # 0.05 and 0.1 are boundaries on purpose: the latency SLO is expressed on them.
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 DISCONNECT_REASONS = ("client_closed", "slow", "shutdown", "token_expired", "error")
 AUTH_FAILURES = ("unauthorized", "forbidden")
-RESET_REASONS = ("trimmed", "stream_lost", "stream_empty", "unknown_position")
 
 
 class EdgeMetrics(CommonMetrics):
@@ -48,8 +48,16 @@ class EdgeMetrics(CommonMetrics):
         )
         self.resets = Counter(
             "crm_events_sse_resets",
-            "In-band reset events sent, by reason.",
+            "In-band reset events sent (stream and history), by overall reason: trimmed, "
+            "not_retained, topic_changed, old_format.",
             ["reason"],
+            registry=registry,
+        )
+        self.partition_resets = Counter(
+            "crm_events_partition_resets",
+            "Partitions named in the reset events sent, by partition and reason (trimmed, "
+            "not_retained, topic_changed, old_format).",
+            ["partition", "reason"],
             registry=registry,
         )
         self.replayed = Counter(
@@ -66,7 +74,13 @@ class EdgeMetrics(CommonMetrics):
         )
         self.ring_events = Gauge(
             "crm_events_replay_ring_events",
-            "Events held in the in-memory replay ring.",
+            "Events held in the in-memory replay ring (all partitions).",
+            registry=registry,
+        )
+        self.ring_bytes = Gauge(
+            "crm_events_replay_ring_bytes",
+            "Approximate bytes held by the in-memory replay ring (all partitions), at most "
+            "CRM_EVENTS_REPLAY_RING_BYTES.",
             registry=registry,
         )
         self.bus_reconnects = Counter(
@@ -106,6 +120,7 @@ class EdgeMetrics(CommonMetrics):
         self.resumed_with_reset = self.resumes.labels(outcome="reset")
         for reason in RESET_REASONS:
             self.resets.labels(reason=reason)
+        self._partitions_exported = 0
         # The byte-bounded caches (edge/context.py binds each child to its cache).
         self.cache_bytes = Gauge(
             "crm_events_cache_bytes",
@@ -130,3 +145,11 @@ class EdgeMetrics(CommonMetrics):
         )
         for reason in BAD_INPUT_REASONS:
             self.bad_messages.labels(reason=reason)
+
+    def export_partitions(self, partitions: int) -> None:
+        """Export every partition's reset counters at 0 once the partition is known: a series
+        that first appears already at 1 hides its first increase from ``rate()`` and alerts."""
+        for p in range(self._partitions_exported, partitions):
+            for reason in RESET_REASONS:
+                self.partition_resets.labels(partition=str(p), reason=reason)
+        self._partitions_exported = max(self._partitions_exported, partitions)

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 from multidict import MultiMapping
 
+from shared.cursor import Cursor, CursorError, decode_cursor, is_legacy_id
 from shared.events import TYPE_RE
 from shared.httpkit import ApiError
-from shared.ids import InvalidStreamId, StreamId, parse_id
 
 MAX_TYPES = 64
 _DIGITS = re.compile(r"[0-9]{1,9}")
@@ -19,15 +19,27 @@ MAX_TYPES_PARAM_LEN = 8192
 
 
 @dataclass(frozen=True, slots=True)
+class LegacyId:
+    """A stream id of the old single-stream layout (``<ms>-<seq>``): answered with one
+    ``reset`` (reason ``old_format``), not a 400, so that an upgrade costs clients one reset."""
+
+    text: str
+
+
+Position = Cursor | LegacyId
+"""Where a client stands: a cursor, or an id of the old layout."""
+
+
+@dataclass(frozen=True, slots=True)
 class StreamParams:
-    last_event_id: StreamId | None
+    last_event_id: Position | None
     types: frozenset[bytes] | None
 
 
 @dataclass(frozen=True, slots=True)
 class HistoryParams:
     n: int
-    after: StreamId | None
+    after: Position | None
     types: frozenset[bytes] | None
 
 
@@ -60,11 +72,15 @@ def parse_types(raw: str | None, max_types: int = MAX_TYPES) -> frozenset[bytes]
     return frozenset(item.encode() for item in items)
 
 
-def parse_stream_id(raw: str, name: str) -> StreamId:
+def parse_position(raw: str, name: str) -> Position:
+    """A cursor (``shared/cursor.py``), or an old stream id; anything else is a 400
+    ``invalid_cursor`` naming the parameter."""
+    if is_legacy_id(raw):
+        return LegacyId(raw)
     try:
-        return parse_id(raw)
-    except InvalidStreamId as exc:
-        raise ApiError(400, "invalid_id", f"'{name}': {exc}") from None
+        return decode_cursor(raw)
+    except CursorError as exc:
+        raise ApiError(400, "invalid_cursor", f"'{name}': {exc.detail}") from None
 
 
 def parse_stream_params(
@@ -75,8 +91,8 @@ def parse_stream_params(
     header = headers.get("Last-Event-ID", "").strip()
     from_query = _single(query, "last_event_id")
     # Both are validated: a malformed value is a 400 even where the other one would win.
-    query_id = parse_stream_id(from_query, "last_event_id") if from_query else None
-    last = parse_stream_id(header, "Last-Event-ID") if header else query_id
+    query_id = parse_position(from_query, "last_event_id") if from_query else None
+    last = parse_position(header, "Last-Event-ID") if header else query_id
     return StreamParams(last, parse_types(_single(query, "types"), max_types))
 
 
@@ -90,5 +106,5 @@ def parse_history_params(
             raise ApiError(400, "invalid_n", f"'n' must be an integer from 1 to {max_n}")
         n = int(raw_n)
     raw_after = _single(query, "after")
-    after = parse_stream_id(raw_after, "after") if raw_after is not None else None
+    after = parse_position(raw_after, "after") if raw_after is not None else None
     return HistoryParams(n, after, parse_types(_single(query, "types"), max_types))

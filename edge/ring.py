@@ -1,80 +1,120 @@
-"""The newest entries this edge handed out, kept in memory for resumes and history.
+"""The newest entries this edge handed out, per partition, kept in memory for resumes and
+history.
 
-Every entry the hub dispatches arrives in stream order with no gap (the subscription
-repairs from the stream after each (re)subscription), so the ring holds *exactly* the
-stream's entries in ``(floor, last]``. A position inside that range therefore has a
-gap-free continuation without asking Redis, and a reconnect storm — thousands of clients
-resuming from the same recent id — is served from memory instead of one ``XINFO`` and
-one ``XRANGE`` per client.
+Every entry the hub dispatches for a partition arrives in order with no gap (the
+subscription repairs each partition from its stream after every (re)subscription and every
+break in the ``pv`` chain), so a partition's ring holds *exactly* that partition's entries in
+``(floor, last]``: a position inside that range has a gap-free continuation without asking
+Redis, even if Redis has trimmed, lost or rolled back since. A reconnect storm is then served
+from memory.
 
-The ring forgets everything when the subscription resets (the stream was lost) and is
-empty until the first subscription; a position it does not cover falls back to Redis.
-Entries removed from Redis with ``XDEL`` after they were delivered stay in the ring: a
-resume replays what live clients already received.
-"""
+The rings share one budget in bytes (clients' event sizes vary, so a count of entries bounds
+nothing), split evenly over the partitions. A partition's ring forgets everything when the
+hub resets that partition, and is empty until the hub starts it; a position it does not
+cover falls back to Redis, where every page is checked again (``pv``)."""
 
 from __future__ import annotations
 
+import sys
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
-
-from shared.ids import StreamId
 
 from .bus import Entry
 
 Wants = Callable[[Entry], bool] | None
 
+_BYTES_HEADER = sys.getsizeof(b"")
+ENTRY_OVERHEAD_BYTES = 300
+"""The Entry object (9 slots), its ints, its match set and the ring's list slots."""
 
-class ReplayRing:
-    __slots__ = ("_entries", "_ids", "_start", "capacity", "floor", "generation")
 
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        """Most entries held; 0 turns the ring off."""
-        self.floor: StreamId | None = None
-        """Every stream entry after ``floor`` (up to ``last``) is held; None: nothing is."""
+def entry_bytes(entry: Entry) -> int:
+    """What holding ``entry`` costs, approximately (its data and frame are separate)."""
+    return len(entry.data) + len(entry.frame) + 2 * _BYTES_HEADER + ENTRY_OVERHEAD_BYTES
+
+
+class PartitionRing:
+    __slots__ = (
+        "_entries",
+        "_positions",
+        "_sizes",
+        "_start",
+        "budget_bytes",
+        "floor",
+        "generation",
+        "held_bytes",
+    )
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        """Most bytes held (``entry_bytes``); 0 turns the ring off."""
+        self.floor: int | None = None
+        """Every entry with ``floor < position <= last`` is held; None: nothing is."""
         # Parallel lists with a moving start: appends and evictions are O(1) amortised and
-        # the ids stay bisectable (a deque is O(n) to index in the middle).
+        # the positions stay bisectable (a deque is O(n) to index in the middle).
         self._entries: list[Entry] = []
-        self._ids: list[StreamId] = []
+        self._positions: list[int] = []
+        self._sizes: list[int] = []
         self._start = 0
+        self.held_bytes = 0
         self.generation = 0
         """Bumped by every reset: keys of anything derived from the ring (cached pages and
         bodies) include it, so nothing from before a reset is served after it."""
 
     def __len__(self) -> int:
-        return len(self._ids) - self._start
+        return len(self._positions) - self._start
 
     @property
-    def last(self) -> StreamId | None:
-        if len(self._ids) > self._start:
-            return self._ids[-1]
+    def last(self) -> int | None:
+        if len(self._positions) > self._start:
+            return self._positions[-1]
         return self.floor
 
-    def reset(self, floor: StreamId | None) -> None:
-        """Forget every entry; the next ones continue the stream right after ``floor``."""
+    def reset(self, floor: int | None) -> None:
+        """Forget every entry; the next ones continue the partition right after ``floor``."""
         self._entries = []
-        self._ids = []
+        self._positions = []
+        self._sizes = []
         self._start = 0
-        self.floor = floor if self.capacity > 0 else None
+        self.held_bytes = 0
+        self.floor = floor if self.budget_bytes > 0 else None
         self.generation += 1
 
     def extend(self, entries: Sequence[Entry]) -> None:
-        """Append dispatched entries (new, in stream order, continuing from ``last``)."""
+        """Append dispatched entries (new, in order, continuing from ``last``)."""
         if self.floor is None or not entries:
             return
+        sizes = [entry_bytes(e) for e in entries]
         self._entries.extend(entries)
-        self._ids.extend([e.id for e in entries])
-        excess = len(self._ids) - self._start - self.capacity
-        if excess > 0:
-            self._start += excess
-            self.floor = self._ids[self._start - 1]
-            if self._start >= self.capacity:
-                del self._entries[: self._start]
-                del self._ids[: self._start]
-                self._start = 0
+        self._positions.extend([e.position for e in entries])
+        self._sizes.extend(sizes)
+        self.held_bytes += sum(sizes)
+        self._evict()
 
-    def covers(self, position: StreamId) -> bool:
+    def resize(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        if budget_bytes <= 0:
+            self.reset(None)
+        else:
+            self._evict()
+
+    def _evict(self) -> None:
+        if self.held_bytes <= self.budget_bytes:
+            return
+        start = self._start
+        end = len(self._positions)
+        while self.held_bytes > self.budget_bytes and start < end:
+            self.held_bytes -= self._sizes[start]
+            start += 1
+        self.floor = self._positions[start - 1]
+        self._start = start
+        if start > 1024 and start * 2 >= end:
+            del self._entries[:start]
+            del self._positions[:start]
+            del self._sizes[:start]
+            self._start = 0
+
+    def covers(self, position: int) -> bool:
         """True when every entry after ``position`` (up to ``last``) is held."""
         floor = self.floor
         if floor is None or position < floor:
@@ -83,25 +123,25 @@ class ReplayRing:
         return last is not None and position <= last
 
     def after(
-        self, position: StreamId, until: StreamId | None = None, limit: int | None = None
+        self, position: int, until: int | None = None, limit: int | None = None
     ) -> list[Entry]:
-        """Up to ``limit`` held entries with ``position < id (<= until)``, oldest first;
-        only meaningful when ``covers(position)``."""
-        lo = bisect_right(self._ids, position, self._start)
-        hi = len(self._ids) if until is None else bisect_right(self._ids, until, lo)
+        """Up to ``limit`` held entries with ``position < entry.position (<= until)``, oldest
+        first; only meaningful when ``covers(position)``."""
+        lo = bisect_right(self._positions, position, self._start)
+        hi = len(self._positions) if until is None else bisect_right(self._positions, until, lo)
         if limit is not None:
             hi = min(hi, lo + limit)
         return self._entries[lo:hi]
 
-    def newest(self, n: int, wants: Wants, budget: int) -> list[Entry] | None:
+    def newest(self, n: int, wants: Wants, budget: int) -> tuple[list[Entry], int] | None:
         """The newest ``n`` entries ``wants`` accepts, oldest first, looking at no more than
-        ``budget`` entries. None when the ring cannot tell: it holds fewer entries than
-        that and Redis may have older ones."""
-        held = len(self._ids) - self._start
+        ``budget`` entries, and how many it looked at. None when the ring cannot tell: it
+        holds fewer entries than that and Redis may have older ones."""
+        held = len(self._positions) - self._start
         if wants is None:
             if held < n:
                 return None
-            return self._entries[len(self._entries) - n :]
+            return self._entries[len(self._entries) - n :], n
         picked: list[Entry] = []
         scanned = 0
         for i in range(len(self._entries) - 1, self._start - 1, -1):
@@ -116,4 +156,62 @@ class ReplayRing:
         if len(picked) < n and scanned < budget:
             return None
         picked.reverse()
-        return picked
+        return picked, scanned
+
+
+class ReplayRing:
+    """One ``PartitionRing`` per partition under one byte budget."""
+
+    __slots__ = ("_rings", "budget_bytes")
+
+    def __init__(self, budget_bytes: int, partitions: int = 0) -> None:
+        self.budget_bytes = budget_bytes
+        self._rings: list[PartitionRing] = []
+        self.resize(partitions)
+
+    def __len__(self) -> int:
+        return sum(len(r) for r in self._rings)
+
+    @property
+    def partitions(self) -> int:
+        return len(self._rings)
+
+    @property
+    def held_bytes(self) -> int:
+        return sum(r.held_bytes for r in self._rings)
+
+    def _share(self, partitions: int) -> int:
+        return self.budget_bytes // partitions if partitions else 0
+
+    def resize(self, partitions: int) -> None:
+        """Grow to ``partitions`` rings (a topic never loses partitions), splitting the
+        budget again."""
+        share = self._share(max(partitions, len(self._rings)))
+        for ring in self._rings:
+            ring.resize(share)
+        while len(self._rings) < partitions:
+            self._rings.append(PartitionRing(share))
+
+    def __getitem__(self, partition: int) -> PartitionRing:
+        return self._rings[partition]
+
+    def covers(self, partition: int, position: int) -> bool:
+        return partition < len(self._rings) and self._rings[partition].covers(position)
+
+    def reset(self, partition: int, floor: int | None) -> None:
+        self._rings[partition].reset(floor)
+
+    def reset_all(self, floors: Sequence[int | None]) -> None:
+        for ring, floor in zip(self._rings, floors, strict=False):
+            ring.reset(floor)
+
+    def extend(self, partition: int, entries: Sequence[Entry]) -> None:
+        self._rings[partition].extend(entries)
+
+    @property
+    def generations(self) -> tuple[int, ...]:
+        return tuple(r.generation for r in self._rings)
+
+    @property
+    def lasts(self) -> tuple[int | None, ...]:
+        return tuple(r.last for r in self._rings)

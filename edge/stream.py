@@ -1,4 +1,4 @@
-"""``GET /crm-events``: the SSE stream, with resume and in-band reset."""
+"""``GET /crm-events``: the SSE stream, with resume from a cursor and in-band reset."""
 
 from __future__ import annotations
 
@@ -13,15 +13,14 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
 from shared.httpkit import ApiError
-from shared.ids import StreamId
 from shared.sse import control_frame
 
 from .auth import Grant
 from .bus import BusUnavailable
 from .context import EdgeContext
-from .hub import Client, http_chunk
-from .params import TooManyTypes, parse_stream_params
-from .resume import Reset, Resume, check_position
+from .hub import Client
+from .params import Position, TooManyTypes, parse_stream_params
+from .replay import NotReady, Plan
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +33,10 @@ async def _unless_closing(ctx: EdgeContext, awaitable: Awaitable[T]) -> T | None
     """``awaitable``'s result, or None as soon as the edge starts shutting down.
 
     A request that passed the ``shutting_down`` check may still be waiting here (for
-    readiness, or for Redis to locate its position) when SIGTERM's ``close_all`` runs; it
-    must not wait on, then attach and stream until the server cancels it."""
+    readiness, for Redis to locate its position, or replaying from Redis) when SIGTERM's
+    ``close_all`` runs; it must not wait on until the server cancels it at the grace
+    deadline, but end its stream cleanly at once. The work is cancelled and awaited, so
+    nothing it does overlaps with the end of the stream."""
     if ctx.shutting_down:
         if asyncio.iscoroutine(awaitable):
             awaitable.close()
@@ -52,6 +53,10 @@ async def _unless_closing(ctx: EdgeContext, awaitable: Awaitable[T]) -> T | None
     if work in done:
         return work.result()
     work.cancel()
+    # It stops at its next await (a Redis read, a refill poll, a write's drain).
+    await asyncio.wait((work,))
+    if not work.cancelled():
+        work.exception()  # retrieved: it failed as it was being stopped; nothing to add
     return None
 
 
@@ -94,32 +99,33 @@ async def stream_handler(request: web.Request, ctx: EdgeContext) -> web.StreamRe
 async def _serve(
     request: web.Request,
     ctx: EdgeContext,
-    last_event_id: StreamId | None,
+    last_event_id: Position | None,
     types: frozenset[bytes] | None,
     grant: Grant,
 ) -> web.StreamResponse:
     settings, metrics, hub = ctx.settings, ctx.metrics, ctx.hub
     await _wait_ready(ctx)
-    decision: Resume | Reset | None = None
+    plan: Plan | None = None
     if ctx.shutting_down:
         # SIGTERM came while this stream was being set up: it gets the preface and ends
         # at once below, so that the client reconnects elsewhere (an EventSource gives up
         # for good on an error status, but reconnects after a stream that ends).
         pass
-    elif last_event_id is not None and hub.ring.covers(last_event_id):
-        # Everything after it is in memory: gap-free without asking Redis.
-        metrics.ring_hits.inc()
-        decision = Resume(last_event_id)
     elif last_event_id is not None:
-        metrics.ring_misses.inc()
         try:
-            info = await _unless_closing(ctx, ctx.bus.info())
-            decision = check_position(last_event_id, info) if info is not None else None
+            plan = await _unless_closing(ctx, ctx.resumer.plan(last_event_id))
         except BusUnavailable as exc:
             raise ApiError(
                 503,
                 "redis_unavailable",
                 "history is unavailable; retry shortly",
+                {"Retry-After": "2"},
+            ) from exc
+        except NotReady as exc:
+            raise ApiError(
+                503,
+                "not_ready",
+                "the edge has not read the topic yet; retry shortly",
                 {"Retry-After": "2"},
             ) from exc
 
@@ -138,8 +144,7 @@ async def _serve(
     if transport is not None and response.headers.get("Transfer-Encoding") == "chunked":
         # The hub may then frame and write live batches itself (see Client.push).
         client.transport = transport
-    resume_after = decision.after if decision is not None else None
-    head = hub.attach(client, resume_after)
+    head = hub.attach(client, plan.cursor if plan is not None else None)
     if ctx.shutting_down:
         # on_shutdown's close_all ran while this stream was being set up; nothing awaits
         # between attach and this check, so no stream can slip past both.
@@ -157,16 +162,16 @@ async def _serve(
     reason = "error"
     try:
         preface = ctx.preface
-        if isinstance(decision, Reset):
-            metrics.resumed_with_reset.inc()
-            metrics.resets.labels(reason=decision.reason).inc()
-            preface += control_frame("reset", decision.payload(), decision.after.encode())
-        elif decision is not None:
-            metrics.resumed.inc()
+        if plan is not None:
+            reset = plan.reset_frame()
+            if reset is not None:
+                preface += reset
         await response.write(preface)
-        if decision is not None and decision.after < head:
+        if plan is not None and not client.closed:
             started = time.monotonic()
-            await _replay(ctx, response, client, decision.after, head)
+            await _unless_closing(
+                ctx, ctx.resumer.replay(plan, client, head, _ResponseWriter(response, client))
+            )
             log.debug("replayed", extra={"seconds": round(time.monotonic() - started, 4)})
         while True:
             if client.closed:
@@ -215,48 +220,27 @@ async def _serve(
     return response
 
 
-async def _replay(
-    ctx: EdgeContext, response: EventSourceResponse, client: Client, after: StreamId, head: StreamId
-) -> None:
-    """Send the stored entries in ``(after, head]``, from the replay ring while it holds
-    them, else from Redis; live entries after ``head`` are already collecting in the
-    client's buffer."""
-    cursor = after
-    page = ctx.settings.resume_page
-    ring = ctx.hub.ring
-    while cursor < head and not client.closed:
-        if ring.covers(cursor):
-            key = (ring.generation, cursor, head, client.group)
-            cached = ctx.replay_pages.get(key)
-            if cached is None:
-                entries = ring.after(cursor, head, page)
-                if not entries:
-                    break
-                frames = [e.frame for e in entries if client.wants(e)]
-                data = b"".join(frames)
-                cached = (data, http_chunk(data) if frames else b"", entries[-1].id, len(frames))
-                ctx.replay_pages.put(key, cached)
-            data, framed, cursor, count = cached
-            transport = client.transport
-            if (
-                framed
-                and transport is not None
-                and not transport.get_write_buffer_size()
-                and not transport.is_closing()
-            ):
-                # A reconnect storm: thousands of clients get the very same page; writing
-                # the shared, pre-framed bytes skips a copy per client. At most this one
-                # page waits in the transport: the next write drains through aiohttp.
-                transport.write(framed)
-                ctx.metrics.replayed.inc(count)
-                continue
-        else:
-            entries = await ctx.bus.read_after(cursor, page, until=head)
-            if not entries:
-                break
-            cursor = entries[-1].id
-            frames = [e.frame for e in entries if client.wants(e)]
-            data, count = b"".join(frames), len(frames)
-        if data:
-            await response.write(data)
-            ctx.metrics.replayed.inc(count)
+class _ResponseWriter:
+    """The replay's way to the client: through the response, or, for a page shared by a
+    reconnect storm, the pre-framed chunk straight to an idle transport."""
+
+    __slots__ = ("_client", "_response")
+
+    def __init__(self, response: EventSourceResponse, client: Client) -> None:
+        self._response = response
+        self._client = client
+
+    async def write(self, data: bytes) -> None:
+        await self._response.write(data)
+
+    def write_shared(self, framed: bytes) -> bool:
+        transport = self._client.transport
+        if (
+            transport is not None
+            and not transport.get_write_buffer_size()
+            and not transport.is_closing()
+        ):
+            # Skips a copy per client; at most this one page waits in the transport.
+            transport.write(framed)
+            return True
+        return False

@@ -80,6 +80,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         settings.kafka_topic,
         settings.stream_maxlen,
         settings.dead_maxlen,
+        wait_replicas=settings.redis_wait_replicas,
+        wait_timeout_ms=settings.redis_wait_timeout_ms,
     )
     breakers = BreakerMetrics(app[REGISTRY])
     b = settings.breaker

@@ -1,6 +1,7 @@
 """Kafka records -> the packed argument of the atomic Redis step (pure).
 
-The hot path uses plain tuples: one ``Prepared`` per record, one packed blob per batch."""
+The hot path uses plain tuples: one ``Prepared`` per record, one packed blob per partition
+of a batch (one script call per partition)."""
 
 from __future__ import annotations
 
@@ -92,28 +93,30 @@ def dead_reason(p: Prepared) -> DeadReason | None:
     return DeadReason(p[3].decode()) if p[2] == DEAD else None
 
 
-RECORD_HEAD = struct.Struct(">cIqIIII")
-"""Per record in the blob: kind (1 byte), partition (u32), offset (i64), then the lengths of
-f1..f4 (u32 each), followed by f1..f4 themselves. Read in Lua with
-``struct.unpack('>c1I4i8I4I4I4I4', blob, pos)``."""
+RECORD_HEAD = struct.Struct(">cqIIII")
+"""Per record in the blob: kind (1 byte), offset (i64), then the lengths of f1..f4 (u32
+each), followed by f1..f4 themselves. Read in Lua with
+``struct.unpack('>c1i8I4I4I4I4', blob, pos)``. The partition is not in the blob: one blob
+holds one partition's records (one script call per partition)."""
 
 
 def pack(records: Iterable[Prepared]) -> bytes:
-    """One blob for the whole batch: a few script arguments instead of seven per record."""
+    """One blob for one partition's records: a few script arguments instead of six per
+    record. Every record must be of the same partition (``group`` makes such lists)."""
     parts: list[bytes] = []
     extend = parts.extend
     head = RECORD_HEAD.pack
-    for partition, offset, kind, f1, f2, f3, f4 in records:
-        extend((head(kind, partition, offset, len(f1), len(f2), len(f3), len(f4)), f1, f2, f3, f4))
+    for _partition, offset, kind, f1, f2, f3, f4 in records:
+        extend((head(kind, offset, len(f1), len(f2), len(f3), len(f4)), f1, f2, f3, f4))
     return b"".join(parts)
 
 
-def unpack(blob: bytes) -> list[Prepared]:
+def unpack(blob: bytes, partition: int) -> list[Prepared]:
     """The inverse of ``pack`` (for tests and diagnostics; the script does this in Lua)."""
     out: list[Prepared] = []
     pos = 0
     while pos < len(blob):
-        kind, partition, offset, *lengths = RECORD_HEAD.unpack_from(blob, pos)
+        kind, offset, *lengths = RECORD_HEAD.unpack_from(blob, pos)
         pos += RECORD_HEAD.size
         fields = []
         for n in lengths:
@@ -121,4 +124,16 @@ def unpack(blob: bytes) -> list[Prepared]:
             pos += n
         f1, f2, f3, f4 = fields
         out.append((partition, offset, kind, f1, f2, f3, f4))
+    return out
+
+
+def group(records: Iterable[Prepared]) -> dict[int, list[Prepared]]:
+    """Records by partition, each list in the order given (Kafka's order within a
+    partition): one script call per partition."""
+    out: dict[int, list[Prepared]] = {}
+    for p in records:
+        bucket = out.get(p[0])
+        if bucket is None:
+            bucket = out[p[0]] = []
+        bucket.append(p)
     return out

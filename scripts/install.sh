@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prepare this checkout to run the local stack and the tests, on Debian 12, as root.
 #
-#   1. Debian packages: redis-server nginx-light openssl prometheus prometheus-alertmanager
+#   1. Debian packages: redis-server redis-sentinel nginx-light openssl prometheus prometheus-alertmanager
 #      chromium (plus a JRE, Maven and python3-venv when missing); the services their postinst
 #      would auto-start are kept off, because the stack runs its own instances on its own
 #      ports. chromium is the browser the browser tests drive (tests/browser, through
@@ -24,9 +24,9 @@ PYTHON="${CRM_EVENTS_PYTHON:-python3}"
 VENV="$ROOT/.venv"
 POM="$ROOT/deploy/kafka/kafka-pom.xml"
 KAFKA_LIBS="$RUN_DIR/kafka/libs"
-APT_PACKAGES=(redis-server nginx-light haproxy openssl prometheus prometheus-alertmanager chromium firefox-esr wrk)
+APT_PACKAGES=(redis-server redis-sentinel nginx-light haproxy openssl prometheus prometheus-alertmanager chromium firefox-esr wrk)
 # Services those packages ship; none of them may keep running in the background.
-DISTRO_SERVICES=(redis-server nginx haproxy prometheus prometheus-alertmanager prometheus-node-exporter)
+DISTRO_SERVICES=(redis-server redis-sentinel nginx haproxy prometheus prometheus-alertmanager prometheus-node-exporter)
 # The stack's default ports (see devtools/stack.py).
 STACK_PORTS=(9092 19093 6379 9020 9011 9012 9010 9443 9090 9093)
 

@@ -274,6 +274,11 @@ class RedisTls:
     key_file: str | None = None
     password: str | None = field(default=None, repr=False)
     """From ``CRM_EVENTS_REDIS_PASSWORD_FILE``; overrides a password in the URL."""
+    sentinel_username: str | None = None
+    """ACL user on the Sentinels (``CRM_EVENTS_REDIS_SENTINEL_USERNAME``)."""
+    sentinel_password: str | None = field(default=None, repr=False)
+    """Password of the Sentinels themselves (``CRM_EVENTS_REDIS_SENTINEL_PASSWORD_FILE``):
+    Sentinels have their own ``requirepass``/ACL, separate from the Redis servers'."""
 
     @classmethod
     def from_env(cls, env: Env) -> RedisTls:
@@ -282,4 +287,6 @@ class RedisTls:
             cert_file=_existing_file(env, "REDIS_TLS_CERT_FILE"),
             key_file=_existing_file(env, "REDIS_TLS_KEY_FILE"),
             password=_read_secret(env, "REDIS_PASSWORD_FILE"),
+            sentinel_username=env.raw("REDIS_SENTINEL_USERNAME"),
+            sentinel_password=_read_secret(env, "REDIS_SENTINEL_PASSWORD_FILE"),
         )

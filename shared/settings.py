@@ -12,6 +12,7 @@ import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from urllib.parse import unquote, urlsplit
 
 from .errors import SettingsError
 from .loop import EVENT_LOOPS
@@ -46,7 +47,9 @@ DEFAULT_CLIENT_BUFFER_BYTES = 1024 * 1024
 DEFAULT_HISTORY_N = 100
 DEFAULT_HISTORY_MAX_N = 1000
 DEFAULT_RESUME_PAGE = 1000
-DEFAULT_REPLAY_RING_EVENTS = 10_000
+# The edge's in-memory replay ring, split evenly over the topic's partitions: about 14,000
+# events of 1 KB (each held with its frame and ~400 bytes of bookkeeping).
+DEFAULT_REPLAY_RING_BYTES = 32 * 1024 * 1024
 # The two caches of joined bytes on an edge, sized together under 64 MiB (the rest of that
 # is headroom for the entry-size approximation). History bodies get the larger share: their
 # keys (n, after, types, match claim) are the most varied, so they need the most room to
@@ -57,6 +60,8 @@ MAX_CACHE_BYTES = 16 * 1024 * 1024 * 1024
 DEFAULT_SHUTDOWN_GRACE_S = 3.0
 DEFAULT_REDIS_TIMEOUT_S = 5.0
 DEFAULT_BACKOFF_MAX_S = 10.0
+DEFAULT_REDIS_WAIT_REPLICAS = 0
+DEFAULT_REDIS_WAIT_TIMEOUT_MS = 200
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
@@ -65,16 +70,101 @@ _TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _HOSTPORT_RE = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
 
 
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+DEFAULT_SENTINEL_PORT = 26379
+_SERVICE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+_PLAIN_HOST_RE = r"[A-Za-z0-9.-]+"
+_IPV6_HOST_RE = r"[0-9A-Fa-f:.]+"
+_SENTINEL_URL_FORM = "redis+sentinel://[user:password@]host:port[,host:port...]/service[/db]"
+
+
+@dataclass(frozen=True, slots=True)
+class SentinelTarget:
+    """Where a ``redis+sentinel://`` URL points: the Sentinels to ask, the service (Sentinel's
+    "master name") whose current primary the clients use, and how to log in to that primary."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    """Of the Redis primary and replicas (not of the Sentinels)."""
+    tls: bool = False
+    """``rediss+sentinel://``: TLS to the Sentinels and to the Redis servers alike."""
+
+
+def _sentinel_address(item: str) -> tuple[str, int]:
+    if item.startswith("["):
+        host, sep, rest = item[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"bad Sentinel address {item!r}")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = item.rpartition(":")
+        if not sep:
+            host, port_text = item, ""
+    if not re.fullmatch(_IPV6_HOST_RE if item.startswith("[") else _PLAIN_HOST_RE, host):
+        raise ValueError(f"bad Sentinel host in {item!r}")
+    if not port_text:
+        return host, DEFAULT_SENTINEL_PORT
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"bad Sentinel port in {item!r}")
+    return host, int(port_text)
+
+
+def parse_sentinel_url(url: str) -> SentinelTarget:
+    """Parse ``redis+sentinel://`` / ``rediss+sentinel://``. Raises ValueError with a message
+    that never contains the URL's credentials."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in SENTINEL_SCHEMES:
+        raise ValueError(f"expected {_SENTINEL_URL_FORM}")
+    # urlsplit would choke on the comma-separated host list; only its path/query split is used.
+    parts = urlsplit("x://" + rest)
+    if parts.query or parts.fragment:
+        raise ValueError("query parameters and fragments are not supported in a Sentinel URL")
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    username = password = None
+    if at:
+        user_text, colon, password_text = userinfo.partition(":")
+        username = unquote(user_text) or None
+        password = unquote(password_text) if colon else None
+    if not hosts:
+        raise ValueError(f"no Sentinel addresses; expected {_SENTINEL_URL_FORM}")
+    sentinels = tuple(_sentinel_address(item.strip()) for item in hosts.split(","))
+    if len(set(sentinels)) != len(sentinels):
+        raise ValueError("a Sentinel address is listed twice")
+    segments = parts.path.split("/")[1:]
+    if not 1 <= len(segments) <= 2 or not segments[0]:
+        raise ValueError(f"no service name; expected {_SENTINEL_URL_FORM}")
+    service = unquote(segments[0])
+    if not _SERVICE_RE.fullmatch(service):
+        raise ValueError(f"bad service name {service!r}")
+    db = 0
+    if len(segments) == 2:
+        if not segments[1].isdigit() or int(segments[1]) > 1_000_000:
+            raise ValueError(f"the database must be a number, got {segments[1]!r}")
+        db = int(segments[1])
+    return SentinelTarget(
+        sentinels=sentinels,
+        service=service,
+        db=db,
+        username=username,
+        password=password,
+        tls=scheme.lower() == "rediss+sentinel",
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class RedisSettings:
     url: str = field(default=DEFAULT_REDIS_URL, repr=False)
-    """Redis connection URL (``redis://``, ``rediss://`` for TLS, ``unix://``)."""
+    """Redis connection URL (``redis://``, ``rediss://`` for TLS, ``unix://``, or
+    ``redis+sentinel://`` / ``rediss+sentinel://`` to follow Sentinel's primary)."""
     prefix: str = DEFAULT_REDIS_PREFIX
     """Prefix of every key and channel this deployment uses."""
     timeout_s: float = DEFAULT_REDIS_TIMEOUT_S
     """Socket timeout of ordinary Redis commands, in seconds."""
     tls: RedisTls = field(default_factory=RedisTls)
-    """CA and client certificate for ``rediss://``, and a password read from a file."""
+    """CA and client certificate for ``rediss://``, and passwords read from files."""
 
     def __repr__(self) -> str:
         return (
@@ -82,13 +172,41 @@ class RedisSettings:
             f"timeout_s={self.timeout_s})"
         )
 
+    @property
+    def sentinel(self) -> SentinelTarget | None:
+        """The Sentinel target of a ``redis+sentinel://`` URL; None for a direct URL."""
+        if self.url.partition("://")[0].lower() not in SENTINEL_SCHEMES:
+            return None
+        return parse_sentinel_url(self.url)
+
     @classmethod
     def from_env(cls, env: Env) -> RedisSettings:
+        raw = env.raw("REDIS_URL")
+        if raw is not None and raw.partition("://")[0].lower() in SENTINEL_SCHEMES:
+            try:
+                parse_sentinel_url(raw)
+            except ValueError as exc:
+                raise SettingsError(ENV_PREFIX + "REDIS_URL", str(exc)) from None
+            url = raw
+        else:
+            url = env.redis_url()
+        tls = RedisTls.from_env(env)
+        sentinel_auth = tls.sentinel_password is not None or tls.sentinel_username is not None
+        if sentinel_auth and url.partition("://")[0].lower() not in SENTINEL_SCHEMES:
+            raise SettingsError(
+                ENV_PREFIX
+                + (
+                    "REDIS_SENTINEL_PASSWORD_FILE"
+                    if tls.sentinel_password is not None
+                    else "REDIS_SENTINEL_USERNAME"
+                ),
+                "set it only with a redis+sentinel:// or rediss+sentinel:// CRM_EVENTS_REDIS_URL",
+            )
         return cls(
-            url=env.redis_url(),
+            url=url,
             prefix=env.string("REDIS_PREFIX", DEFAULT_REDIS_PREFIX, _PREFIX_RE),
             timeout_s=env.number("REDIS_TIMEOUT_S", DEFAULT_REDIS_TIMEOUT_S, 0.1, 300.0),
-            tls=RedisTls.from_env(env),
+            tls=tls,
         )
 
 
@@ -133,6 +251,12 @@ class IngestSettings:
     """``uvloop`` or ``asyncio``."""
     kafka_security: KafkaSecurity = field(default_factory=KafkaSecurity)
     breaker: BreakerSettings = field(default_factory=BreakerSettings)
+    redis_wait_replicas: int = DEFAULT_REDIS_WAIT_REPLICAS
+    """Replicas that must acknowledge a batch (Redis ``WAIT``) before its Kafka offsets are
+    committed; 0 = do not wait."""
+    redis_wait_timeout_ms: int = DEFAULT_REDIS_WAIT_TIMEOUT_MS
+    """Longest ``WAIT`` per batch; fewer acknowledgements hold the batch's commit until a
+    later ``WAIT`` succeeds."""
 
     @classmethod
     def from_env(cls, source: Mapping[str, str]) -> IngestSettings:
@@ -170,6 +294,12 @@ class IngestSettings:
             event_loop=_event_loop(env),
             kafka_security=KafkaSecurity.from_env(env),
             breaker=BreakerSettings.from_env(env),
+            redis_wait_replicas=env.integer(
+                "REDIS_WAIT_REPLICAS", DEFAULT_REDIS_WAIT_REPLICAS, 0, 100
+            ),
+            redis_wait_timeout_ms=env.integer(
+                "REDIS_WAIT_TIMEOUT_MS", DEFAULT_REDIS_WAIT_TIMEOUT_MS, 1, 60_000
+            ),
         )
 
 
@@ -192,8 +322,9 @@ class EdgeSettings:
     """Entries read from the stream per round trip while a client catches up."""
     event_loop: str = "uvloop"
     """``uvloop`` or ``asyncio``."""
-    replay_ring_events: int = DEFAULT_REPLAY_RING_EVENTS
-    """Newest events kept in memory for resumes and history (0: always read Redis)."""
+    replay_ring_bytes: int = DEFAULT_REPLAY_RING_BYTES
+    """Most bytes of the newest events kept in memory for resumes and history, split over
+    the partitions (0: always read Redis)."""
     history_cache_bytes: int = DEFAULT_HISTORY_CACHE_BYTES
     """Most bytes of history bodies (served from the ring) kept for repeated queries,
     keys included (0: no cache)."""
@@ -233,8 +364,8 @@ class EdgeSettings:
             history_max_n=max_n,
             resume_page=env.integer("RESUME_PAGE", DEFAULT_RESUME_PAGE, 1, 100_000),
             event_loop=_event_loop(env),
-            replay_ring_events=env.integer(
-                "REPLAY_RING_EVENTS", DEFAULT_REPLAY_RING_EVENTS, 0, 1_000_000
+            replay_ring_bytes=env.integer(
+                "REPLAY_RING_BYTES", DEFAULT_REPLAY_RING_BYTES, 0, MAX_CACHE_BYTES
             ),
             history_cache_bytes=env.integer(
                 "HISTORY_CACHE_BYTES", DEFAULT_HISTORY_CACHE_BYTES, 0, MAX_CACHE_BYTES

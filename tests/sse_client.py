@@ -1,16 +1,20 @@
 """A small SSE client for tests and benchmarks: parses frames per the WHATWG rules that
-matter here (id, event, data, retry, comments) from an aiohttp response."""
+matter here (id, event, data, retry, comments) from an aiohttp response; and the checks on
+cursors (the SSE ids) that tests share."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+
+from shared.cursor import Cursor, decode_cursor
 
 
 @dataclass(slots=True)
@@ -21,6 +25,57 @@ class Frame:
 
     def json(self) -> Any:
         return json.loads(self.data)
+
+    @property
+    def cursor(self) -> Cursor:
+        """The frame's id, decoded (every data and reset frame carries one)."""
+        assert self.id is not None, f"a {self.event} frame without an id"
+        return decode_cursor(self.id)
+
+
+def cursor_text(epoch: int, *positions: int | None) -> str:
+    """A cursor's text, e.g. ``cursor_text(1, 5, None, 7)``."""
+    return Cursor(epoch, tuple(positions)).encode().decode()
+
+
+def assert_positions_never_go_back(cursors: Iterable[Cursor]) -> None:
+    """No partition's position ever decreases from one cursor to the next (a position that
+    appears never disappears), within one epoch."""
+    previous: Cursor | None = None
+    for n, cursor in enumerate(cursors):
+        if previous is not None and previous.epoch == cursor.epoch:
+            for p, before in enumerate(previous.positions):
+                now = cursor.position(p)
+                assert before is None or (now is not None and now >= before), (
+                    f"cursor {n}: partition {p} went back from {before} to {now}"
+                )
+        previous = cursor
+
+
+def assert_cursors_never_go_back(frames: Iterable[Frame]) -> None:
+    """``assert_positions_never_go_back`` over the ids of ``frames`` (frames without one
+    are left out)."""
+    assert_positions_never_go_back(f.cursor for f in frames if f.id is not None)
+
+
+def assert_per_partition_exactly_once(
+    deliveries: Iterable[tuple[int, int]], expected: dict[int, list[int]]
+) -> None:
+    """``deliveries``: (partition, offset) in the order received. Each partition's offsets
+    must be exactly ``expected[partition]``: every one once, in order."""
+    got: dict[int, list[int]] = defaultdict(list)
+    for partition, offset in deliveries:
+        got[partition].append(offset)
+    for partition in set(got) | set(expected):
+        offsets = got.get(partition, [])
+        want = expected.get(partition, [])
+        dupes = len(offsets) - len(set(offsets))
+        assert not dupes, f"partition {partition}: {dupes} events arrived twice"
+        missing = sorted(set(want) - set(offsets))
+        assert not missing, f"partition {partition}: {len(missing)} missing, e.g. {missing[:5]}"
+        extra = sorted(set(offsets) - set(want))
+        assert not extra, f"partition {partition}: unexpected {extra[:5]}"
+        assert offsets == sorted(offsets), f"partition {partition}: out of order"
 
 
 async def frames(
@@ -105,6 +160,18 @@ class Collector:
     @property
     def data_frames(self) -> list[Frame]:
         return [f for f in self.received if f.event == "message"]
+
+    @property
+    def resets(self) -> list[Frame]:
+        return [f for f in self.received if f.event == "reset"]
+
+    @property
+    def last_id(self) -> str | None:
+        """The id a browser would send as Last-Event-ID on reconnect."""
+        for frame in reversed(self.received):
+            if frame.id is not None:
+                return frame.id
+        return None
 
     async def wait_for(self, predicate: Any, timeout: float, what: str = "condition") -> None:
         deadline = asyncio.get_running_loop().time() + timeout

@@ -3,11 +3,17 @@
 // and duplicates per connection and records delivery latency from a timestamp embedded in
 // each event. It is driven over a small HTTP control API on loopback by bench/ (Python):
 //
-//	GET /connect?n=N&rate=R&inflight=K&expect=E&lei=ID&cf_recover=1&cf_offset=O&cf_epoch=E
-//	             &latency=1&reconnect=fresh|resume      open N more connections (a batch)
-//	GET /stats?reset=1&batch=B&expect_last=ID           counters (JSON); reset starts a window
+//	GET /connect?n=N&rate=R&inflight=K&expect=E&lei=CURSOR&lei_parts=OFFS&cf_recover=1
+//	             &cf_offset=O&cf_epoch=E&latency=1&reconnect=fresh|resume
+//	                                                    open N more connections (a batch)
+//	GET /stats?reset=1&batch=B&expect_last=OFFS         counters (JSON); reset starts a window
 //	GET /close                                          close every connection
 //	GET /quit                                           exit
+//
+// crm positions: lei is an opaque cursor, sent as Last-Event-ID. OFFS lists per partition
+// the newest offset, comma-separated in partition order, "-" for none ("17,-,4"): for
+// lei_parts, what the cursor covers (so the first event after the resume is checked too);
+// for expect_last, what a connection must have received last to count as caught up.
 //
 // No dependencies beyond the standard library.
 package main
@@ -149,6 +155,7 @@ func (g *gen) handleConnect(w http.ResponseWriter, r *http.Request) {
 		t0:        time.Now(),
 		expect:    qInt(r, "expect", 0),
 		lei:       q.Get("lei"),
+		leiParts:  parseOffsets(q.Get("lei_parts")),
 		cfRecover: q.Get("cf_recover") == "1",
 		cfOffset:  uint64(qInt(r, "cf_offset", 0)),
 		cfEpoch:   q.Get("cf_epoch"),
@@ -209,11 +216,7 @@ func (g *gen) batchStats(b *batch, expectLast string) batchStats {
 		CaughtUs: b.caughtH.snapshot(false), ConnectUs: b.connectH.snapshot(false),
 		EventsMin: -1,
 	}
-	var wantMs, wantSeq uint64
-	var wantOK bool
-	if expectLast != "" {
-		wantMs, wantSeq, wantOK = parseStreamID([]byte(expectLast))
-	}
+	want := parseOffsets(expectLast)
 	g.mu.Lock()
 	conns := g.conns
 	g.mu.Unlock()
@@ -232,11 +235,46 @@ func (g *gen) batchStats(b *batch, expectLast string) batchStats {
 		if b.expect > 0 && e == b.expect {
 			s.AtExpect++
 		}
-		if wantOK && c.lastMs.Load() == wantMs && c.lastSq.Load() == wantSeq {
+		if want != nil && c.reached(want) {
 			s.LastIDSeen++
 		}
 	}
 	return s
+}
+
+// parseOffsets reads "17,-,4" (per partition, the newest offset; "-" for none) into
+// [17, -1, 4]; nil for an empty or malformed list. Not on the hot path.
+func parseOffsets(text string) []int64 {
+	if text == "" {
+		return nil
+	}
+	fields := strings.Split(text, ",")
+	if len(fields) > maxParts {
+		return nil
+	}
+	out := make([]int64, len(fields))
+	for i, f := range fields {
+		if f == "-" {
+			out[i] = -1
+			continue
+		}
+		v, err := strconv.ParseInt(f, 10, 64)
+		if err != nil || v < 0 {
+			return nil
+		}
+		out[i] = v
+	}
+	return out
+}
+
+// reached: the connection's newest offset in every partition is the wanted one.
+func (c *sseConn) reached(want []int64) bool {
+	for p, off := range want {
+		if c.partLast[p].Load() != off {
+			return false
+		}
+	}
+	return true
 }
 
 func (g *gen) handleStats(w http.ResponseWriter, r *http.Request) {

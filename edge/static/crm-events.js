@@ -1,18 +1,26 @@
 // CRM events Command Center: an operator's live view of GET /crm-events (Server-Sent Events).
 //
-// Plain JavaScript, no build step, no dependencies; it talks only to its own origin:
+// Plain JavaScript, no build step, no dependencies; it talks only to its own origin.
+//
+// Positions are cursors: every event's SSE id, a history item's `cursor` and a page's
+// `next_after` are opaque strings that only the edge decodes. This page keeps the newest
+// one and passes it back unchanged; it never parses or compares them. Each event's
+// envelope says its Kafka `partition` and `offset`, which is what the page checks.
 //
 //   1. backfill: GET /crm-events/history?n=100[&types=] fills the table (oldest to newest);
-//   2. stream:   new EventSource("/crm-events?last_event_id=<newest history id>[&types=]"), so
-//                the stream continues exactly after the backfill: no gap, no duplicate;
+//   2. stream:   new EventSource("/crm-events?last_event_id=<the page's next_after>[&types=]"),
+//                so the stream continues exactly after the backfill: no gap, no duplicate;
 //   3. the browser reconnects a dropped stream by itself, sending Last-Event-ID; when it gives
 //      up (an error status such as 502/503 from the load balancer) this page reconnects with
 //      ?last_event_id= and a backoff. A filter change or "resume" opens a new EventSource the
-//      same way. Ids are compared on arrival, so an event is never shown twice;
-//   4. `event: reset` (the position could not be resumed without a gap) shows a notice and
-//      moves the position to the reset's id, from which the stream is complete again;
-//   5. the last id is kept in sessionStorage: a reload continues where the page was
-//      (?last_event_id=<id> in the page's URL does the same once, e.g. from a bookmark).
+//      same way. Per partition, an event at or below the newest offset shown is dropped and
+//      counted, so an event is never shown twice;
+//   4. `event: reset` (some partitions could not be resumed without a gap) shows a notice
+//      naming those partitions and moves the position to the reset's id, from which the
+//      stream is complete again;
+//   5. the cursor is kept in sessionStorage: a reload backfills what happened since with
+//      GET /crm-events/history?after=<cursor>, then streams after that page
+//      (?last_event_id=<cursor> in the page's URL does the same once, e.g. from a bookmark).
 "use strict";
 
 (() => {
@@ -22,11 +30,12 @@
   const SPARK_MIN_SECONDS = 10;
   const RATE_WINDOW_S = 5;
   const LOG_MAX = 40;
-  const STORE_KEY = "crm-events:last-id";
+  const STORE_KEY = "crm-events:cursor";
   const BACKOFF_BASE_MS = 1000;
   const BACKOFF_MAX_MS = 15000;
   const MAX_TYPES = 64;
-  const ID_RE = /^(\d+)-(\d+)$/;
+  // Only a sanity bound (the edge caps cursors at 16384 characters); never parsed.
+  const CURSOR_RE = /^[\x21-\x7e]{1,16384}$/;
   const TYPE_RE = /^[A-Za-z0-9_.:-]{1,128}$/;
   const AGGREGATE_FIELDS = ["AggregateId", "aggregateId", "aggregate_id"];
   const TENANT_FIELDS = ["TenantId", "tenantId", "tenant_id"];
@@ -61,7 +70,7 @@
     protocol: $("protocol"),
     reconnects: $("reconnects"),
     duplicates: $("duplicates"),
-    lastId: $("last-id"),
+    cursor: $("cursor"),
     filterForm: $("filter-form"),
     typesInput: $("types-input"),
     knownTypes: $("known-types"),
@@ -76,8 +85,8 @@
 
   const state = {
     types: null, // null = all types, else a sorted array
-    lastId: null, // position: the newest id processed (or a reset's boundary)
-    lastKey: null, // parsed lastId
+    cursor: null, // position: the newest event's id, or a reset's (opaque: never parsed)
+    seen: new Map(), // partition -> newest offset shown (the duplicate check)
     es: null,
     streamGen: 0, // callbacks of a replaced EventSource are ignored
     startGen: 0, // a newer start (filter change) supersedes a pending backfill
@@ -104,30 +113,27 @@
     backfillAfterAuth: 0, // the backfill was refused (401/403): redo it once signed in
   };
 
-  // --- ids ---------------------------------------------------------------------------------
+  // --- positions ---------------------------------------------------------------------------
 
-  function parseId(id) {
-    const m = ID_RE.exec(id || "");
-    return m ? [BigInt(m[1]), BigInt(m[2])] : null;
+  function isCursor(text) {
+    return typeof text === "string" && CURSOR_RE.test(text);
   }
 
-  function compareKeys(a, b) {
-    if (a[0] !== b[0]) return a[0] < b[0] ? -1 : 1;
-    if (a[1] !== b[1]) return a[1] < b[1] ? -1 : 1;
-    return 0;
-  }
-
-  function compareIds(a, b) {
-    const x = parseId(a);
-    const y = parseId(b);
-    return x && y ? compareKeys(x, y) : 0;
-  }
-
-  function setPosition(id) {
-    const key = parseId(id);
-    state.lastId = key ? id : null;
-    state.lastKey = key;
+  function setPosition(cursor) {
+    state.cursor = isCursor(cursor) ? cursor : null;
     persistSoon();
+  }
+
+  // Per partition, from the envelope: offsets grow within a partition (with holes, so only
+  // "not newer" is a finding) and nothing orders partitions against each other.
+  function isDuplicate(envelope) {
+    const partition = envelope.partition;
+    const offset = envelope.offset;
+    if (!Number.isSafeInteger(partition) || !Number.isSafeInteger(offset)) return false;
+    const newest = state.seen.get(partition);
+    if (newest !== undefined && offset <= newest) return true;
+    state.seen.set(partition, offset);
+    return false;
   }
 
   // --- persistence (sessionStorage: per tab, survives a reload) ----------------------------
@@ -136,7 +142,8 @@
     clearTimeout(state.persistTimer);
     state.persistTimer = 0;
     try {
-      if (state.lastId) sessionStorage.setItem(STORE_KEY, state.lastId);
+      if (state.cursor) sessionStorage.setItem(STORE_KEY, state.cursor);
+      else sessionStorage.removeItem(STORE_KEY);
     } catch {
       // Storage disabled: a reload then starts from the newest history, as a new tab does.
     }
@@ -153,11 +160,11 @@
       // Used once: later reloads continue from sessionStorage.
       params.delete("last_event_id");
       replaceQuery(params);
-      if (parseId(fromUrl)) return fromUrl;
+      if (isCursor(fromUrl)) return fromUrl;
     }
     try {
       const stored = sessionStorage.getItem(STORE_KEY);
-      return parseId(stored) ? stored : null;
+      return isCursor(stored) ? stored : null;
     } catch {
       return null;
     }
@@ -232,7 +239,7 @@
   function streamUrl() {
     const url = new URL("crm-events", API);
     if (state.types) url.searchParams.set("types", state.types.join(","));
-    if (state.lastId) url.searchParams.set("last_event_id", state.lastId);
+    if (state.cursor) url.searchParams.set("last_event_id", state.cursor);
     return url;
   }
 
@@ -267,7 +274,7 @@
       if (state.backfillAfterAuth === 1 && state.total === 0) {
         // Signed in now: load the history that was refused, then stream after it.
         state.backfillAfterAuth = 2;
-        start(state.lastId);
+        start(state.cursor);
         return;
       }
       if (state.lost) {
@@ -275,7 +282,7 @@
         state.lost = false;
         setConn("live", `Live again after ${after} attempt${after === 1 ? "" : "s"}`);
       } else {
-        setConn("live", state.lastId ? `Live, after ${state.lastId}` : "Live");
+        setConn("live", state.cursor ? `Live, after ${shortCursor(state.cursor)}` : "Live");
       }
       markDirty();
     };
@@ -315,23 +322,30 @@
   }
 
   function onEvent(id, data) {
-    const key = parseId(id);
-    if (key && state.lastKey && compareKeys(key, state.lastKey) <= 0) {
-      state.duplicates += 1;
-      markDirty();
-      return;
-    }
     let envelope;
     try {
       envelope = JSON.parse(data);
     } catch {
       return;
     }
-    if (key) setPosition(id);
+    if (!envelope || typeof envelope !== "object") return;
+    // The id moves on even for a dropped event: it covers everything sent before it.
+    if (id) setPosition(id);
+    if (isDuplicate(envelope)) {
+      state.duplicates += 1;
+      markDirty();
+      return;
+    }
     const second = Math.floor(Date.now() / 1000);
     state.perSecond.set(second, (state.perSecond.get(second) || 0) + 1);
     state.live += 1;
     addEvent(id, envelope, true);
+  }
+
+  function resetPartitions(info) {
+    return Array.isArray(info.partitions)
+      ? info.partitions.filter((p) => p && Number.isSafeInteger(p.partition))
+      : [];
   }
 
   function onReset(ev) {
@@ -341,25 +355,39 @@
     } catch {
       // Still a reset; show what there is.
     }
-    // The reset's id is the boundary from which the stream is complete; it may be lower than
-    // our position (a recreated stream), so it replaces the position rather than raise it.
-    const boundary = parseId(ev.lastEventId) ? ev.lastEventId : info.resume_from;
-    if (parseId(boundary)) setPosition(boundary);
+    // The reset's id is the cursor from which the stream is complete again. It replaces the
+    // position: in a recreated topic offsets start again, so the partitions it names forget
+    // the offsets shown (all of them when the topic or the format changed).
+    if (isCursor(ev.lastEventId)) setPosition(ev.lastEventId);
+    const partitions = resetPartitions(info);
+    if (info.reason === "topic_changed" || info.reason === "old_format" || !partitions.length) {
+      state.seen.clear();
+    } else {
+      for (const p of partitions) state.seen.delete(p.partition);
+    }
     state.resetPending = true;
-    showReset(info);
-    log("reset", `Reset received (${info.reason || "?"}): continuing after ${boundary || "?"}`);
+    showReset(info, partitions);
+    const names = partitions.map((p) => `p${p.partition}`).join(", ") || "all partitions";
+    log("reset", `Reset received (${info.reason || "?"}): ${names} continue from the oldest available`);
     showStatus();
   }
 
-  function showReset(info) {
+  function position(value) {
+    return Number.isSafeInteger(value) ? `offset ${value.toLocaleString()}` : "none";
+  }
+
+  function showReset(info, partitions) {
     el.resetText.textContent = info.message || "The stream could not continue without a gap.";
     el.resetDetails.replaceChildren();
-    const rows = [
-      ["Reason", info.reason],
-      ["Requested", info.requested],
-      ["Resumed from", info.resume_from],
-      ["Oldest available", info.oldest_available || "none"],
-    ];
+    const rows = [["Reason", info.reason]];
+    for (const p of partitions) {
+      // Positions are Kafka's "next offset": where the partition was, and where it goes on.
+      rows.push([
+        `Partition ${p.partition}`,
+        `${p.reason || info.reason || "?"}: asked from ${position(p.requested)}, ` +
+          `continues from ${position(p.oldest_available)}`,
+      ]);
+    }
     for (const [label, value] of rows) {
       if (value === undefined || value === null) continue;
       const div = document.createElement("div");
@@ -372,6 +400,11 @@
     }
     el.resetNotice.hidden = false;
     el.resetNotice.dataset.reason = info.reason || "";
+    el.resetNotice.dataset.partitions = partitions.map((p) => p.partition).join(",");
+  }
+
+  function shortCursor(cursor) {
+    return cursor.length > 24 ? `${cursor.slice(0, 21)}…` : cursor;
   }
 
   // --- backfill, then the stream ---------------------------------------------------------------
@@ -398,13 +431,22 @@
   }
 
   // EventSource does not say why it was refused; the history endpoint answers the same
-  // authentication and tells, as JSON.
+  // authentication and the same cursor check, and tells, as JSON.
   async function diagnose() {
     try {
-      await fetchHistory({ n: 1, types: state.types ? state.types.join(",") : null });
+      await fetchHistory({
+        n: 1,
+        after: state.cursor,
+        types: state.types ? state.types.join(",") : null,
+      });
       showAuth(null);
     } catch (err) {
       showAuth(err.status === 401 || err.status === 403 ? err : null);
+      if (err.status === 400 && state.cursor) {
+        // Retrying with a position the edge refuses would fail forever: go live from now.
+        log("reset", `Position refused (${err.message}); continuing from now`);
+        setPosition(null);
+      }
     }
   }
 
@@ -416,6 +458,11 @@
     }
   }
 
+  // Backfill, then stream from the backfill's `next_after`. With a saved cursor (reload,
+  // bookmark), the events after it come first (history `after=`), so a reload misses
+  // nothing; the newest page before it fills the table when the catch-up is short. The
+  // cursors are never compared here: the envelope's partition and offset tell the pages'
+  // overlap apart.
   async function start(saved) {
     const gen = ++state.startGen;
     closeStream();
@@ -423,19 +470,51 @@
     state.lost = false;
     setConn("connecting", "Loading history");
     const types = state.types ? state.types.join(",") : null;
-    let items = [];
-    let head = null;
+    let shown = [];
+    let anchor = null;
+    let reset = null;
     let historyOk = true;
     try {
-      const body = await fetchHistory({ n: HISTORY_N, types });
-      items = Array.isArray(body.items) ? body.items : [];
-      if (types && items.length === 0) {
-        // None of these types recently: anchor at the stream's newest id instead.
+      // The newest page first: all of it is older than the catch-up asked for next.
+      const newest = await fetchHistory({ n: HISTORY_N, types });
+      const recent = Array.isArray(newest.items) ? newest.items : [];
+      anchor = isCursor(newest.next_after) ? newest.next_after : null;
+      shown = recent;
+      if (saved) {
+        let since = null;
+        try {
+          since = await fetchHistory({ n: HISTORY_N, after: saved, types });
+        } catch (err) {
+          if (err.status !== 400) throw err;
+          // Not a cursor of this API (an edited link): start from the newest page instead.
+          log("connecting", `Saved position refused (${err.message}); starting from now`);
+        }
+        if (since) {
+          const after = Array.isArray(since.items) ? since.items : [];
+          reset = since.reset && typeof since.reset === "object" ? since.reset : null;
+          anchor = isCursor(since.next_after) ? since.next_after : saved;
+          const key = (item) => `${item.partition}:${item.offset}`;
+          if (after.length >= HISTORY_N) {
+            // More happened since than one page holds: show it from the saved position on,
+            // in order, and let the stream replay the rest.
+            shown = after;
+            log("connecting", `Catching up from ${shortCursor(saved)}`);
+          } else {
+            const fresh = new Set(after.map(key));
+            shown = [...recent.filter((item) => !fresh.has(key(item))), ...after];
+            log("connecting", `Resuming after ${shortCursor(saved)}`);
+          }
+        }
+      }
+      if (!anchor && types && shown.length === 0) {
+        // None of these types recently and no cursor given: anchor at the newest of all.
         const latest = await fetchHistory({ n: 1 });
-        head = latest.items && latest.items.length ? latest.items[0].id : null;
+        anchor = isCursor(latest.next_after) ? latest.next_after : null;
       }
     } catch (err) {
       historyOk = false;
+      shown = [];
+      anchor = saved;
       log("connecting", `History unavailable (${err.message})`);
       if (err.status === 401 || err.status === 403) {
         showAuth(err);
@@ -443,29 +522,34 @@
       }
     }
     if (gen !== state.startGen) return;
-    const newest = items.length ? items[items.length - 1].id : head;
-    let anchor;
-    if (saved && items.length && compareIds(saved, items[0].id) < 0) {
-      // More happened since the saved position than the backfill holds: let the stream
-      // replay it all, in order, instead of showing the newest page first.
-      items = [];
-      anchor = saved;
-      log("connecting", `Catching up from ${saved}`);
-    } else if (saved) {
-      anchor = newest && compareIds(newest, saved) > 0 ? newest : saved;
-      if (anchor === saved) log("connecting", `Resuming after ${saved}`);
-    } else {
-      // An empty history: "0-0" asks for everything from the start, so an event written
-      // between the history request and the stream's start is not missed.
-      anchor = newest || (historyOk ? "0-0" : null);
-    }
-    for (const item of items) {
-      if (!item || !parseId(item.id)) continue;
-      const { id, ...envelope } = item;
+    let added = 0;
+    const listed = new Set();
+    for (const item of shown) {
+      if (!item || typeof item !== "object") continue;
+      const { cursor, ...envelope } = item;
+      // A page is merged by Kafka timestamp, which a producer may set out of offset order:
+      // the page is deduplicated by (partition, offset), the stream after it by the newest.
+      const key = `${envelope.partition}:${envelope.offset}`;
+      if (listed.has(key)) continue;
+      listed.add(key);
+      if (Number.isSafeInteger(envelope.partition) && Number.isSafeInteger(envelope.offset)) {
+        const newest = state.seen.get(envelope.partition);
+        if (newest === undefined || envelope.offset > newest) {
+          state.seen.set(envelope.partition, envelope.offset);
+        }
+      }
       state.fromHistory += 1;
-      addEvent(id, envelope, false);
+      added += 1;
+      addEvent(cursor, envelope, false);
     }
-    if (items.length) log("connecting", `Backfilled ${items.length} from history`);
+    if (added) log("connecting", `Backfilled ${added} from history`);
+    if (reset) {
+      state.resetPending = true;
+      const partitions = resetPartitions(reset);
+      showReset(reset, partitions);
+      log("reset", `Reset in the history (${reset.reason || "?"})`);
+    }
+    if (historyOk && !anchor) log("connecting", "No position from the history: live from now");
     setPosition(anchor);
     if (!state.paused) openStream();
     else setConn("paused");
@@ -544,7 +628,9 @@
   function makeRow({ id, envelope, type, live }) {
     const event = envelope.event && typeof envelope.event === "object" ? envelope.event : {};
     const tr = document.createElement("tr");
-    tr.dataset.id = id;
+    if (id) tr.dataset.id = id;
+    tr.dataset.partition = String(envelope.partition ?? "");
+    tr.dataset.offset = String(envelope.offset ?? "");
     tr.dataset.type = type;
     if (envelope.key !== undefined && envelope.key !== null) tr.dataset.key = String(envelope.key);
     if (live) tr.className = "fresh";
@@ -583,10 +669,9 @@
     });
     detailCell.title = parts.map(([name, value]) => `${name}: ${value}`).join("\n");
 
-    const idCell = cell("id", id);
-    const where = document.createElement("small");
-    where.textContent = `p${envelope.partition ?? "?"} · offset ${envelope.offset ?? "?"}`;
-    idCell.append(where);
+    // Partition and offset say where the event is; the cursor (the SSE id) is opaque.
+    const idCell = cell("id", `p${envelope.partition ?? "?"} · ${envelope.offset ?? "?"}`);
+    if (id) idCell.title = `cursor ${id}`;
 
     tr.append(time, typeCell, cell("agg", String(aggregate)), cell("tenant", String(tenant)),
       detailCell, idCell);
@@ -620,8 +705,8 @@
     el.totalNote.textContent = state.total
       ? `${state.live.toLocaleString()} live · ${state.fromHistory.toLocaleString()} from history`
       : "none yet";
-    el.lastId.textContent = state.lastId && state.lastId !== "0-0" ? state.lastId : "—";
-    el.lastId.title = el.lastId.textContent;
+    el.cursor.textContent = state.cursor || "—";
+    el.cursor.title = state.cursor ? `${state.cursor}\n(opaque: only the edge decodes it)` : "";
     el.duplicates.textContent = state.duplicates.toLocaleString();
     el.reconnects.textContent = state.reconnects.toLocaleString();
     renderTypes();
@@ -739,8 +824,8 @@
     state.total = 0;
     state.fromHistory = 0;
     state.live = 0;
-    state.lastId = null;
-    state.lastKey = null;
+    state.cursor = null;
+    state.seen.clear();
     log("connecting", types ? `Filter: ${types.join(", ")}` : "Filter cleared");
     markDirty();
     start(null);
@@ -765,7 +850,7 @@
     } else {
       state.attempts = 0;
       state.lost = false;
-      setConn("connecting", `Resuming after ${state.lastId || "now"}`);
+      setConn("connecting", `Resuming after ${state.cursor ? shortCursor(state.cursor) : "now"}`);
       openStream();
     }
   }

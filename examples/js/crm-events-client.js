@@ -2,17 +2,24 @@
 //
 // It shows the three things every consumer of GET /crm-events must get right:
 //
-//   connect  new EventSource("/crm-events?types=...") — one line of JSON per event, the SSE
-//            id is the event's position (a Redis stream id, "<ms>-<seq>").
-//   resume   keep the last id. The browser's own reconnect sends it as Last-Event-ID; when
-//            *you* open a new EventSource (page reload, filter change, after the browser gave
-//            up on an error status) pass it as ?last_event_id=<id>. The server sends exactly
-//            the events after it: nothing missed, nothing twice.
-//   reset    if that position can no longer be resumed without a gap (trimmed away, the
-//            stream was recreated, an id from elsewhere), the stream starts with
+//   connect  new EventSource("/crm-events?types=...") — one line of JSON per event (the
+//            envelope: type, key, partition, offset, timestamp_ms, event). The SSE id is a
+//            *cursor*: an opaque string (e.g. "1.AAAAAQMBAgM") that stands for everything
+//            the stream has sent so far. Keep it; never parse, compare or build one.
+//   resume   keep the last cursor. The browser's own reconnect sends it as Last-Event-ID;
+//            when *you* open a new EventSource (page reload, filter change, after the
+//            browser gave up on an error status) pass it as ?last_event_id=<cursor>. The
+//            server sends exactly the events after it: nothing missed, nothing twice.
+//   reset    if some partitions can no longer be resumed without a gap (trimmed away, the
+//            topic was recreated, a cursor of the old format), the stream starts with
 //            `event: reset`. EventSource only delivers named events to a listener for that
 //            name, so listen for "reset" — otherwise you silently believe you have a
-//            gap-free history. Its id is the new position; the data says what happened.
+//            gap-free history. Its id is the new cursor; the data names the partitions.
+//
+// Order: events of one Kafka partition (so of one record key) come in Kafka's order; there
+// is no order across partitions. The duplicate check below is per partition, from the
+// envelope's partition and offset (offsets grow within a partition but have holes, so a
+// jump is not a gap).
 //
 // Usage (browser, as an ES module; see index.html):
 //
@@ -20,8 +27,8 @@
 //   const client = connectCrmEvents({
 //     types: ["DealWon", "DealLost"],          // optional: server-side filter
 //     storage: window.sessionStorage,          // optional: resume across reloads
-//     onEvent: (envelope, id) => console.log(id, envelope.type, envelope.event),
-//     onReset: (info) => console.warn("reset:", info.reason, info.message),
+//     onEvent: (envelope, cursor) => console.log(envelope.partition, envelope.offset, envelope.event),
+//     onReset: (info) => console.warn("reset:", info.reason, info.partitions, info.message),
 //     onState: (state, detail) => console.log(state, detail),
 //   });
 //   client.setTypes(["TicketOpened"]);         // reconnects with the new filter, resuming
@@ -31,30 +38,41 @@
 // --experimental-eventsource) and an absolute `url`; tail.mjs shows the same protocol with
 // plain fetch() for Node 20.
 
-const ID_RE = /^(\d+)-(\d+)$/;
-
-/** Compare two stream ids ("<ms>-<seq>"): negative, zero or positive. */
-export function compareIds(a, b) {
-  const x = ID_RE.exec(a);
-  const y = ID_RE.exec(b);
-  if (!x || !y) return 0;
-  const ms = BigInt(x[1]) - BigInt(y[1]);
-  if (ms !== 0n) return ms < 0n ? -1 : 1;
-  const seq = BigInt(x[2]) - BigInt(y[2]);
-  return seq === 0n ? 0 : seq < 0n ? -1 : 1;
+/**
+ * Per-partition duplicate check from the envelopes: `seen(envelope)` is true when an event
+ * of that partition at or above this offset was already handed over.
+ */
+export function partitionTracker() {
+  const newest = new Map(); // partition -> newest offset handed over
+  return {
+    seen(envelope) {
+      const { partition, offset } = envelope;
+      if (!Number.isSafeInteger(partition) || !Number.isSafeInteger(offset)) return false;
+      const last = newest.get(partition);
+      if (last !== undefined && offset <= last) return true;
+      newest.set(partition, offset);
+      return false;
+    },
+    // After a reset: offsets of these partitions may start again (a recreated topic).
+    forget(partitions) {
+      if (partitions === null) newest.clear();
+      else for (const p of partitions) newest.delete(p);
+    },
+  };
 }
 
 /**
- * Open the stream and keep it open. Returns { close(), setTypes(types), get lastId() }.
+ * Open the stream and keep it open. Returns { close(), setTypes(types), get cursor() }.
  *
  * Options:
  *   url          the stream's URL (default: "/crm-events" of this page's origin)
  *   types        array of event types, or null for all
- *   lastEventId  where to start (default: the stored id, else live from now)
- *   storage      an object with getItem/setItem (sessionStorage, localStorage) to keep the id
- *   storageKey   default "crm-events:last-id"
- *   onEvent(envelope, id)   envelope = {type, key, partition, offset, timestamp_ms, event}
- *   onReset(info)           info = {reason, requested, resume_from, oldest_available, message}
+ *   lastEventId  the cursor to start after (default: the stored one, else live from now)
+ *   storage      an object with getItem/setItem (sessionStorage, localStorage) to keep it
+ *   storageKey   default "crm-events:cursor"
+ *   onEvent(envelope, cursor)  envelope = {type, key, partition, offset, timestamp_ms, event}
+ *   onReset(info)   info = {reason, partitions: [{partition, requested, oldest_available,
+ *                   reason}], message}
  *   onState(state, detail)  "connecting" | "live" | "reconnecting" | "closed"
  *   EventSource  the constructor to use (default: globalThis.EventSource)
  */
@@ -62,7 +80,7 @@ export function connectCrmEvents(options = {}) {
   const {
     url = "/crm-events",
     storage = null,
-    storageKey = "crm-events:last-id",
+    storageKey = "crm-events:cursor",
     onEvent = () => {},
     onReset = () => {},
     onState = () => {},
@@ -74,16 +92,17 @@ export function connectCrmEvents(options = {}) {
   const base = typeof location !== "undefined" ? location.href : undefined;
 
   let types = options.types && options.types.length ? [...options.types] : null;
-  let lastId = options.lastEventId ?? storage?.getItem(storageKey) ?? null;
+  let cursor = options.lastEventId || storage?.getItem(storageKey) || null;
   let source = null;
   let attempts = 0;
   let retryTimer = null;
   let closed = false;
+  const partitions = partitionTracker();
 
-  function remember(id) {
-    lastId = id;
+  function remember(next) {
+    cursor = next;
     try {
-      storage?.setItem(storageKey, id);
+      storage?.setItem(storageKey, next);
     } catch {
       // storage full or disabled: resuming after a reload then starts from "now"
     }
@@ -95,33 +114,33 @@ export function connectCrmEvents(options = {}) {
     const target = new URL(url, base);
     if (types) target.searchParams.set("types", types.join(","));
     // Only our own reconnects need this; the browser's carry Last-Event-ID themselves.
-    if (lastId) target.searchParams.set("last_event_id", lastId);
+    if (cursor) target.searchParams.set("last_event_id", cursor);
     onState("connecting", { url: target.toString() });
     const es = new EventSourceImpl(target.toString());
     source = es;
 
     es.onopen = () => {
       attempts = 0;
-      onState("live", { lastId });
+      onState("live", { cursor });
     };
 
     // Every data event: no `event:` name, so onmessage receives it.
     es.onmessage = (message) => {
-      const id = message.lastEventId;
-      // Defensive: never hand the same event to the application twice.
-      if (id && lastId && compareIds(id, lastId) <= 0) return;
       let envelope;
       try {
         envelope = JSON.parse(message.data);
       } catch {
         return;
       }
-      if (id) remember(id);
-      onEvent(envelope, id);
+      // The cursor moves on even for a dropped event: it covers everything before it.
+      if (message.lastEventId) remember(message.lastEventId);
+      // Defensive: never hand the same event to the application twice.
+      if (partitions.seen(envelope)) return;
+      onEvent(envelope, message.lastEventId);
     };
 
-    // The in-band notice. Its id is the position from which the stream is complete again;
-    // it replaces ours (it may be lower, if the stream was recreated).
+    // The in-band notice. Its id is the cursor from which the stream is complete again;
+    // it replaces ours. The partitions it names continue from their oldest available event.
     es.addEventListener("reset", (message) => {
       let info = {};
       try {
@@ -129,8 +148,10 @@ export function connectCrmEvents(options = {}) {
       } catch {
         // still a reset
       }
-      const boundary = message.lastEventId || info.resume_from;
-      if (boundary) remember(boundary);
+      if (message.lastEventId) remember(message.lastEventId);
+      const named = Array.isArray(info.partitions) ? info.partitions.map((p) => p.partition) : [];
+      const everything = info.reason === "topic_changed" || info.reason === "old_format";
+      partitions.forget(everything || !named.length ? null : named);
       onReset(info);
     });
 
@@ -138,7 +159,7 @@ export function connectCrmEvents(options = {}) {
       attempts += 1;
       if (es.readyState === EventSourceImpl.CLOSED) {
         // The browser gave up (an HTTP error such as 502/503/401, or a wrong content type).
-        // Retry ourselves, with backoff, from the last id.
+        // Retry ourselves, with backoff, from the last cursor.
         const delay = Math.min(15000, 1000 * 2 ** Math.min(attempts - 1, 4));
         onState("reconnecting", { attempts, retryInMs: delay });
         retryTimer = setTimeout(() => closed || open(), delay * (0.5 + Math.random() / 2));
@@ -152,8 +173,8 @@ export function connectCrmEvents(options = {}) {
 
   open();
   return {
-    get lastId() {
-      return lastId;
+    get cursor() {
+      return cursor;
     },
     setTypes(next) {
       types = next && next.length ? [...next] : null;
@@ -163,7 +184,7 @@ export function connectCrmEvents(options = {}) {
       closed = true;
       clearTimeout(retryTimer);
       source?.close();
-      onState("closed", { lastId });
+      onState("closed", { cursor });
     },
   };
 }

@@ -91,7 +91,7 @@ def test_resume_is_exact(results: dict[str, Any]) -> None:
         assert r["events_min"] == r["events_max"] == r["behind"] == 200, r
         assert r["gaps"] == r["dups"] == r["resets"] == 0, r
         assert r["all_caught_up_s"] is not None and r["all_caught_up_s"] > 0
-    assert rows["edge"]["last_id_ok"] == 20
+    assert rows["edge"]["last_offsets_ok"] == 20
 
 
 def test_ingest_backlog_fully_written(results: dict[str, Any]) -> None:

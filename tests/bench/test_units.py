@@ -6,7 +6,7 @@ from typing import Any
 
 from bench import report
 from bench.profiles import QUICK
-from bench.scenarios import _next_rate, parse_wrk
+from bench.scenarios import _next_rate, _offsets, parse_wrk
 from bench.servers import make_event
 
 WRK = """Running 5s test @ http://127.0.0.1:1/crm-events/history?n=100
@@ -115,3 +115,8 @@ def test_side_by_side_table_has_ratios_and_targets() -> None:
     assert "ratio ≥ 1.0 | **no** |" in text
     assert "| 0.25 |" in text  # memory 10 / 40
     assert "≥ 50,000 | yes |" in text
+
+
+def test_offsets_for_the_load_generator_name_every_partition_in_order() -> None:
+    assert _offsets([17, None, 4]) == "17,-,4"
+    assert _offsets([None, None, None]) == "-,-,-"

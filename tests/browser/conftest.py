@@ -27,9 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from aiokafka import AIOKafkaProducer
 
 from devtools import nginx_conf
+from shared.contract import FIELD_DATA, META_PARTITIONS, RedisKeys
+from shared.cursor import decode_cursor
 from tests.harness.backends import Backends, provide
 from tests.harness.cluster import Cluster, free_port
 from tests.waiting import eventually_sync
@@ -77,7 +80,8 @@ new MutationObserver((records) => {
 
 ROWS_JS = """(prefix) => [...document.querySelectorAll("#events-body tr")]
   .filter((r) => (r.dataset.key || "").startsWith(prefix))
-  .map((r) => ({ id: r.dataset.id, key: r.dataset.key, type: r.dataset.type }))"""
+  .map((r) => ({ id: r.dataset.id, key: r.dataset.key, type: r.dataset.type,
+                 partition: Number(r.dataset.partition), offset: Number(r.dataset.offset) }))"""
 
 
 class TlsCluster(Cluster):
@@ -287,10 +291,42 @@ def _no_page_errors(page: Page) -> Iterator[None]:
 # -- helpers ----------------------------------------------------------------------------------
 
 
-def rows(page: Page, prefix: str) -> list[dict[str, str]]:
-    """The table's rows whose event key starts with ``prefix``, newest first."""
-    found: list[dict[str, str]] = page.evaluate(ROWS_JS, prefix)
+def rows(page: Page, prefix: str) -> list[dict[str, Any]]:
+    """The table's rows whose event key starts with ``prefix``, newest first: ``id`` (the
+    event's cursor), ``key``, ``type``, ``partition`` and ``offset``."""
+    found: list[dict[str, Any]] = page.evaluate(ROWS_JS, prefix)
     return found
+
+
+def positions(found: Iterable[dict[str, Any]]) -> list[tuple[int, int]]:
+    """(partition, offset) of rows or history items, in their order."""
+    return [(int(r["partition"]), int(r["offset"])) for r in found]
+
+
+def covers(cursor: str, events: Iterable[tuple[int, int]]) -> bool:
+    """Whether ``cursor`` (decoded here, by the test: the page never does) is past every one
+    of ``events`` in its partition."""
+    decoded = decode_cursor(cursor)
+    return all((decoded.position(p) or 0) > offset for p, offset in events)
+
+
+def stored_events(cluster: Cluster, prefix: str) -> list[tuple[int, int]]:
+    """(partition, offset) of the stored events whose key starts with ``prefix``, read from
+    every partition's stream in Redis."""
+    keys = RedisKeys(cluster.prefix)
+    client = redis.Redis.from_url(cluster.backends.redis_url)
+    try:
+        out = []
+        count: Any = client.hget(keys.meta, META_PARTITIONS)
+        for partition in range(int(count or 0)):
+            entries: Any = client.xrange(keys.stream(partition))
+            for _, fields in entries:
+                envelope = json.loads(fields[FIELD_DATA.encode()])
+                if str(envelope.get("key", "")).startswith(prefix):
+                    out.append((int(envelope["partition"]), int(envelope["offset"])))
+        return sorted(out)
+    finally:
+        client.close()
 
 
 def wait_rows(page: Page, prefix: str, count: int, timeout_s: float, what: str) -> None:

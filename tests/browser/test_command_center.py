@@ -8,28 +8,34 @@ fixed time.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import statistics
 import time
+import urllib.parse
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import redis
-from playwright.sync_api import Page, expect
+from playwright.sync_api import Page, Route, expect
 
 from devtools.producer import EventFactory, encode
+from shared.contract import META_EPOCH, RedisKeys, parse_epoch
+from shared.cursor import Cursor, decode_cursor
 from tests.browser.conftest import (
     DOCS,
     PAGE,
     KafkaFeed,
     TlsCluster,
     access_log_lines,
+    covers,
     eventsource_urls,
+    positions,
     rows,
     serving_edge,
+    stored_events,
     wait_rows,
 )
 from tests.harness.cluster import crm_event
@@ -57,18 +63,44 @@ def open_page(page: Page, cluster: TlsCluster, query: str = "") -> None:
     expect(page.locator("#status")).to_have_attribute("data-state", "live", timeout=15_000)
 
 
-def stream_ids(cluster: TlsCluster, prefix: str) -> list[str]:
-    """Ids in the Redis stream of the events whose key starts with ``prefix``."""
+def last_event_id(url: str) -> str:
+    """The ``last_event_id`` a stream request carried."""
+    [value] = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)["last_event_id"]
+    return value
+
+
+def history_requests(page: Page) -> Callable[[], list[dict[str, str]]]:
+    """Start recording the query of every history request the page makes."""
+    queries: list[dict[str, str]] = []
+
+    def on_request(request: Any) -> None:
+        url = urllib.parse.urlsplit(request.url)
+        if url.path == "/crm-events/history":
+            queries.append(dict(urllib.parse.parse_qsl(url.query)))
+
+    page.on("request", on_request)
+    return lambda: list(queries)
+
+
+def current_epoch(cluster: TlsCluster) -> int:
     client = redis.Redis.from_url(cluster.backends.redis_url)
     try:
-        out = []
-        for entry_id, fields in client.xrange(cluster.stream_key):
-            envelope = json.loads(fields[b"d"])
-            if str(envelope.get("key", "")).startswith(prefix):
-                out.append(entry_id.decode())
-        return out
+        raw = client.hget(RedisKeys(cluster.prefix).meta, META_EPOCH)
+        assert isinstance(raw, bytes), f"no epoch in the deployment's meta: {raw!r}"
+        return parse_epoch(raw)
     finally:
         client.close()
+
+
+def foreign_cursor(cluster: TlsCluster) -> str:
+    """A cursor of another incarnation of the topic: the deployment's epoch plus one."""
+    epoch = (current_epoch(cluster) + 1) % 2**32
+    return Cursor(epoch, (1, 1, 1)).encode().decode("ascii")
+
+
+def saved_cursor(page: Page) -> str | None:
+    found: str | None = page.evaluate("() => sessionStorage.getItem('crm-events:cursor')")
+    return found
 
 
 # -- 5: the screenshot first, while the stream holds only realistic events ------------------
@@ -130,12 +162,12 @@ def test_page_loads_over_h2_backfills_and_shows_events_within_2s(
     ):
         assert asset == "h2"
 
-    # Backfill, then the stream continues right after the newest history id.
+    # Backfill, then the stream continues right after the backfill: from a cursor (the
+    # history page's next_after) that covers every backfilled event.
     wait_rows(page, prefix + "h", 5, 5, "the backfilled events")
-    backfilled = rows(page, prefix + "h")
-    newest = max(backfilled, key=lambda r: tuple(int(p) for p in r["id"].split("-")))
+    backfilled = positions(rows(page, prefix + "h"))
     [url] = streams()
-    assert f"last_event_id={newest['id']}" in url, url
+    assert covers(last_event_id(url), backfilled), (url, backfilled)
     assert len(before) == 5
 
     latencies, kafka_to_dom = [], []
@@ -156,7 +188,7 @@ def test_page_loads_over_h2_backfills_and_shows_events_within_2s(
     assert max(latencies) < LATENCY_BUDGET_MS
     shown = rows(page, prefix)
     assert len(shown) == 15
-    assert len({r["id"] for r in shown}) == 15
+    assert len(set(positions(shown))) == 15
     expect(page.locator("#duplicates")).to_have_text("0")
 
 
@@ -189,13 +221,14 @@ def test_kill_serving_edge_reconnects_with_every_event_once(
         cluster.start(edge)
 
     shown = rows(page, prefix)
-    ids = [r["id"] for r in shown]
-    assert len(ids) == len(set(ids)) == 60, "an event shown twice"
+    where = positions(shown)
+    assert len(where) == len(set(where)) == 60, "an event shown twice"
     assert {r["key"] for r in shown} == {f"{prefix}{i}" for i in range(60)}
-    assert set(ids) == set(stream_ids(cluster, prefix)), "ids differ from those produced"
-    # Newest first, in stream order.
-    ordered = [tuple(int(p) for p in i.split("-")) for i in ids]
-    assert ordered == sorted(ordered, reverse=True)
+    assert sorted(where) == stored_events(cluster, prefix), "not the events produced"
+    # Newest first, in Kafka's order within each partition (none across partitions).
+    for partition in {p for p, _ in where}:
+        offsets = [o for p, o in where if p == partition]
+        assert offsets == sorted(offsets, reverse=True), (partition, offsets)
     expect(page.locator("#reconnects")).to_have_text("1")
     log = page.locator("#conn-log li").all_inner_texts()
     assert any("reconnecting" in entry.lower() for entry in log), log
@@ -256,10 +289,16 @@ def test_type_filter_shows_only_that_type(
 
 # -- 4: ten EventSource streams on one HTTP/2 connection ------------------------------------
 
+# Each stream records where its events are (partition:offset, the same on every edge) and
+# whether each came with a cursor (edges merge partitions in their own order, so two edges'
+# cursors for one event may differ).
 OPEN_STREAMS_JS = """([url, n]) => {
   window.__streams = Array.from({ length: n }, () => {
     const s = { ids: [], es: new EventSource(url) };
-    s.es.onmessage = (e) => s.ids.push(e.lastEventId);
+    s.es.onmessage = (e) => {
+      const d = JSON.parse(e.data);
+      s.ids.push(e.lastEventId ? `${d.partition}:${d.offset}` : "no cursor");
+    };
     return s;
   });
 }"""
@@ -340,29 +379,29 @@ def test_ten_eventsource_streams_over_http2_all_receive_events(
     page.evaluate("() => window.__streams.forEach((s) => s.es.close())")
 
 
-# -- beyond the five: reset notice, pause and reload -----------------------------------------
+# -- beyond the five: reset notices, pause and reload -----------------------------------------
 
 
-def test_reset_notice_is_shown_and_dismissed_by_keyboard(
+def test_old_format_id_gets_a_reset_then_the_page_continues(
     page: Page, browser_name: str, cluster: TlsCluster, feed: KafkaFeed
 ) -> None:
+    """A bookmark from before the upgrade (an id of the old single-stream format): the
+    history's ``after`` answers with a reset (old_format), shown, and the page goes on."""
     prefix = f"reset-{tag()}-"
-    feed.send(records(prefix + "pre", 1))  # the stream exists, so the reason is known
-    eventually_sync(lambda: stream_ids(cluster, prefix + "pre"), 5, "the first event stored")
-    # A position ahead of everything in the stream: the edge answers with event: reset.
+    history = history_requests(page)
     response = page.goto(cluster.https_url(PAGE + "?last_event_id=99999999999999-0"))
     assert response is not None and response.ok
     notice = page.locator("#reset-notice")
     expect(notice).to_be_visible(timeout=10_000)
-    expect(notice).to_have_attribute("data-reason", "unknown_position")
-    expect(notice).to_contain_text("99999999999999-0")
-    expect(page.locator("#status")).to_have_attribute("data-state", "reset")
+    expect(notice).to_have_attribute("data-reason", "old_format")
+    expect(page.locator("#status")).to_have_attribute("data-state", "reset", timeout=10_000)
     expect(page.locator("#status-text")).to_have_text("Reset received · live")
     assert "last_event_id" not in page.url  # used once, then sessionStorage takes over
+    assert any(q.get("after") == "99999999999999-0" for q in history()), history()
 
-    # The stream continues after the reset's boundary.
+    # The stream continues after the reset (from the oldest retained events, then live).
     feed.send(records(prefix, 2))
-    wait_rows(page, prefix, 2, 5, "events after the reset")
+    wait_rows(page, prefix, 2, 10, "events after the reset")
 
     page.locator("#reset-dismiss").focus()
     page.keyboard.press("Enter")
@@ -370,35 +409,104 @@ def test_reset_notice_is_shown_and_dismissed_by_keyboard(
     expect(page.locator("#status")).to_have_attribute("data-state", "live")
 
 
-def test_pause_then_reload_resumes_from_the_saved_id_without_gap_or_duplicate(
+def test_reset_on_the_stream_names_its_partitions(
     page: Page, browser_name: str, cluster: TlsCluster, feed: KafkaFeed
 ) -> None:
-    prefix = f"reload-{tag()}-"
+    """The stream's own ``event: reset``: the backfill's ``next_after`` is replaced (in the
+    browser, by the test) with a cursor of another incarnation of the topic, so the edge
+    resets every partition (topic_changed); the notice names them and the page continues
+    from the reset's cursor."""
+    prefix = f"sreset-{tag()}-"
+    foreign = foreign_cursor(cluster)
     streams = eventsource_urls(page)
+
+    def swap_next_after(route: Route) -> None:
+        answer = route.fetch()
+        body = answer.json()
+        body["next_after"] = foreign
+        route.fulfill(response=answer, json=body)
+
+    page.route(re.compile(r"/crm-events/history\?"), swap_next_after)
+    response = page.goto(cluster.https_url(PAGE))
+    assert response is not None and response.ok
+    notice = page.locator("#reset-notice")
+    expect(notice).to_be_visible(timeout=10_000)
+    assert last_event_id(streams()[0]) == foreign
+    expect(notice).to_have_attribute("data-reason", "topic_changed")
+    expect(notice).to_have_attribute("data-partitions", "0,1,2")
+    for partition in range(3):
+        expect(notice).to_contain_text(f"Partition {partition}")
+    expect(page.locator("#status")).to_have_attribute("data-state", "reset", timeout=10_000)
+
+    # The position is now the reset's cursor, of this incarnation: nothing is reset twice.
+    page.unroute(re.compile(r"/crm-events/history\?"))
+    feed.send(records(prefix, 2))
+    wait_rows(page, prefix, 2, 10, "events after the reset")
+    saved = eventually_sync(lambda: saved_cursor(page) or "", 5, "the cursor saved")
+    assert decode_cursor(saved).epoch == current_epoch(cluster)
+    expect(page.locator("#duplicates")).to_have_text("0")
+
+
+def _pause_after(page: Page, cluster: TlsCluster, feed: KafkaFeed, prefix: str) -> str:
+    """Open the page, show three events, wait until the cursor covering them is saved, pause
+    (the stream closes). Returns the saved cursor."""
     open_page(page, cluster)
     feed.send(records(prefix, 3))
     wait_rows(page, prefix, 3, 5, "the first events")
-    last_seen = max(
-        (r["id"] for r in rows(page, prefix)), key=lambda i: tuple(int(p) for p in i.split("-"))
-    )
-    eventually_sync(
-        lambda: page.evaluate("() => sessionStorage.getItem('crm-events:last-id')") == last_seen,
-        5,
-        "the last id saved",
-    )
+    seen = positions(rows(page, prefix))
 
-    # "P" pauses: the stream is closed, so these are not delivered now ...
+    def covering() -> str:
+        cursor = saved_cursor(page)
+        return cursor if cursor and covers(cursor, seen) else ""
+
+    saved = eventually_sync(covering, 5, "a cursor covering the events shown, saved")
+    # "P" pauses: the stream is closed, so what is produced now is not delivered ...
     page.keyboard.press("p")
     expect(page.locator("#status")).to_have_attribute("data-state", "paused")
     expect(page.locator("#pause")).to_have_attribute("aria-pressed", "true")
-    feed.send(records(prefix, 150, start=3))  # more than the backfill's 100
+    return saved
 
-    # ... and a reload resumes after the saved id: the stream replays all of them, once.
+
+def test_pause_then_reload_catches_up_from_the_saved_cursor_without_gap_or_duplicate(
+    page: Page, browser_name: str, cluster: TlsCluster, feed: KafkaFeed
+) -> None:
+    prefix = f"reload-{tag()}-"
+    history = history_requests(page)
+    saved = _pause_after(page, cluster, feed, prefix)
+    feed.send(records(prefix, 150, start=3))  # more than one history page (100)
+
+    # ... and a reload backfills from the saved cursor (history after=), then streams the
+    # rest: all 150, once each.
     page.reload()
     expect(page.locator("#status")).to_have_attribute("data-state", "live", timeout=15_000)
-    assert f"last_event_id={last_seen}" in streams()[-1]
+    assert any(q.get("after") == saved for q in history()), history()
     wait_rows(page, prefix, 150, 10, "the 150 events produced while paused")
     shown = rows(page, prefix)
     assert len(shown) == 150
     assert {r["key"] for r in shown} == {f"{prefix}{i}" for i in range(3, 153)}
-    assert len({r["id"] for r in shown}) == 150
+    assert len(set(positions(shown))) == 150
+    expect(page.locator("#duplicates")).to_have_text("0")
+
+
+def test_reload_after_a_short_pause_shows_the_newest_page_and_what_came_since(
+    page: Page, browser_name: str, cluster: TlsCluster, feed: KafkaFeed
+) -> None:
+    prefix = f"short-{tag()}-"
+    history = history_requests(page)
+    streams = eventsource_urls(page)
+    saved = _pause_after(page, cluster, feed, prefix)
+    feed.send(records(prefix, 2, start=3))
+    eventually_sync(lambda: len(stored_events(cluster, prefix)) == 5, 5, "five events stored")
+
+    page.reload()
+    expect(page.locator("#status")).to_have_attribute("data-state", "live", timeout=15_000)
+    # The three from before come with the newest page, the two since with after=<saved>;
+    # the page overlaps them by partition and offset, so each shows once.
+    wait_rows(page, prefix, 5, 10, "the events from before and since the pause")
+    shown = rows(page, prefix)
+    assert sorted(positions(shown)) == stored_events(cluster, prefix)
+    assert any(q.get("after") == saved for q in history()), history()
+    assert covers(last_event_id(streams()[-1]), positions(shown))
+    feed.send(records(prefix, 1, start=5))
+    wait_rows(page, prefix, 6, 5, "a live event after the reload")
+    expect(page.locator("#duplicates")).to_have_text("0")

@@ -12,11 +12,13 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from playwright.sync_api import Page, expect
 
 from edge.auth import issue_token
+from shared.cursor import decode_cursor
 from tests.browser.conftest import ROOT, KafkaFeed, TlsCluster
 from tests.harness.backends import Backends
 from tests.harness.cluster import crm_event, free_port
@@ -111,8 +113,10 @@ def test_browser_example_streams_resumes_and_reports_reset(
         arg=prefix,
         timeout=5000,
     )
-    last = page.locator("#last-id").inner_text()
-    assert page.evaluate("() => sessionStorage.getItem('crm-events:last-id')") == last
+    # The cursor shown is the one kept for a reload: opaque to the page, decodable here.
+    cursor = page.locator("#cursor").inner_text()
+    assert page.evaluate("() => sessionStorage.getItem('crm-events:cursor')") == cursor
+    decode_cursor(cursor)
 
     # A reload resumes after the stored id: the events produced meanwhile arrive, once.
     page.evaluate("() => window.crmEventsClient.close()")
@@ -125,10 +129,10 @@ def test_browser_example_streams_resumes_and_reports_reset(
         timeout=5000,
     )
 
-    # A position the stream cannot continue from: the example shows the reset.
+    # An id of the old single-stream format: the stream starts with a reset, shown.
     page.goto(example_server + "?last_event_id=99999999999999-0")
     expect(page.locator("#reset")).to_be_visible(timeout=10_000)
-    expect(page.locator("#reset")).to_have_attribute("data-reason", "unknown_position")
+    expect(page.locator("#reset")).to_have_attribute("data-reason", "old_format")
 
 
 @needs_node
@@ -138,12 +142,16 @@ def test_node_tail_resumes_from_a_state_file_and_reports_reset(
     assert NODE is not None
     prefix = f"tail-{uuid.uuid4().hex[:8]}-"
     state = tmp_path / "tail.state"
-    feed.send(_records(prefix, 4))
-    ids = eventually_sync(
-        lambda: (found := _history_ids(auth_cluster, token, prefix)) and len(found) == 4 and found,
-        5,
-        "the four events stored",
-    )
+    # One key: one partition, so the four come in this order on any edge.
+    key = f"{prefix}k".encode()
+    feed.send([(key, crm_event(i, "DealWon", key=f"{prefix}{i}")) for i in range(4)])
+
+    def stored() -> list[dict[str, Any]]:
+        found = _history(auth_cluster, token, prefix)
+        return found if len(found) == 4 else []
+
+    items = eventually_sync(stored, 5, "the four events stored")
+    where = [f"{item['partition']}:{item['offset']}" for item in items]
 
     tail = [NODE, str(EXAMPLES / "tail.mjs"), "--url", auth_cluster.lb_url("/crm-events")]
     # Without a token the edge refuses, and tail says how to get one instead of retrying.
@@ -153,17 +161,19 @@ def test_node_tail_resumes_from_a_state_file_and_reports_reset(
     assert refused.returncode == 1, refused.stderr
     assert "HTTP 401" in refused.stderr and "CRM_EVENTS_TOKEN" in refused.stderr, refused.stderr
 
-    # Start after the first event; stop after two: the state file holds the third's id.
+    # Start after the first event (its history cursor); stop after two: the state file
+    # holds the cursor after the third.
     first = subprocess.run(
-        [*tail, "--last-event-id", ids[0], "--state-file", str(state), "--count", "2"],
+        [*tail, "--last-event-id", items[0]["cursor"], "--state-file", str(state), "--count", "2"],
         capture_output=True,
         text=True,
         timeout=20,
         env=node_env(token),
     )
     assert first.returncode == 0, first.stderr
-    assert [line.split()[0] for line in first.stdout.splitlines()] == ids[1:3]
-    assert state.read_text().strip() == ids[2]
+    assert [line.split()[0] for line in first.stdout.splitlines()] == where[1:3]
+    saved = decode_cursor(state.read_text().strip())
+    assert saved.position(items[2]["partition"]) == items[2]["offset"] + 1
     # A restart continues from the state file (the token given as --token this time).
     second = subprocess.run(
         [*tail, "--token", token, "--state-file", str(state), "--count", "1"],
@@ -173,9 +183,20 @@ def test_node_tail_resumes_from_a_state_file_and_reports_reset(
         env=node_env(None),
     )
     assert second.returncode == 0, second.stderr
-    assert second.stdout.split()[0] == ids[3]
+    assert second.stdout.split()[0] == where[3]
 
-    # An id the stream cannot continue from: the reset is reported, then events follow.
+    # A cursor the edge cannot read: a 400, which retrying would not mend.
+    bad = subprocess.run(
+        [*tail, "--last-event-id", "2.AAAAAQMCAwA", "--count", "1"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        env=node_env(token),
+    )
+    assert bad.returncode == 1 and "HTTP 400 invalid_cursor" in bad.stderr, bad.stderr
+
+    # An id of the old format: the reset is reported, then events follow, from the oldest
+    # retained one of a partition.
     proc = subprocess.Popen(
         [*tail, "--last-event-id", "99999999999999-0", "--count", "1"],
         stdout=subprocess.PIPE,
@@ -186,27 +207,32 @@ def test_node_tail_resumes_from_a_state_file_and_reports_reset(
     )
     try:
         assert proc.stderr is not None
-        notes = []
+        notes: list[str] = []
         while not any("RESET" in n for n in notes):
             line = proc.stderr.readline()  # bounded by the test's timeout
             assert line, f"tail exited early: {notes}"
             notes.append(line)
-        assert "RESET (unknown_position)" in notes[-1], notes
-        feed.send(_records(prefix + "after", 1))
+        assert "RESET (old_format)" in notes[-1], notes
         out, _ = proc.communicate(timeout=20)
         assert proc.returncode == 0
-        assert out.split()[2] == f"{prefix}after0"
+        partition, offset = (int(v) for v in out.split()[0].split(":"))
+        assert offset == min(
+            item["offset"]
+            for item in _history(auth_cluster, token, "")
+            if item["partition"] == partition
+        )
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
 
 
-def _history_ids(cluster: TlsCluster, token: str, prefix: str) -> list[str]:
+def _history(cluster: TlsCluster, token: str, prefix: str) -> list[dict[str, Any]]:
+    """Stored items (oldest first) whose key starts with ``prefix``."""
     request = urllib.request.Request(
         cluster.lb_url("/crm-events/history?n=1000"),
         headers={"Authorization": f"Bearer {token}"},
     )
     with urllib.request.urlopen(request, timeout=5) as resp:
-        items = json.load(resp)["items"]
-    return [item["id"] for item in items if str(item.get("key", "")).startswith(prefix)]
+        items: list[dict[str, Any]] = json.load(resp)["items"]
+    return [item for item in items if str(item.get("key", "")).startswith(prefix)]

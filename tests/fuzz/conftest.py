@@ -7,6 +7,8 @@ the integration tests (tests/harness/backends.py). The edge runs with authentica
 the production path; the history rate limit is raised so the fuzzer reaches the handler.
 Before the run, events of several types are produced through Kafka, including records with
 no key and with a key that is not UTF-8 (``key_b64``), so history and resume have data.
+The cursors the edge handed out for them (history items' ``cursor``, ``next_after``) are
+kept for the fuzzers: valid request data for ``after`` and ``Last-Event-ID``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -60,15 +63,23 @@ class FuzzEdge:
     token: str
     """Grants every type, valid for an hour."""
     events: int
+    cursors: tuple[str, ...]
+    """Cursors this edge handed out: every history item's and the page's ``next_after``."""
 
 
-def _history_count(url: str, token: str) -> int:
+def _history(url: str, token: str) -> dict[str, Any] | None:
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
     try:
         with urllib.request.urlopen(request, timeout=5) as resp:
-            return int(json.load(resp)["count"])
-    except (urllib.error.URLError, OSError, ValueError, KeyError):
-        return -1
+            body: dict[str, Any] = json.load(resp)
+            return body
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+def _history_count(url: str, token: str) -> int:
+    body = _history(url, token)
+    return int(body.get("count", -1)) if body else -1
 
 
 def _records() -> list[tuple[bytes | None, bytes | None]]:
@@ -135,6 +146,9 @@ def fuzz_edge(backends: Backends, tmp_path_factory: pytest.TempPathFactory) -> I
                     f"\n{cluster.log('edge1')}"
                 )
             time.sleep(0.1)
-        yield FuzzEdge(cluster, cluster.edge_url(1, ""), token, EVENTS)
+        page = _history(history, token) or {}
+        cursors = [item["cursor"] for item in page.get("items", [])]
+        cursors.append(page["next_after"])
+        yield FuzzEdge(cluster, cluster.edge_url(1, ""), token, EVENTS, tuple(cursors))
     finally:
         cluster.stop()

@@ -1,7 +1,8 @@
 """Requests no schema describes, sent as raw bytes to the real edge: oversized request lines
 and header sections must still get the documented JSON refusals (414
 ``request_line_too_long``, 431 ``headers_too_large``), whichever layer sees them first, and
-a malformed ``last_event_id`` is a 400 even when a ``Last-Event-ID`` header is present.
+a malformed ``last_event_id`` is a 400 (``invalid_cursor``) even when a valid
+``Last-Event-ID`` header is present.
 
 The edge's own caps (``CRM_EVENTS_MAX_REQUEST_LINE_BYTES``, 4096, and
 ``CRM_EVENTS_MAX_HEADER_BYTES``, 16384, by default) answer in JSON; aiohttp's HTTP parser has
@@ -99,9 +100,9 @@ def test_a_malformed_last_event_id_is_refused_even_when_the_header_wins(
     answer = send_raw(
         fuzz_edge,
         get(
-            "/crm-events?last_event_id=not-an-id",
-            "Last-Event-ID: 0-0",
+            "/crm-events?last_event_id=not-a-cursor",
+            f"Last-Event-ID: {fuzz_edge.cursors[-1]}",
             f"Authorization: Bearer {fuzz_edge.token}",
         ),
     )
-    assert (answer.status, answer.error()) == (400, "invalid_id")
+    assert (answer.status, answer.error()) == (400, "invalid_cursor")

@@ -22,6 +22,14 @@ timeout. Nothing here can hang: each request is bounded, Hypothesis runs a bound
 of examples per operation, and pytest-timeout bounds the test (the edge's start is bounded
 by the harness's own readiness timeouts).
 
+**Cursors.** A cursor's rules (minimal varints, canonical base64, nothing after the last
+partition) are more than a schema pattern can say, so the document gives the positions
+passed back to the edge (``after``, ``Last-Event-ID``, ``last_event_id``) the format
+``crm-events-cursor``, registered here: valid data are cursors the edge handed out, cursors
+of this topic at other positions (some beyond the topic's partitions), and cursors of other
+epochs (answered with ``reset``); invalid data are anything else, which must be a 400 (or a
+``reset`` for an id of the old format). ``test_cursor_fuzz.py`` mutates cursors byte by byte.
+
 ``CRM_EVENTS_FUZZ_EXAMPLES`` (default 40) sets the examples per operation and phase for a
 longer run by hand.
 """
@@ -34,7 +42,9 @@ from typing import Any
 
 import pytest
 import schemathesis
+from hypothesis import strategies as st
 
+from shared.cursor import MAX_POSITION, Cursor, decode_cursor
 from tests.fuzz.conftest import FuzzEdge
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120, func_only=True)]
@@ -82,6 +92,25 @@ def _config(fuzz_edge: FuzzEdge) -> Any:
     )
 
 
+# Filled by the ``edge_schema`` fixture before anything is generated (the strategy below is
+# deferred, so it is built at the first draw).
+_HANDED_OUT: list[str] = []
+
+
+def _cursors() -> st.SearchStrategy[str]:
+    handed_out = st.sampled_from(_HANDED_OUT)
+    epoch = decode_cursor(_HANDED_OUT[-1]).epoch
+    positions = st.one_of(st.none(), st.integers(0, 300), st.integers(0, MAX_POSITION))
+    vectors = st.lists(positions, max_size=8).map(tuple)
+    this_topic = st.builds(Cursor, st.just(epoch), vectors)
+    any_epoch = st.builds(Cursor, st.integers(0, 2**32 - 1), vectors)
+    made = st.one_of(this_topic, any_epoch).map(lambda c: c.encode().decode("ascii"))
+    return st.one_of(handed_out, made)
+
+
+schemathesis.openapi.format("crm-events-cursor", st.deferred(_cursors))
+
+
 def _served(url: str) -> bool:
     import requests
 
@@ -97,6 +126,7 @@ def edge_schema(fuzz_edge: FuzzEdge) -> Any:
     too. Not served is a failure: a fallback to the file would hide a lost route."""
     url = f"{fuzz_edge.base_url}/openapi.yaml"
     assert _served(url), f"the edge does not serve {url}"
+    _HANDED_OUT[:] = fuzz_edge.cursors
     return schemathesis.openapi.from_url(url, config=_config(fuzz_edge))
 
 

@@ -4,15 +4,32 @@
    to the services the project's own scripts started);
 2. otherwise, when a Docker engine answers, throwaway testcontainers;
 3. otherwise the local defaults, 127.0.0.1:9092 and redis://127.0.0.1:6379/0.
+
+:class:`SentinelGroup` is a private Redis primary + replica + Sentinels on free ports, for the
+tests that fail Redis over (kill -9 of the primary, a lagging replica).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Self
 from urllib.parse import urlsplit
+
+from redis.asyncio import Redis
+
+from devtools import redis_ha
+from devtools.probes import RedisReady
+from devtools.supervisor import ProcessSpec, Supervisor
+
+HOST = "127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -60,3 +77,246 @@ def provide() -> Iterator[Backends]:
     yield Backends(
         kafka or "127.0.0.1:9092", redis_url or "redis://127.0.0.1:6379/0", "local defaults"
     )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class Failover:
+    old: redis_ha.Address
+    new: redis_ha.Address
+    announced_after_s: float
+    """From the trigger until a Sentinel published ``+switch-master``."""
+    settled_after_s: float
+    """From the trigger until every running Sentinel names the new primary, and it says
+    ROLE master."""
+
+
+@dataclass
+class SentinelGroup:
+    """A Redis primary (``redis-a`` at first), one replica (``redis-b``) and Sentinels on free
+    ports, supervised from ``run_dir``. Use as a context manager: started on entry, each part
+    is ready (the replica in sync, every Sentinel knows the primary, the other Sentinels and the
+    replica), all stopped on exit.
+
+    Faults: :meth:`kill9`, :meth:`pause` / :meth:`resume` (SIGSTOP/SIGCONT) of any part, by
+    name, and :meth:`failover`, which runs a trigger and waits until the Sentinels announce and
+    agree on a new primary.
+    """
+
+    run_dir: Path
+    service: str = "crm-test"
+    sentinels: int = 3
+    down_after_ms: int = 1000
+    """Sentinel's ``down-after-milliseconds``: how long a silent primary stays primary."""
+    failover_timeout_ms: int = 10_000
+    node_ports: dict[str, int] = field(init=False)
+    sentinel_ports: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.run_dir = Path(self.run_dir)
+        self.sup = Supervisor(self.run_dir)
+        self.node_ports = {"redis-a": _free_port(), "redis-b": _free_port()}
+        self.sentinel_ports = [_free_port() for _ in range(self.sentinels)]
+
+    # -- addresses --------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """``redis+sentinel://`` of this group, for ``CRM_EVENTS_REDIS_URL``."""
+        hosts = ",".join(f"{HOST}:{p}" for p in self.sentinel_ports)
+        return f"redis+sentinel://{hosts}/{self.service}/0"
+
+    @property
+    def sentinel_names(self) -> list[str]:
+        return [f"sentinel{i}" for i in range(1, self.sentinels + 1)]
+
+    @property
+    def names(self) -> list[str]:
+        return [*self.node_ports, *self.sentinel_names]
+
+    def node_name(self, address: redis_ha.Address) -> str:
+        for name, port in self.node_ports.items():
+            if address == (HOST, port):
+                return name
+        raise KeyError(f"{address} is not a node of this group")
+
+    def primary(self) -> redis_ha.Address:
+        """The primary the first answering Sentinel names."""
+        found = redis_ha.current_primary([(HOST, p) for p in self.sentinel_ports], [], self.service)
+        if found is None:
+            raise AssertionError("no Sentinel names a primary")
+        return found
+
+    @property
+    def primary_name(self) -> str:
+        return self.node_name(self.primary())
+
+    @property
+    def replica_name(self) -> str:
+        primary = self.primary_name
+        return next(n for n in self.node_ports if n != primary)
+
+    def direct(self, name: str) -> Redis:
+        """A plain client of one node (not through the Sentinels)."""
+        return Redis(host=HOST, port=self.node_ports[name])
+
+    # -- lifecycle and faults ---------------------------------------------------------------
+
+    def _node_spec(self, name: str, replicaof: redis_ha.Address | None) -> ProcessSpec:
+        home = self.run_dir / name
+        port = self.node_ports[name]
+
+        def prepare() -> None:
+            (home / "data").mkdir(parents=True, exist_ok=True)
+            (home / "redis.conf").write_text(
+                redis_ha.redis_conf_text(port, home / "data", appendonly=False, replicaof=replicaof)
+            )
+
+        return ProcessSpec(
+            name=name,
+            argv=["redis-server", str(home / "redis.conf")],
+            ready=RedisReady(HOST, port)
+            if replicaof is None
+            else redis_ha.ReplicaReady(HOST, port),
+            ready_timeout_s=20,
+            port=port,
+            prepare=prepare,
+        )
+
+    def _sentinel_spec(self, index: int) -> ProcessSpec:
+        home = self.run_dir / f"sentinel{index}"
+        port = self.sentinel_ports[index - 1]
+        conf = home / "sentinel.conf"
+
+        def prepare() -> None:
+            home.mkdir(parents=True, exist_ok=True)
+            conf.write_text(
+                redis_ha.sentinel_conf_text(
+                    port,
+                    home,
+                    self.service,
+                    (HOST, self.node_ports["redis-a"]),
+                    sentinels=self.sentinels,
+                    down_after_ms=self.down_after_ms,
+                    failover_timeout_ms=self.failover_timeout_ms,
+                )
+            )
+
+        return ProcessSpec(
+            name=f"sentinel{index}",
+            argv=["redis-sentinel", str(conf)],
+            ready=redis_ha.SentinelReady(HOST, port, self.service),
+            ready_timeout_s=20,
+            port=port,
+            prepare=prepare,
+        )
+
+    def start(self) -> None:
+        self.sup.start(self._node_spec("redis-a", None))
+        self.sup.start(self._node_spec("redis-b", (HOST, self.node_ports["redis-a"])))
+        for i in range(1, self.sentinels + 1):
+            self.sup.start(self._sentinel_spec(i))
+        deadline = time.monotonic() + 30
+        while not self._sentinels_complete():
+            if time.monotonic() > deadline:
+                raise AssertionError("the Sentinels did not discover each other and the replica")
+            time.sleep(0.05)
+
+    def _sentinels_complete(self) -> bool:
+        """Every Sentinel sees the replica and all other Sentinels: only then can a majority
+        agree on a failover."""
+        for port in self.sentinel_ports:
+            view = redis_ha.sentinel_view((HOST, port), self.service)
+            if view is None or view[0] < 1 or view[1] < self.sentinels - 1:
+                return False
+        return True
+
+    def stop(self) -> None:
+        for name in reversed(self.names):
+            self.sup.stop(name, timeout_s=10)
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def kill9(self, name: str) -> None:
+        self.sup.kill9(name)
+
+    def pause(self, name: str) -> None:
+        self.sup.pause(name)
+
+    def resume(self, name: str) -> None:
+        self.sup.resume(name)
+
+    def log(self, name: str) -> str:
+        return self.sup.log_tail(name, 200)
+
+    def rejoin(self, name: str) -> None:
+        """Start a stopped (e.g. killed) node again as a replica of the current primary, as
+        an operator restarting an old primary after a failover does."""
+        self.sup.start(self._node_spec(name, self.primary()))
+
+    async def failover(self, trigger: Callable[[], object], timeout_s: float = 30.0) -> Failover:
+        """Subscribe to ``+switch-master`` on every Sentinel, run ``trigger`` (e.g. kill -9 of
+        the primary), wait for the announcement, then until every running Sentinel names the
+        new primary and it answers ROLE master."""
+        old = self.primary()
+        clients = [Redis(host=HOST, port=p) for p in self.sentinel_ports]
+        subs = [c.pubsub() for c in clients]
+        try:
+            for sub in subs:
+                await sub.subscribe("+switch-master")
+                await sub.get_message(timeout=1.0)  # the subscribe confirmation
+            t0 = time.monotonic()
+            trigger()
+            new: redis_ha.Address | None = None
+            deadline = t0 + timeout_s
+            while new is None:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"no +switch-master within {timeout_s} s")
+                for sub in subs:
+                    msg = await sub.get_message(timeout=0.02)
+                    if msg is None or msg["type"] != "message":
+                        continue
+                    service, _, _, host, port = msg["data"].decode().split()
+                    if service == self.service:
+                        new = (host, int(port))
+                        break
+            announced = time.monotonic() - t0
+            assert new != old, f"+switch-master named the old primary {old}"
+            while not await self._settled(new):
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"the Sentinels did not all name {new} in {timeout_s} s")
+                await asyncio.sleep(0.02)
+            return Failover(old, new, announced, time.monotonic() - t0)
+        finally:
+            for sub in subs:
+                await sub.aclose()  # type: ignore[no-untyped-call]
+            for c in clients:
+                await c.aclose()
+
+    async def _settled(self, new: redis_ha.Address) -> bool:
+        for name, port in zip(self.sentinel_names, self.sentinel_ports, strict=True):
+            if self.sup.is_running(name) and (
+                redis_ha.sentinel_primary((HOST, port), self.service) != new
+            ):
+                return False
+        role = redis_ha.role(new)
+        return role is not None and role.kind == "master"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
 import socket
 import time
@@ -19,8 +18,8 @@ from typing import Any
 
 import aiohttp
 
-from shared.ids import parse_id
-from tests.sse_client import frames
+from shared.cursor import decode_cursor
+from tests.sse_client import assert_positions_never_go_back, frames
 
 
 @dataclass
@@ -102,12 +101,19 @@ class ResumingClient:
         seqs = [e["event"]["Seq"] for e in envelopes]
         dupes = len(seqs) - len(set(seqs))
         assert not dupes, f"{self.name}: {dupes} events arrived twice"
-        parsed = [parse_id(i) for i in self.ids]
-        assert all(a < b for a, b in itertools.pairwise(parsed)), (
-            f"{self.name}: ids do not strictly increase"
-        )
+        # Within one connection and across reconnects (each resumes from the last id), no
+        # partition's position goes back; each event's id stands right after it.
+        cursors = [decode_cursor(i) for i in self.ids]
+        try:
+            assert_positions_never_go_back(cursors)
+        except AssertionError as exc:
+            raise AssertionError(f"{self.name}: {exc}") from None
         by_partition: dict[int, list[int]] = defaultdict(list)
-        for e in envelopes:
+        for e, cursor in zip(envelopes, cursors, strict=True):
+            assert cursor.position(e["partition"]) == e["offset"] + 1, (
+                f"{self.name}: the id of partition {e['partition']} offset {e['offset']} "
+                "is not the position after it"
+            )
             by_partition[e["partition"]].append(e["offset"])
         for partition, offsets in by_partition.items():
             assert offsets == sorted(offsets), f"{self.name}: partition {partition} out of order"

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, cast
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
@@ -26,11 +26,15 @@ from redis.asyncio import Redis
 from devtools import haproxy_conf, nginx_conf
 from devtools.probes import HttpReady
 from devtools.supervisor import ProcessSpec, Supervisor
+from shared.contract import FIELD_DATA, RedisKeys, parse_meta, position_of
 
 from .backends import Backends
 
 LoadBalancer = Literal["nginx", "haproxy"]
 LOAD_BALANCERS: tuple[LoadBalancer, ...] = ("nginx", "haproxy")
+
+Rows = list[tuple[bytes, dict[bytes, bytes]]]
+"""XRANGE rows as redis-py returns them (bytes ids and fields)."""
 
 
 def free_port() -> int:
@@ -200,12 +204,10 @@ class Cluster:
         return f"http://127.0.0.1:{self.ingest_ports[i - 1]}{path}"
 
     @property
-    def stream_key(self) -> str:
-        return f"{self.prefix}:stream"
-
-    @property
-    def dead_key(self) -> str:
-        return f"{self.prefix}:dead"
+    def keys(self) -> RedisKeys:
+        """This deployment's Redis names: per partition ``keys.stream(p)``, ``keys.state(p)``,
+        ``keys.dead(p)``, ``keys.live(p)``, and ``keys.meta``."""
+        return RedisKeys(self.prefix)
 
     def redis(self) -> Redis:
         return Redis.from_url(self.backends.redis_url)
@@ -230,6 +232,59 @@ class Cluster:
         finally:
             await admin.close()
         return len(described[0]["partitions"])
+
+    async def stored_partitions(self, redis: Redis) -> int:
+        """How many partitions ingest announced in the meta hash (0 before it wrote it)."""
+        meta = parse_meta(cast(dict[bytes, bytes], await redis.hgetall(self.keys.meta)))
+        return meta.partitions if meta is not None else 0
+
+    async def stored_events(self) -> list[dict[str, Any]]:
+        """Every envelope in the partitions' streams, partition by partition, each in
+        stream (offset) order; each stream id is checked to be the record's ``offset + 1``."""
+        redis = self.redis()
+        try:
+            out: list[dict[str, Any]] = []
+            for p in range(await self.stored_partitions(redis)):
+                for id_b, fields in cast(Rows, await redis.xrange(self.keys.stream(p))):
+                    envelope = json.loads(fields[FIELD_DATA.encode()])
+                    assert envelope["partition"] == p, f"{id_b!r} in partition {p}'s stream"
+                    assert position_of(id_b) == envelope["offset"] + 1, f"entry id {id_b!r}"
+                    out.append(envelope)
+            return out
+        finally:
+            await redis.aclose()
+
+    async def stored_dead_letters(self) -> list[dict[bytes, bytes]]:
+        """The fields of every dead letter, partition by partition."""
+        redis = self.redis()
+        try:
+            out: list[dict[bytes, bytes]] = []
+            for p in range(await self.stored_partitions(redis)):
+                out += [fields for _, fields in cast(Rows, await redis.xrange(self.keys.dead(p)))]
+            return out
+        finally:
+            await redis.aclose()
+
+    async def stream_length(self) -> int:
+        """Entries in all the partitions' streams together."""
+        redis = self.redis()
+        try:
+            total = 0
+            for p in range(await self.stored_partitions(redis)):
+                total += await redis.xlen(self.keys.stream(p))
+            return total
+        finally:
+            await redis.aclose()
+
+    async def committed(self) -> dict[int, int]:
+        """The consumer group's committed offset per partition of the topic."""
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.backends.kafka_bootstrap)
+        await admin.start()
+        try:
+            offsets = await admin.list_consumer_group_offsets(self.group)
+        finally:
+            await admin.close()
+        return {tp.partition: m.offset for tp, m in offsets.items() if tp.topic == self.topic}
 
     async def drop_redis_connections(self, node_id: str) -> int:
         """CLIENT KILL every Redis connection of one node (named ``<node>:<purpose>``)."""

@@ -1,17 +1,16 @@
-"""Assertions shared by the integration tests: exactly-once, order, id monotonicity."""
+"""Assertions shared by the integration tests: exactly-once, order, cursor monotonicity."""
 
 from __future__ import annotations
 
-import itertools
 from collections import defaultdict
 
-from shared.ids import parse_id
-from tests.sse_client import Frame
+from tests.sse_client import Frame, assert_cursors_never_go_back
 
 
 def assert_exactly_once_in_order(frames: list[Frame], expected_seqs: set[int]) -> None:
-    """Every expected event once; ids strictly increasing; per-partition offsets and
-    per-key sequence numbers increasing."""
+    """Every expected event once; per-partition offsets and per-key sequence numbers
+    increasing; each id a cursor that never goes back in any partition and stands right
+    after its own event in that event's partition."""
     envelopes = [f.json() for f in frames]
     seqs = [e["event"]["Seq"] for e in envelopes]
     dupes = len(seqs) - len(set(seqs))
@@ -20,12 +19,15 @@ def assert_exactly_once_in_order(frames: list[Frame], expected_seqs: set[int]) -
     assert not dupes, f"{dupes} events arrived twice"
     assert not missing, f"{len(missing)} events missing, e.g. {sorted(missing)[:5]}"
     assert not extra, f"unexpected events {sorted(extra)[:5]}"
-    ids = [parse_id(f.id or "") for f in frames]
-    assert all(a < b for a, b in itertools.pairwise(ids)), "ids do not strictly increase"
+    assert_cursors_never_go_back(frames)
     by_partition: dict[int, list[int]] = defaultdict(list)
     by_key: dict[str, list[int]] = defaultdict(list)
-    for e in envelopes:
-        by_partition[e["partition"]].append(e["offset"])
+    for frame, e in zip(frames, envelopes, strict=True):
+        partition, offset = e["partition"], e["offset"]
+        assert frame.cursor.position(partition) == offset + 1, (
+            f"the id of partition {partition} offset {offset} is not the position after it"
+        )
+        by_partition[partition].append(offset)
         if e.get("key") is not None:  # unkeyed records have no per-key order to keep
             by_key[e["key"]].append(e["event"]["Seq"])
     for partition, offsets in by_partition.items():

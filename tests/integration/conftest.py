@@ -45,7 +45,7 @@ def small_cluster(
             "CRM_EVENTS_CLIENT_BUFFER_BYTES": "65536",
             # Fewer events in the edges' memory than in the stream, so that positions
             # before the retained window take the Redis path (trim detection, reset).
-            "CRM_EVENTS_REPLAY_RING_EVENTS": "50",
+            "CRM_EVENTS_REPLAY_RING_BYTES": "40000",
         },
     )
     with small.running() as c:

@@ -11,10 +11,15 @@ import aiohttp
 import pytest
 
 from edge.auth import issue_token
-from shared.ids import parse_id
 from tests.harness.backends import Backends
 from tests.harness.cluster import Cluster, crm_event
-from tests.sse_client import Collector
+from tests.integration.checks import assert_exactly_once_in_order
+from tests.sse_client import (
+    Collector,
+    Frame,
+    assert_cursors_never_go_back,
+    assert_per_partition_exactly_once,
+)
 
 pytestmark = pytest.mark.timeout(240)
 SECRET = "integration-secret-" + "x" * 32
@@ -101,25 +106,54 @@ async def test_claims_give_disjoint_views_live_resume_and_history(
     assert seqs(deals) == expected["deals"]
     assert {f.json()["type"] for f in deals.data_frames} == {"DealWon"}
 
-    # Resume from tenant 1's first event with the DealWon-only token: exactly the DealWon events
-    # after it in stream order (partitions interleave, so not a fixed count) come back.
-    first = t1.data_frames[0].id or ""
-    after_first = [f.id for f in deals.data_frames if parse_id(f.id or "") > parse_id(first)]
+    # Resume from tenant 1's first event with the DealWon-only token: exactly the DealWon
+    # events after that cursor come back (per partition, those past its position there; a
+    # partition it has no position in is read from its oldest entry), each once, in order.
+    first = t1.data_frames[0].cursor
+
+    def after(frame: Frame) -> bool:
+        envelope = frame.json()
+        seen = first.position(envelope["partition"])
+        return seen is None or envelope["offset"] >= seen
+
+    after_first = [f for f in deals.data_frames if after(f)]
+    assert after_first, "tenant 1's first event is not the last DealWon"
     resumed = Collector(
         c.lb_url("/crm-events"),
-        headers={**token(["DealWon"]), "Last-Event-ID": first, "X-Forwarded-For": "10.1.0.4"},
+        headers={
+            **token(["DealWon"]),
+            "Last-Event-ID": t1.data_frames[0].id or "",
+            "X-Forwarded-For": "10.1.0.4",
+        },
     ).start(session)
     await resumed.wait_for(lambda x: len(x.data_frames) >= len(after_first), 30, "resumed deals")
-    assert [f.id for f in resumed.data_frames] == after_first
+    assert not resumed.resets, "an exact position is not reset"
+    assert_exactly_once_in_order(
+        resumed.data_frames, {f.json()["event"]["Seq"] for f in after_first}
+    )
+    assert_per_partition_exactly_once(
+        [(f.json()["partition"], f.json()["offset"]) for f in resumed.data_frames],
+        _offsets_by_partition(after_first),
+    )
+    # The resumed cursors start from the one sent and never go back.
+    assert_cursors_never_go_back([t1.data_frames[0], *resumed.data_frames])
     async with session.get(
         c.lb_url("/crm-events/history?n=100"),
         headers={**token(["DealWon"]), "X-Forwarded-For": "10.1.0.5"},
     ) as r:
         history = (await r.json())["items"]
     assert {i["type"] for i in history} == {"DealWon"}
+    assert {i["event"]["Seq"] for i in history} <= expected["deals"]
     assert {f.json()["type"] for f in resumed.data_frames} == {"DealWon"}
     for col in (t1, t2, deals, resumed):
         await col.stop()
+
+
+def _offsets_by_partition(frames: list[Frame]) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for f in frames:
+        out.setdefault(f.json()["partition"], []).append(f.json()["offset"])
+    return out
 
 
 @pytest.mark.parametrize(

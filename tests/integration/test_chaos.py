@@ -1,103 +1,53 @@
 """Chaos: sequenced events flow at >= 1,000/s while processes are killed, connections are
-dropped and Kafka restarts; browsers-like clients reconnect through the load balancer.
+dropped and Kafka restarts; browser-like clients reconnect through the load balancer. In
+Sentinel mode (a private primary, replica and three Sentinels, ingest with ``WAIT 1``) the
+Redis primary is also killed with kill -9 and the old primary rejoins as a replica.
+
+Every client must get every event exactly once, in per-partition order, with no ``reset``, and
+each partition's stream must end holding each event once.
 
 The randomness is seeded (``CRM_EVENTS_CHAOS_SEED``, printed either way). ``make test`` runs
-a short variant; ``make chaos`` runs the full one (20,000 events) alone. Size and shape come
-from ``CRM_EVENTS_CHAOS_EVENTS``, ``CRM_EVENTS_CHAOS_RATE`` and ``CRM_EVENTS_CHAOS_CLIENTS``.
+a short variant of each mode; ``make chaos`` runs the full one (20,000 events) alone. Size and
+shape come from ``CRM_EVENTS_CHAOS_EVENTS``, ``CRM_EVENTS_CHAOS_RATE`` and
+``CRM_EVENTS_CHAOS_CLIENTS``; ``CRM_EVENTS_CHAOS_MODES`` picks the modes (``single,sentinel``),
+and ``CRM_EVENTS_CHAOS_KAFKA_RESTART=0`` leaves out the broker restart (a Kafka others use).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from aiokafka import AIOKafkaProducer
 
-from tests.harness.backends import Backends
-from tests.harness.clients import ResumingClient, StalledClient
-from tests.harness.cluster import Cluster, crm_event
+from tests.harness.backends import Backends, SentinelGroup
+from tests.harness.clients import StalledClient
+from tests.harness.ha_cluster import (
+    CursorClient,
+    HACluster,
+    PacedProducer,
+    assert_streams_hold_each_once,
+    stream_offsets,
+    with_redis,
+)
 from tests.harness.kafka_control import KafkaControl, kafka_control
 from tests.waiting import eventually
 
 EVENTS = int(os.environ.get("CRM_EVENTS_CHAOS_EVENTS", "3000"))
 RATE = float(os.environ.get("CRM_EVENTS_CHAOS_RATE", "1200"))
 CLIENTS = int(os.environ.get("CRM_EVENTS_CHAOS_CLIENTS", "20"))
+MODES = os.environ.get("CRM_EVENTS_CHAOS_MODES", "single,sentinel").split(",")
 INVALID_EVERY = 997
 
 pytestmark = pytest.mark.timeout(900)
-
-
-class Producer:
-    """Paced producer of sequenced events (and a few invalid records), pausable for a broker
-    restart."""
-
-    def __init__(self, cluster: Cluster, total: int, rate: float) -> None:
-        self.cluster = cluster
-        self.total = total
-        self.rate = rate
-        self.sent = 0
-        self.invalid = 0
-        self.running = asyncio.Event()
-        self.running.set()
-        self.idle = asyncio.Event()
-        self.paused_s = 0.0
-        self.done = False
-        self._producer: AIOKafkaProducer | None = None
-
-    async def run(self) -> None:
-        producer = AIOKafkaProducer(
-            bootstrap_servers=self.cluster.backends.kafka_bootstrap,
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=5,
-        )
-        await producer.start()
-        self._producer = producer
-        try:
-            started = time.monotonic()
-            tick = 50
-            while self.sent < self.total:
-                if not self.running.is_set():
-                    paused_at = time.monotonic()
-                    await producer.flush()
-                    self.idle.set()
-                    await self.running.wait()
-                    self.idle.clear()
-                    self.paused_s += time.monotonic() - paused_at
-                    started = time.monotonic() - self.sent / self.rate
-                batch = range(self.sent, min(self.sent + tick, self.total))
-                for seq in batch:
-                    await producer.send(
-                        self.cluster.topic, crm_event(seq), key=f"agg-{seq % 30}".encode()
-                    )
-                    if seq % INVALID_EVERY == INVALID_EVERY - 1:
-                        await producer.send(self.cluster.topic, b"not json at all", key=b"bad")
-                        self.invalid += 1
-                self.sent = batch.stop
-                # Pace to the target rate: the schedule, not a guess about readiness.
-                ahead = self.sent / self.rate - (time.monotonic() - started)
-                if ahead > 0:
-                    await asyncio.sleep(ahead)
-            await producer.flush()
-        finally:
-            self.done = True
-            self.idle.set()
-            await producer.stop()
-
-    async def pause(self) -> None:
-        self.running.clear()
-        await asyncio.wait_for(self.idle.wait(), 60)
-
-    def resume(self) -> None:
-        self.running.set()
 
 
 @pytest.fixture
@@ -107,52 +57,80 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
         yield s
 
 
+@contextlib.contextmanager
+def redis_for(mode: str, run: Path) -> Iterator[SentinelGroup | None]:
+    if mode == "sentinel":
+        with SentinelGroup(run / "redis") as group:
+            yield group
+    else:
+        yield None
+
+
+@pytest.mark.parametrize("mode", MODES)
 async def test_chaos(
-    backends: Backends, tmp_path_factory: pytest.TempPathFactory, session: aiohttp.ClientSession
+    backends: Backends,
+    tmp_path_factory: pytest.TempPathFactory,
+    session: aiohttp.ClientSession,
+    mode: str,
 ) -> None:
     seed = int(os.environ.get("CRM_EVENTS_CHAOS_SEED") or random.SystemRandom().randrange(1 << 32))
-    print(f"\nchaos seed: {seed} (rerun with CRM_EVENTS_CHAOS_SEED={seed})")
+    print(f"\nchaos {mode} seed: {seed} (rerun with CRM_EVENTS_CHAOS_SEED={seed})")
     rng = random.Random(seed)
     kafka: KafkaControl | None = kafka_control(backends)
-
-    cluster = Cluster(Path(tmp_path_factory.mktemp("chaos")), backends, edges=2)
-    with cluster.running():
-        report = await _run(cluster, session, rng, kafka)
+    run = Path(tmp_path_factory.mktemp(f"chaos-{mode}"))
+    with redis_for(mode, run) as group:
+        used = backends if group is None else with_redis(backends, group.url, "sentinel")
+        env = {} if group is None else {"CRM_EVENTS_REDIS_WAIT_REPLICAS": "1"}
+        cluster = HACluster(run / "cluster", used, edges=2, env=env)
+        with cluster.running():
+            try:
+                report = await _run(cluster, session, rng, kafka, group)
+            except BaseException:
+                for name in cluster.names:
+                    print(f"--- {name} ---\n{cluster.log(name)[-4000:]}")
+                raise
     report["seed"] = seed
+    report["mode"] = mode
     text = json.dumps(report, indent=2)
     print(text)
     out = os.environ.get("CRM_EVENTS_CHAOS_REPORT")
     if out:
-        Path(out).write_text(text + "\n")
+        path = Path(out)
+        path.with_name(f"{path.stem}-{mode}{path.suffix}").write_text(text + "\n")
 
 
 async def _run(
-    cluster: Cluster, session: aiohttp.ClientSession, rng: random.Random, kafka: KafkaControl | None
+    cluster: HACluster,
+    session: aiohttp.ClientSession,
+    rng: random.Random,
+    kafka: KafkaControl | None,
+    group: SentinelGroup | None,
 ) -> dict[str, Any]:
     clients = [
-        ResumingClient(cluster.lb_url("/crm-events"), name=f"client{i}").start(session)
+        CursorClient(cluster.lb_url("/crm-events"), name=f"client{i}").start(session)
         for i in range(CLIENTS)
     ]
     await eventually(lambda: all(c.connects for c in clients), 20, "every client connected")
     slow = StalledClient("127.0.0.1", cluster.lb_port)
 
     faults = ["ingest_kill9", "edge_kill9", "edge1_redis_drop", "edge2_redis_drop"]
-    if kafka is not None:
+    if kafka is not None and os.environ.get("CRM_EVENTS_CHAOS_KAFKA_RESTART", "1") != "0":
         faults.append("kafka_restart")
+    if group is not None:
+        faults.append("redis_primary_kill9")
     rng.shuffle(faults)
     # Spread the faults over the run, each at a random point of its own slice.
     slice_len = EVENTS / (len(faults) + 1)
     triggers = [int(slice_len * (i + 0.3 + 0.6 * rng.random())) for i in range(len(faults))]
 
-    producer = Producer(cluster, EVENTS, RATE)
-    t0 = time.monotonic()
+    producer = PacedProducer(cluster, EVENTS, RATE, invalid_every=INVALID_EVERY)
     producing = asyncio.create_task(producer.run())
     log: list[dict[str, Any]] = []
 
     async def inject(fault: str) -> None:
         entry: dict[str, Any] = {"fault": fault, "at_event": producer.sent}
         began = time.monotonic()
-        entry["detail"] = await _inject(fault, cluster, producer, kafka, rng)
+        entry["detail"] = await _inject(fault, cluster, producer, kafka, group, rng)
         entry["seconds"] = round(time.monotonic() - began, 2)
         print(f"fault: {entry}", flush=True)
         log.append(entry)
@@ -169,36 +147,33 @@ async def _run(
         )
         injecting.append(asyncio.create_task(inject(fault)))
     await producing
-    produce_s = time.monotonic() - t0
     await asyncio.gather(*injecting)
 
-    expected = set(range(EVENTS))
+    partitions = await cluster.partitions()
     redis = cluster.redis()
     try:
 
-        async def stream_complete() -> list[str] | None:
-            rows = await redis.xrange(cluster.stream_key)
-            seqs = [json.loads(f[b"d"])["event"]["Seq"] for _, f in rows]
-            return [r[0].decode() for r in rows] if expected <= set(seqs) else None
+        async def streams_complete() -> dict[int, list[int]] | None:
+            got = await stream_offsets(redis, cluster.keys, partitions)
+            done = all(set(want) <= set(got[p]) for p, want in producer.expected.items())
+            return got if done else None
 
-        ids = await eventually(stream_complete, 120, "every event in the stream")
-        rows = await redis.xrange(cluster.stream_key)
-        seqs = [json.loads(f[b"d"])["event"]["Seq"] for _, f in rows]
-        dead = await redis.xrange(cluster.dead_key)
+        got = await eventually(streams_complete, 120, "every event in the streams")
+        dead = [r for p in range(partitions) for r in await redis.xrange(cluster.keys.dead(p))]
     finally:
         await redis.aclose()
-    assert ids is not None
-    assert len(seqs) == len(set(seqs)) == EVENTS, "the stream holds each event once"
+    assert_streams_hold_each_once(got, producer.expected, {})
     assert len(dead) == producer.invalid, "only the injected invalid records are dead letters"
     assert {f[b"reason"] for _, f in dead} <= {b"not_json"}
 
-    last = ids[-1]
+    ends = producer.end_positions()
     await eventually(
-        lambda: all(c.last_id == last for c in clients),
+        lambda: all(c.reached(ends) for c in clients),
         120,
-        "every client caught up to the end of the stream",
+        "every client caught up to the end of the streams",
     )
-    summaries = [c.check(expected) for c in clients]
+    for c in clients:
+        c.check_exact(producer.expected)
     slow.close()
     for c in clients:
         await c.stop()
@@ -208,23 +183,25 @@ async def _run(
         "invalid_records": producer.invalid,
         "rate_target_per_s": RATE,
         # Paused while the broker restarts: that time is the fault's, not the rate's.
-        "rate_achieved_per_s": round(EVENTS / (produce_s - producer.paused_s), 1),
+        "rate_achieved_per_s": round(producer.achieved_rate, 1),
         "clients": CLIENTS,
         "faults": log,
         "reconnects": sum(c.connects for c in clients) - len(clients),
         "failed_attempts": sum(c.failures for c in clients),
-        "resets": sum(s["resets"] for s in summaries),
-        "events_delivered": sum(s["events"] for s in summaries),
+        "resets": sum(len(c.resets) for c in clients),
+        "events_delivered": sum(len(c.deliveries) for c in clients),
+        "refilled_records": int(await cluster.ingest_metric("crm_events_refilled_records_total")),
         "longest_resume_s": round(max(resume_times), 3) if resume_times else None,
-        "kafka_restart": kafka is not None,
+        "kafka_restart": "kafka_restart" in faults,
     }
 
 
 async def _inject(
     fault: str,
-    cluster: Cluster,
-    producer: Producer,
+    cluster: HACluster,
+    producer: PacedProducer,
     kafka: KafkaControl | None,
+    group: SentinelGroup | None,
     rng: random.Random,
 ) -> str:
     if fault == "ingest_kill9":
@@ -252,4 +229,13 @@ async def _inject(
         await asyncio.to_thread(kafka.restart)
         producer.resume()
         return "Kafka stopped and started"
+    if fault == "redis_primary_kill9":
+        assert group is not None
+        old = group.primary_name
+        failover = await group.failover(lambda: group.kill9(old), 30)
+        await asyncio.to_thread(group.rejoin, old)
+        return (
+            f"Redis primary {old} killed -9; {group.node_name(failover.new)} promoted after "
+            f"{failover.settled_after_s:.2f} s; {old} rejoined as its replica"
+        )
     raise AssertionError(fault)

@@ -1,5 +1,5 @@
-"""Dead letters, the capped stream with in-band reset, and slow-client disconnects, on a
-deployment with small limits."""
+"""The capped stream with in-band reset, and slow-client disconnects, on a deployment with
+small limits (dead letters: test_dead_letters.py)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from shared.contract import FIELD_PREV, position_of
+from shared.cursor import Cursor, decode_cursor
 from tests.harness.cluster import Cluster, crm_event
 from tests.integration.checks import assert_exactly_once_in_order
-from tests.sse_client import Collector
+from tests.sse_client import Collector, assert_cursors_never_go_back
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.timeout(240)
@@ -35,99 +37,92 @@ async def metric(session: aiohttp.ClientSession, url: str, name: str, **labels: 
     return 0.0
 
 
-async def test_invalid_records_become_dead_letters_and_the_pipeline_goes_on(
-    small_cluster: Cluster, session: aiohttp.ClientSession
-) -> None:
-    c = small_cluster
-    client = Collector(c.lb_url("/crm-events")).start(session)
-    await client.wait_for(lambda col: col.node is not None, 10, "the stream to open")
-    bad = [
-        (b"k", b"this is not json", "not_json"),
-        (b"k", b"\xff\xfe\x00garbage", "not_utf8"),
-        (b"k", b'{"Type":"Big","Blob":"' + b"x" * 5000 + b'"}', "too_large"),
-        (b"k", b"[1,2,3]", "not_object"),
-        (b"k", b'{"NoType":true}', "missing_type"),
-        (b"k", b'{"Type":"has space"}', "bad_type"),
-    ]
-    metadata = await c.produce([(k, v) for k, v, _ in bad] + [(b"k", crm_event(1, "DealWon"))])
-    await client.wait_for(lambda col: len(col.data_frames) >= 1, 30, "the valid event")
-    assert [f.json()["event"]["Seq"] for f in client.data_frames] == [1]
-
-    redis = c.redis()
-    try:
-        rows = await eventually(lambda: redis.xrange(c.dead_key), 15, "dead letters")
-    finally:
-        await redis.aclose()
-    assert len(rows) == len(bad)
-    by_reason = {fields[b"reason"].decode(): fields for _, fields in rows}
-    assert set(by_reason) == {reason for _, _, reason in bad}
-    for (_, value, reason), meta in zip(bad, metadata, strict=False):
-        fields = by_reason[reason]
-        assert int(fields[b"offset"]) == meta.offset
-        assert int(fields[b"partition"]) == meta.partition
-        assert fields[b"topic"].decode() == c.topic
-        assert fields[b"detail"]
-        # The raw value is kept (up to the size limit) so nothing is lost.
-        assert fields[b"value"] == value[:4096]
-
-    ingest_metrics = c.ingest_url(1, "/metrics")
-    for _, _, reason in bad:
-        assert (
-            await metric(session, ingest_metrics, "crm_events_dead_letters_total", reason=reason)
-            == 1
-        )
-    assert (
-        await metric(session, ingest_metrics, "crm_events_ingest_records_total", outcome="dead")
-        == 6
-    )
-    async with session.get(c.ingest_url(1, "/readyz")) as resp:
-        assert resp.status == 200, "ingest keeps running after dead letters"
-    await client.stop()
-
-
 async def test_trimmed_position_gets_reset_then_the_retained_events(
     small_cluster: Cluster, session: aiohttp.ClientSession
 ) -> None:
     c = small_cluster
     base = 50_000
-    # One key, one partition: the last stream entry is then the last event produced.
-    await c.produce((b"trim", crm_event(base + i, key="trim")) for i in range(600))
+    # One key, one partition: the last entry of its stream is then the last event produced.
+    metadata = await c.produce((b"trim", crm_event(base + i, key="trim")) for i in range(600))
+    (p,) = {m.partition for m in metadata}
+    stream = c.keys.stream(p)
     redis = c.redis()
     try:
 
         async def all_in() -> bool:
-            last = await redis.xrevrange(c.stream_key, count=1)
+            last = await redis.xrevrange(stream, count=1)
             return bool(last) and json.loads(last[0][1][b"d"])["event"]["Seq"] == base + 599
 
-        await eventually(all_in, 30, "the 600 events in the stream")
-        length = await redis.xlen(c.stream_key)
-        first_id = (await redis.xrange(c.stream_key, count=1))[0][0].decode()
+        await eventually(all_in, 30, "the 600 events in the partition's stream")
+        length = await redis.xlen(stream)
+        ((first_id, first_fields),) = await redis.xrange(stream, count=1)
     finally:
         await redis.aclose()
     # MAXLEN ~ 100 trims whole radix-tree nodes, so the stream stays near, not at, 100.
     assert 100 <= length < 300, f"stream not capped: {length} entries"
+    first_position = position_of(first_id)
+    # The oldest retained entry names the position right after the event before it (pv):
+    # everything from there up to it was trimmed, nothing after.
+    oldest_available = int(first_fields[FIELD_PREV.encode()])
+    assert oldest_available < first_position
 
-    # History past the cap is refused; at the cap it returns what the stream retains.
+    # History past the cap is refused; at the cap it returns what the streams retain.
     async with session.get(c.lb_url("/crm-events/history?n=1001")) as resp:
         assert resp.status == 400
     async with session.get(c.lb_url("/crm-events/history?n=1000")) as resp:
-        assert (await resp.json())["count"] == length
+        latest = await resp.json()
+    assert latest["count"] == await c.stream_length()
+    # The cursor after the newest event: every partition at its top.
+    tops = decode_cursor(latest["next_after"])
 
-    # A position well before the retained window: trimmed.
-    stale = "1-0"
-    client = Collector(c.lb_url("/crm-events"), headers={"Last-Event-ID": stale}).start(session)
+    # A position in our partition well before the retained window (right after its first
+    # record), every other partition at its top: only our partition is reset.
+    stale = Cursor(tops.epoch, tuple(1 if q == p else x for q, x in enumerate(tops.positions)))
+    client = Collector(
+        c.lb_url("/crm-events"), headers={"Last-Event-ID": stale.encode().decode()}
+    ).start(session)
     await client.wait_for(lambda col: len(col.data_frames) >= length, 30, "the retained events")
     assert client.received[0].event == "reset"
     reset = client.received[0].json()
-    assert reset["reason"] in ("trimmed", "stream_lost")
-    assert reset["requested"] == stale
-    assert reset["oldest_available"] == first_id
-    assert client.received[0].id == reset["resume_from"]
+    assert reset["reason"] == "trimmed"
+    assert reset["partitions"] == [
+        {
+            "partition": p,
+            "requested": 1,
+            "oldest_available": oldest_available,
+            "reason": "trimmed",
+        }
+    ]
+    # The reset's id is the cursor delivery continues from: ours at the oldest available,
+    # the others where they were.
+    assert client.received[0].cursor == stale.advanced(p, oldest_available)
     retained = client.data_frames[:length]
-    assert retained[0].id == first_id
+    assert retained[0].json()["partition"] == p
+    assert retained[0].json()["offset"] + 1 == first_position
     assert_exactly_once_in_order(retained, {f.json()["event"]["Seq"] for f in retained})
+    assert {f.json()["partition"] for f in retained} == {p}
     assert retained[-1].json()["event"]["Seq"] == base + 599
+    assert_cursors_never_go_back(client.received)
     await client.stop()
+
+    # Resuming from the reset's cursor is exact: no second reset, the same events.
+    again = Collector(
+        c.lb_url("/crm-events"), headers={"Last-Event-ID": client.received[0].id or ""}
+    ).start(session)
+    await again.wait_for(lambda col: len(col.data_frames) >= length, 30, "the retained events")
+    assert not again.resets
+    assert [f.data for f in again.data_frames[:length]] == [f.data for f in retained]
+    await again.stop()
+
+    # History answers a trimmed `after` the same way, in its body.
+    url = f"/crm-events/history?n=1000&after={stale.encode().decode()}"
+    async with session.get(c.lb_url(url)) as resp:
+        assert resp.status == 200
+        paged = await resp.json()
+    assert paged["reset"]["partitions"] == reset["partitions"]
+    assert [i["event"]["Seq"] for i in paged["items"]] == [
+        f.json()["event"]["Seq"] for f in retained
+    ]
 
 
 async def test_a_client_that_stops_reading_is_disconnected_as_slow(

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from shared.contract import STATE_BASE
 from tests.harness.backends import Backends
 from tests.harness.clients import ResumingClient
 from tests.harness.cluster import LOAD_BALANCERS, Cluster, LoadBalancer, crm_event
 from tests.harness.kafka_control import kafka_control
 from tests.harness.redis_server import private_redis
 from tests.integration.checks import assert_exactly_once_in_order
-from tests.sse_client import Collector
+from tests.sse_client import Collector, assert_cursors_never_go_back
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.timeout(300)
@@ -29,12 +29,9 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 async def stream_seqs(cluster: Cluster) -> list[int]:
-    redis = cluster.redis()
-    try:
-        rows = await redis.xrange(cluster.stream_key)
-    finally:
-        await redis.aclose()
-    return [json.loads(fields[b"d"])["event"]["Seq"] for _, fields in rows]
+    """The Seq of every event in the partitions' streams (each entry's id checked to be
+    its record's offset + 1)."""
+    return [e["event"]["Seq"] for e in await cluster.stored_events()]
 
 
 async def wait_stream_has(cluster: Cluster, expected: set[int], timeout: float) -> list[int]:
@@ -85,11 +82,7 @@ async def test_ingest_kill9_mid_stream_loses_and_duplicates_nothing(cluster_fact
 
 
 async def _stream_len_at_least(c: Cluster, n: int) -> bool:
-    redis = c.redis()
-    try:
-        return await redis.xlen(c.stream_key) >= n
-    finally:
-        await redis.aclose()
+    return await c.stream_length() >= n
 
 
 async def test_two_ingest_replicas_fail_over_without_duplicates(
@@ -193,35 +186,92 @@ async def test_ingest_and_edge_ride_out_a_redis_restart(
         sup.stop("redis")
 
 
-async def test_edge_redis_restart_without_persistence_resets_clients(
+async def test_redis_restart_without_persistence_is_refilled_and_lost_positions_reset(
     backends: Backends,
     tmp_path_factory: pytest.TempPathFactory,
     cluster_factory,
     session: aiohttp.ClientSession,
 ) -> None:
+    """Redis restarts empty: ingest refills each partition's recent tail from Kafka with the
+    same ids, so a connected client goes on exactly (no reset, no gap, nothing twice); a
+    client resuming from a position older than the refill gets ``reset`` (``not_retained``)
+    for that partition, then the events from the refill's start."""
     sup, spec = private_redis(Path(tmp_path_factory.mktemp("redis-mem")), appendonly=False)
     sup.start(spec)
     try:
         local = Backends(backends.kafka_bootstrap, f"redis://127.0.0.1:{spec.port}/0", "private")
-        c: Cluster = cluster_factory(backends=local, edges=1, with_nginx=False)
+        c: Cluster = cluster_factory(
+            backends=local,
+            edges=1,
+            with_nginx=False,
+            # A refill then starts after the oldest events, and the edge's memory holds
+            # fewer than that, so an old position is decided by the refilled Redis.
+            env={"CRM_EVENTS_STREAM_MAXLEN": "100", "CRM_EVENTS_REPLAY_RING_BYTES": "20000"},
+        )
         client = Collector(c.edge_url(1, "/crm-events")).start(session)
         await client.wait_for(lambda col: col.node is not None, 10, "stream open")
-        await c.produce([(b"k", crm_event(1))])
-        await client.wait_for(lambda col: len(col.data_frames) >= 1, 30, "event 1")
-        sup.stop("redis")
-        sup.start(spec)  # empty: the stream and the offsets are gone
-        await c.produce([(b"k", crm_event(2))])
-        await client.wait_for(lambda col: len(col.data_frames) >= 2, 60, "event 2 after the loss")
-        kinds = [f.event for f in client.received]
-        assert kinds == ["message", "reset", "message"], kinds
-        assert client.received[1].json()["reason"] in (
-            "stream_lost",
-            "stream_empty",
-            "unknown_position",
+        # One key, one partition.
+        metadata = await c.produce([(b"k", crm_event(s, key="k")) for s in range(300)])
+        (p,) = {m.partition for m in metadata}
+        await client.wait_for(lambda col: len(col.data_frames) >= 300, 30, "the first 300")
+        before = [(e["partition"], e["offset"]) for e in await c.stored_events()]
+        # Committed, so that the refill's start (committed - MAXLEN) is past the oldest.
+        await eventually(
+            lambda: _committed_at_least(c, p, metadata[-1].offset + 1), 30, "the commit"
         )
+        sup.stop("redis")
+        sup.start(spec)  # empty: streams, states and meta are gone
+        await c.produce([(b"k", crm_event(300, key="k"))])
+        await client.wait_for(lambda col: len(col.data_frames) >= 301, 60, "event 300 after")
+        assert not client.resets, "a refilled Redis loses no position of a connected client"
+        assert_exactly_once_in_order(client.data_frames, set(range(301)))
+
+        # The refill wrote the recent tail again under the same ids (stored_events checks
+        # each id against its offset) and recorded where it started.
+        redis = c.redis()
+        try:
+            state = await eventually(
+                lambda: redis.hgetall(c.keys.state(p)), 30, "the refilled partition's state"
+            )
+        finally:
+            await redis.aclose()
+        refill_base = int(state[STATE_BASE.encode()])
+        after = [(e["partition"], e["offset"]) for e in await c.stored_events()]
+        assert refill_base > 0, "a refill of MAXLEN 100 starts after the oldest of 300"
+        assert after[0] == (p, refill_base), "the refill starts at its base"
+        assert after[-1] == (p, metadata[-1].offset + 1)
+        assert set(before) & set(after), "the refill rewrote retained entries, not new ones"
+
+        # A position older than the refill: that partition is reset, not silently skipped.
+        old = client.data_frames[9]
+        assert old.cursor.position(p) == metadata[9].offset + 1 < refill_base
+        resumed = Collector(
+            c.edge_url(1, "/crm-events"), headers={"Last-Event-ID": old.id or ""}
+        ).start(session)
+        await resumed.wait_for(
+            lambda col: len(col.data_frames) >= len(after), 30, "the refilled events"
+        )
+        assert resumed.received[0].event == "reset"
+        notice = resumed.received[0].json()
+        assert notice["partitions"] == [
+            {
+                "partition": p,
+                "requested": metadata[9].offset + 1,
+                "oldest_available": refill_base,
+                "reason": "not_retained",
+            }
+        ]
+        assert resumed.received[0].cursor.position(p) == refill_base
+        assert [(f.json()["partition"], f.json()["offset"]) for f in resumed.data_frames] == after
+        assert_cursors_never_go_back(resumed.received)
+        await resumed.stop()
         await client.stop()
     finally:
         sup.stop("redis")
+
+
+async def _committed_at_least(c: Cluster, partition: int, offset: int) -> bool:
+    return (await c.committed()).get(partition, -1) >= offset
 
 
 async def test_edge_repairs_its_gap_after_client_kill(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import shutil
 import subprocess
 import time
@@ -173,3 +175,82 @@ async def test_sigterm_closes_streams_and_clients_resume_on_the_other_edge(
         assert again.node != client.node
         assert_exactly_once_in_order(again.data_frames, set(range(base + 50, base + 100)))
         await again.stop()
+
+
+async def _read_to_the_end(
+    session: aiohttp.ClientSession, url: str
+) -> tuple[int, bytes, BaseException | None]:
+    """Status, whole body, and the error that cut it short (None: a complete body)."""
+    try:
+        async with session.get(url, timeout=aiohttp.ClientTimeout(total=30)) as resp:
+            try:
+                return resp.status, await resp.read(), None
+            except aiohttp.ClientError as exc:
+                return resp.status, b"", exc
+    except aiohttp.ClientError as exc:
+        return 0, b"", exc
+
+
+def _established_to(port: int) -> int:
+    """Server-side TCP connections in ESTABLISHED on ``port`` (accepted or in the accept
+    queue): how many requests have reached a listener, without sending one to it."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as f:
+            for row in f.readlines()[1:]:
+                fields = row.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+                    count += 1
+    return count
+
+
+async def test_sigterm_ends_streams_opened_during_setup_with_a_complete_body(
+    backends: Backends,
+    private_redis: tuple[Supervisor, ProcessSpec],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Streams opened through the load balancer that are still being set up when SIGTERM
+    comes (here: waiting for the edge to be ready, with Redis stopped) end cleanly: a 200
+    with the preface and a complete chunked body, so an EventSource reconnects (to another
+    edge), rather than a cut connection or an error status (after which it gives up)."""
+    sup, spec = private_redis
+    assert spec.port is not None
+    local = Backends(backends.kafka_bootstrap, f"redis://127.0.0.1:{spec.port}/0", "private")
+    waiting = 4
+    c = Cluster(Path(tmp_path_factory.mktemp("drain")), local, edges=1)
+    # A connection per request (no idle keep-alive), so that the edge's open connections
+    # are the streams alone.
+    connector = aiohttp.TCPConnector(force_close=True)
+    with c.running():
+        async with aiohttp.ClientSession(connector=connector) as session:
+            try:
+                sup.stop("redis")
+
+                async def not_ready() -> bool:
+                    async with session.get(c.edge_url(1, "/readyz")) as resp:
+                        return resp.status == 503
+
+                await eventually(not_ready, 20, "the edge not ready without Redis")
+                streams = [
+                    asyncio.create_task(_read_to_the_end(session, c.lb_url("/crm-events")))
+                    for _ in range(waiting)
+                ]
+                # The edge holds a stream that is not ready for at most READY_WAIT_S (3 s),
+                # then answers 503: SIGTERM must come within that, as soon as all are in.
+                await eventually(
+                    lambda: _established_to(c.edge_ports[0]) >= waiting,
+                    2,
+                    f"the {waiting} streams to reach the edge",
+                )
+                assert not any(s.done() for s in streams), "a stream was answered early"
+                await asyncio.to_thread(c.stop, "edge1", timeout_s=10)
+                results = await asyncio.gather(*streams)
+            finally:
+                if not sup.is_running("redis"):
+                    sup.start(spec)
+    for status, body, error in results:
+        assert error is None, f"the stream was cut instead of ended: {error!r}"
+        assert status == 200, (status, body[:200])
+        assert body.startswith(b"retry: ") and b": node edge-1\n" in body
+        assert b"data:" not in body
+    assert "closing streams for shutdown" in c.log("edge1")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -16,10 +17,16 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from shared.cursor import Cursor, decode_cursor
 from tests.harness.backends import Backends
 from tests.harness.cluster import LOAD_BALANCERS, Cluster, LoadBalancer, crm_event
 from tests.integration.checks import assert_exactly_once_in_order
-from tests.sse_client import Collector
+from tests.sse_client import (
+    Collector,
+    assert_cursors_never_go_back,
+    assert_per_partition_exactly_once,
+    assert_positions_never_go_back,
+)
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.timeout(240)
@@ -150,13 +157,16 @@ async def test_resume_through_the_load_balancer_with_query_id(
             items: list[dict[str, object]] = (await resp.json())["items"]
         return items
 
-    async def all_fifty() -> bool:
-        seqs = {i["event"]["Seq"] for i in await history()}  # type: ignore[index]
-        return seqs == set(range(base, base + 50))
+    async def all_fifty() -> list[dict[str, object]] | None:
+        # The answer that had them all: another edge behind the balancer may not have
+        # dispatched the newest yet, and its answer would name other cursors.
+        items = await history()
+        seqs = {i["event"]["Seq"] for i in items}  # type: ignore[index]
+        return items if seqs == set(range(base, base + 50)) else None
 
-    await eventually(all_fifty, 30, "the 50 events in history")
-    items = await history()
-    after = items[9]["id"]
+    items = await eventually(all_fifty, 30, "the 50 events in history")
+    assert items is not None
+    after = items[9]["cursor"]
     client = Collector(cluster.lb_url(f"/crm-events?last_event_id={after}")).start(session)
     await client.wait_for(lambda c: len(c.data_frames) >= 40, 30, "40 events")
     later = {i["event"]["Seq"] for i in items[10:]}  # type: ignore[index]
@@ -185,35 +195,124 @@ async def test_history_latest_and_cursor_paging(
         assert resp.status == 200
         body = await resp.json()
     assert [i["event"]["Seq"] for i in body["items"]] == list(range(base + 150, base + 250))
-    ids = [i["id"] for i in body["items"]]
-    assert ids == sorted(ids, key=lambda s: tuple(map(int, s.split("-"))))
+    # Each item's cursor stands right after that item in its partition, and the cursors
+    # never go back from one item to the next.
+    cursors = [decode_cursor(i["cursor"]) for i in body["items"]]
+    for item, cursor in zip(body["items"], cursors, strict=True):
+        assert cursor.position(item["partition"]) == item["offset"] + 1
+    assert_positions_never_go_back(cursors)
+    assert body["next_after"] == body["items"][-1]["cursor"]
+    assert body["reset"] is None
 
     # Default n is 100.
     async with session.get(cluster.lb_url("/crm-events/history")) as resp:
         assert (await resp.json())["count"] == 100
 
-    # Page forward from before our batch, with a type filter, in pages of 30.
+    # Page forward from just before our batch, with a type filter, in pages of 30.
     async with session.get(cluster.lb_url("/crm-events/history?n=250")) as resp:
-        start = (await resp.json())["items"][0]["id"]
-    # `start` is our first event; step back one id so it is included.
-    ms, seq = map(int, start.split("-"))
-    cursor = f"{ms}-{seq - 1}" if seq else f"{ms - 1}-18446744073709551615"
+        first = (await resp.json())["items"][0]
+    assert first["event"]["Seq"] == base
+    # `first` is our first event: its cursor with its partition one record back (at the
+    # position before it) includes it; the other partitions stay where that cursor has them.
+    after_first = decode_cursor(first["cursor"])
+    ours = first["partition"]
+    positions = list(after_first.positions)
+    positions[ours] = first["offset"]
+    cursor = Cursor(after_first.epoch, tuple(positions)).encode().decode()
     seen: list[int] = []
+    page_cursors: list[Cursor] = []
     pages = 0
     while True:
         url = f"/crm-events/history?n=30&types=DealWon&after={cursor}"
         async with session.get(cluster.lb_url(url)) as resp:
+            assert resp.status == 200
             page = await resp.json()
         pages += 1
+        assert page["reset"] is None, "an exact position is not reset"
         if not page["items"]:
+            assert page["next_after"] == cursor, "an empty page leaves the cursor where it was"
             break
         seen += [i["event"]["Seq"] for i in page["items"]]
         assert {i["type"] for i in page["items"]} == {"DealWon"}
+        page_cursors += [decode_cursor(i["cursor"]) for i in page["items"]]
+        assert page["next_after"] == page["items"][-1]["cursor"]
         cursor = page["next_after"]
         assert pages < 20
-    ours = [s for s in seen if base <= s < base + 250]
-    assert ours == list(range(base, base + 250, 2)), "pages overlap or skip"
+    mine = [s for s in seen if base <= s < base + 250]
+    assert mine == list(range(base, base + 250, 2)), "pages overlap or skip"
     assert len(seen) == len(set(seen))
+    assert_positions_never_go_back(page_cursors)
+
+
+async def test_an_old_single_stream_id_gets_one_reset_then_the_retained_events(
+    cluster: Cluster, session: aiohttp.ClientSession
+) -> None:
+    """Upgrade: a Last-Event-ID (or history ``after``) of the old single-stream layout is not
+    a 400 but one ``reset`` (``old_format``) of every partition, then the events from the
+    oldest retained on; the reset's id is a cursor that resumes without a second reset."""
+    base = 45_000
+    await cluster.produce((f"agg-{i % 30}".encode(), crm_event(base + i)) for i in range(30))
+
+    async def all_in() -> bool:
+        async with session.get(cluster.lb_url("/crm-events/history?n=30")) as resp:
+            items = (await resp.json())["items"]
+        return {i["event"]["Seq"] for i in items} == set(range(base, base + 30))
+
+    await eventually(all_in, 30, "the 30 events in history")
+    partitions = await cluster.partitions()
+    legacy = "1700000000000-0"
+    async with session.get(cluster.lb_url(f"/crm-events/history?n=1000&after={legacy}")) as resp:
+        assert resp.status == 200
+        body = await resp.json()
+    reset = body["reset"]
+    assert reset["reason"] == "old_format"
+    assert sorted(p["partition"] for p in reset["partitions"]) == list(range(partitions))
+    assert {p["requested"] for p in reset["partitions"]} == {None}
+    # Exactly what a cursor with no position in any partition (from the oldest) pages to.
+    epoch = decode_cursor(body["next_after"]).epoch
+    oldest = Cursor(epoch, (None,) * partitions).encode().decode()
+    async with session.get(cluster.lb_url(f"/crm-events/history?n=1000&after={oldest}")) as resp:
+        from_oldest = await resp.json()
+    assert from_oldest["reset"] is None
+    assert body["items"] and body["items"] == from_oldest["items"]
+    for p in reset["partitions"]:
+        first = next((i for i in body["items"] if i["partition"] == p["partition"]), None)
+        assert first is not None and p["oldest_available"] <= first["offset"]
+
+    client = Collector(cluster.lb_url("/crm-events"), headers={"Last-Event-ID": legacy}).start(
+        session
+    )
+    await client.wait_for(
+        lambda c: {f.json()["event"]["Seq"] for f in c.data_frames} >= set(range(base, base + 30)),
+        30,
+        "the retained events after the reset",
+    )
+    assert client.received[0].event == "reset", "the reset comes before any event"
+    assert [f.event for f in client.received].count("reset") == 1
+    notice = client.received[0].json()
+    assert notice["reason"] == "old_format"
+    assert sorted(p["partition"] for p in notice["partitions"]) == list(range(partitions))
+    reset_cursor = client.received[0].cursor
+    for p in notice["partitions"]:
+        assert reset_cursor.position(p["partition"]) == p["oldest_available"]
+    assert_cursors_never_go_back(client.received)
+    await client.stop()
+
+    # The reset's cursor is a position like any other: resuming from it is exact.
+    again = Collector(
+        cluster.lb_url("/crm-events"), headers={"Last-Event-ID": client.received[0].id or ""}
+    ).start(session)
+    await again.wait_for(
+        lambda c: len(c.data_frames) >= len(client.data_frames), 30, "the same events again"
+    )
+    assert not again.resets
+    expected: dict[int, list[int]] = defaultdict(list)
+    for f in client.data_frames:
+        expected[f.json()["partition"]].append(f.json()["offset"])
+    assert_per_partition_exactly_once(
+        [(f.json()["partition"], f.json()["offset"]) for f in again.data_frames], expected
+    )
+    await again.stop()
 
 
 @pytest.mark.parametrize(
@@ -222,9 +321,12 @@ async def test_history_latest_and_cursor_paging(
         ("/crm-events/history?n=abc", 400, "invalid_n"),
         ("/crm-events/history?n=0", 400, "invalid_n"),
         ("/crm-events/history?n=1000000000", 400, "invalid_n"),
-        ("/crm-events/history?after=yesterday", 400, "invalid_id"),
+        ("/crm-events/history?after=yesterday", 400, "invalid_cursor"),
         ("/crm-events/history?types=Deal%20Won", 400, "invalid_types"),
-        ("/crm-events?last_event_id=not-an-id", 400, "invalid_id"),
+        ("/crm-events?last_event_id=not-an-id", 400, "invalid_cursor"),
+        # Version 2 of the cursor, and a version 1 cursor cut short after its epoch.
+        ("/crm-events?last_event_id=2.AAAAAQA", 400, "invalid_cursor"),
+        ("/crm-events/history?after=1.AAAAAQ", 400, "invalid_cursor"),
         ("/crm-events?types=,", 400, "invalid_types"),
         ("/crm-events/nope", 404, "not_found"),
         ("/definitely/not/here", 404, "not_found"),

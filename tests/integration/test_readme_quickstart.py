@@ -37,8 +37,10 @@ from devtools.stack import (
     ensure_jwt_secret,
     jwt_secret_file,
 )
+from shared.cursor import Cursor, decode_cursor
 from tests.harness.backends import Backends
 from tests.harness.cluster import Cluster
+from tests.sse_client import assert_positions_never_go_back
 from tests.waiting import eventually_sync
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -47,7 +49,6 @@ ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 DOCUMENTED_LB = f"http://127.0.0.1:{DEFAULT_LB_PORT}"
 JWT_RE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
-ID_RE = re.compile(r"(\d+)-(\d+)")
 PRODUCER_RATE = "25"  # events per second: the rarer types (DealLost) show up within seconds
 
 
@@ -60,10 +61,32 @@ def then_try_block() -> list[str]:
     return [line for line in block.splitlines() if line.strip()]
 
 
-def id_key(event_id: str) -> tuple[int, int]:
-    m = ID_RE.fullmatch(event_id)
-    assert m, event_id
-    return int(m.group(1)), int(m.group(2))
+def key_of(envelope: dict[str, Any]) -> tuple[int, int]:
+    return envelope["partition"], envelope["offset"]
+
+
+def after_cursor(cursor: Cursor, envelope: dict[str, Any]) -> bool:
+    """Whether the event comes after ``cursor`` (past its position in the event's
+    partition; a partition without a position is read from its oldest event)."""
+    seen = cursor.position(envelope["partition"])
+    return seen is None or envelope["offset"] >= seen
+
+
+def check_cursors(pairs: list[tuple[str, dict[str, Any]]], filtered: bool = False) -> None:
+    """Each (cursor, envelope): the cursor stands right after its event in the event's
+    partition, and no partition's position goes back from one to the next. ``filtered``:
+    a history page of some types, whose cursors also step over the events of that partition
+    the filter left out before its next item (never past that item)."""
+    cursors = [decode_cursor(c) for c, _ in pairs]
+    for n, (cursor, (_, envelope)) in enumerate(zip(cursors, pairs, strict=True)):
+        partition, position = envelope["partition"], cursor.position(envelope["partition"])
+        if not filtered:
+            assert position == envelope["offset"] + 1, envelope
+            continue
+        following = [e["offset"] for _, e in pairs[n + 1 :] if e["partition"] == partition]
+        assert position is not None and position >= envelope["offset"] + 1, envelope
+        assert not following or position <= following[0], (envelope, following[0])
+    assert_positions_never_go_back(cursors)
 
 
 class Sse:
@@ -252,8 +275,9 @@ def test_then_try_commands_work_as_written(quickstart: tuple[Cluster, dict[str, 
     live = commands.stream(live_cmd, lambda s: len(s.events) >= 3, 20, "the live stream")
     ids = [event_id for event_id, _ in live.events]
     assert all(envelope["type"] and "event" in envelope for _, envelope in live.events)
-    assert [id_key(i) for i in ids] == sorted(id_key(i) for i in ids)
+    check_cursors(live.events)
     commands.seen_id = ids[0]
+    seen = decode_cursor(ids[0])
 
     # Filtered on the server: only the types asked for.
     filtered = commands.stream(
@@ -264,15 +288,20 @@ def test_then_try_commands_work_as_written(quickstart: tuple[Cluster, dict[str, 
     )
     assert {envelope["type"] for _, envelope in filtered.events} <= {"DealWon", "DealLost"}
 
-    # Resumed after an id seen: the events after it, first the ones already stored.
+    # Resumed after an id seen: the events after it, first the ones already stored (the
+    # two the live stream printed next among them).
+    next_two = {key_of(envelope) for _, envelope in live.events[1:3]}
     resumed = commands.stream(
         only(curls, lambda c: "Last-Event-ID" in c, "a resumed stream"),
-        lambda s: len(s.events) >= 3,
+        lambda s: next_two <= {key_of(envelope) for _, envelope in s.events},
         20,
         "the resumed stream",
     )
     assert [name for name, _, _ in resumed.frames if name != "message"] == []  # no reset
-    assert [event_id for event_id, _ in resumed.events[:2]] == ids[1:3]
+    assert all(after_cursor(seen, envelope) for _, envelope in resumed.events)
+    resumed_keys = [key_of(envelope) for _, envelope in resumed.events]
+    assert len(resumed_keys) == len(set(resumed_keys)), "an event twice"
+    check_cursors([(seen_id, envelope) for seen_id, envelope in resumed.events])
 
     # History: the newest events as JSON.
     history = commands.run(only(curls, lambda c: "history?n=100" in c, "history"))
@@ -280,8 +309,10 @@ def test_then_try_commands_work_as_written(quickstart: tuple[Cluster, dict[str, 
     body = json.loads(history.stdout)
     assert "items" in body, body
     assert body["count"] == len(body["items"]) >= 3
-    keys = [id_key(item["id"]) for item in body["items"]]
-    assert keys == sorted(keys) and keys[-1] >= id_key(ids[-1])
+    check_cursors([(item["cursor"], item) for item in body["items"]])
+    # The newest item is at or past the last event the live stream printed.
+    newest, printed = decode_cursor(body["items"][-1]["cursor"]), decode_cursor(ids[-1])
+    assert_positions_never_go_back([printed, newest])
 
     # History after an id, one type: TicketOpened events newer than it (the producer opens
     # tickets often; a few seconds of its output hold some).
@@ -297,4 +328,5 @@ def test_then_try_commands_work_as_written(quickstart: tuple[Cluster, dict[str, 
     page = eventually_sync(ticket_page, 20, "a TicketOpened after the id")
     assert page is not None
     assert {item["type"] for item in page["items"]} == {"TicketOpened"}
-    assert all(id_key(item["id"]) > id_key(ids[0]) for item in page["items"])
+    assert all(after_cursor(seen, item) for item in page["items"])
+    check_cursors([(item["cursor"], item) for item in page["items"]], filtered=True)

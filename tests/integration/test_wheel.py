@@ -30,7 +30,7 @@ CONSOLE_SCRIPTS = ("crm-events-ingest", "crm-events-edge", "crm-events-token")
 # The repository-only tools: installed editable from devtools/pyproject.toml, never in the wheel.
 REPO_ONLY_SCRIPTS = ("crm-events-stack", "crm-events-producer")
 DATA_FILES = (
-    "shared/apply_batch.lua",
+    "shared/apply_partition.lua",
     "shared/py.typed",
     "ingest/py.typed",
     "edge/py.typed",

@@ -67,6 +67,9 @@ EDGE_METRICS = COMMON_METRICS | {
     "crm_events_bus_reconnects_total",
     "crm_events_bus_repaired_events_total",
     "crm_events_bad_messages_total",
+    # issue 12: the partitions each reset moved (one child per partition and reason from the
+    # start, so that a healthy edge exports it and rate() sees the first reset)
+    "crm_events_partition_resets_total",
 }
 INGEST_METRICS = COMMON_METRICS | {
     "crm_events_consumer_lag",
@@ -77,8 +80,17 @@ INGEST_METRICS = COMMON_METRICS | {
     "crm_events_ingest_batch_duration_seconds_sum",
     "crm_events_backend_errors_total",
     "crm_events_ingest_last_applied_timestamp_seconds",
+    # issue 12: Redis rebuilt from Kafka. Refill children exist per assigned partition from
+    # its assignment on; the stream length per partition is sampled by ingest's probe.
+    "crm_events_refills_total",
+    "crm_events_refilled_records_total",
+    "crm_events_redis_wait_timeouts_total",
+    "crm_events_stream_length",
 }
 SERVICE_METRICS = EDGE_METRICS | INGEST_METRICS
+#: Label values of the per-partition counters (a child for each partition and reason).
+REFILL_REASONS = frozenset({"lost", "rolled_back", "assigned"})
+PARTITION_RESET_REASONS = frozenset({"trimmed", "not_retained", "topic_changed", "old_format"})
 #: Series Prometheus itself makes.
 PROMETHEUS_SERIES = {"up", "ALERTS", "ALERTS_FOR_STATE"}
 

@@ -182,8 +182,29 @@ def test_the_seed_panels_and_the_new_ones_exist(dashboard: dict[str, Any]) -> No
         "crm_events_dead_letters_total",
         'reason="slow"',
         "crm_events_sse_resets_total",
+        # issue 12: Redis rebuilt from Kafka, positions by partition
+        "crm_events_stream_length",
+        "crm_events_refills_total",
+        "crm_events_refilled_records_total",
+        "crm_events_partition_resets_total",
+        "crm_events_redis_wait_timeouts_total",
     ):
         assert metric in exprs, f"no panel shows {metric}"
+
+
+def test_per_partition_panels_keep_the_partition(dashboard: dict[str, Any]) -> None:
+    """Stream length, refills and resets are shown by partition: a panel that summed them over
+    partitions would hide the one partition Redis lost."""
+    for metric in (
+        "crm_events_stream_length",
+        "crm_events_refills_total",
+        "crm_events_refilled_records_total",
+        "crm_events_partition_resets_total",
+    ):
+        (query,) = [q for q in panel_queries(dashboard) if metric in q.expr]
+        grouping = re.match(r"\w+ by \(([^)]*)\)", query.expr)
+        assert grouping, f"{query.key}: not aggregated by label"
+        assert "partition" in {g.strip() for g in grouping.group(1).split(",")}, query.key
 
 
 # -- every query parses and reads real metrics --------------------------------------------------

@@ -8,7 +8,10 @@ Redis; tests/harness/cluster.py). It shows that
   once there is a little traffic (events, SSE clients, history requests, one dead letter);
 * stopping edge1 makes CrmEventsServiceDown fire for that instance and no other, Alertmanager
   routes it to PagerDuty and Slack, and it resolves once edge1 runs again;
-* the metrics the rules and panels read are the ones the processes really export.
+* the metrics the rules and panels read are the ones the processes really export, with the
+  label values the rules expect (refill and reset reasons, a series for every partition);
+* the first fill of a fresh deployment does not fire CrmEventsRedisRefill, and wiping a
+  partition's keys in Redis fires it for that partition, with what the runbook names.
 
 Every wait polls the Prometheus (or Alertmanager) HTTP API against a deadline.
 """
@@ -36,6 +39,7 @@ from devtools.monitoring_stack import (
 )
 from devtools.probes import run_coroutine_blocking
 from devtools.supervisor import Supervisor
+from shared.contract import RedisKeys
 from tests.harness.backends import Backends
 from tests.harness.cluster import Cluster, crm_event, free_port
 from tests.sse_client import Collector
@@ -46,7 +50,9 @@ from .support import (
     EDGE_METRICS,
     INGEST_JOB,
     INGEST_METRICS,
+    PARTITION_RESET_REASONS,
     PROMETHEUS_SERIES,
+    REFILL_REASONS,
     RULES_DIR,
     alert_rules,
     binary,
@@ -203,9 +209,15 @@ async def wait_targets_up(session: aiohttp.ClientSession, live: Live) -> None:
     await eventually(all_up, 40, f"every target up: {sorted(live.expected_targets)}")
 
 
-async def service_down_alerts(session: aiohttp.ClientSession, live: Live) -> list[dict[str, Any]]:
+async def alerts_named(
+    session: aiohttp.ClientSession, live: Live, name: str
+) -> list[dict[str, Any]]:
     data = await api(session, f"{live.mon.prometheus_url}/api/v1/alerts")
-    return [a for a in data["alerts"] if a["labels"]["alertname"] == "CrmEventsServiceDown"]
+    return [a for a in data["alerts"] if a["labels"]["alertname"] == name]
+
+
+async def service_down_alerts(session: aiohttp.ClientSession, live: Live) -> list[dict[str, Any]]:
+    return await alerts_named(session, live, "CrmEventsServiceDown")
 
 
 # -- the tests ----------------------------------------------------------------------------------
@@ -361,6 +373,25 @@ def _exported(text: str) -> set[str]:
     return {s.name for family in text_string_to_metric_families(text) for s in family.samples}
 
 
+def _label_pairs(text: str, sample: str) -> set[tuple[str, str]]:
+    """(partition, reason) of every sample of a per-partition counter."""
+    return {
+        (s.labels["partition"], s.labels["reason"])
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == sample
+    }
+
+
+def _label_values(text: str, sample: str, label: str) -> set[str]:
+    return {
+        s.labels[label]
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == sample
+    }
+
+
 def test_rules_and_panels_read_metrics_the_processes_export(traffic: Live) -> None:
     cluster = traffic.cluster
     edge_text = _metrics_text(cluster.edge_url(1, "/metrics"))
@@ -376,6 +407,23 @@ def test_rules_and_panels_read_metrics_the_processes_export(traffic: Live) -> No
         used |= metric_names(substitute(q.expr))
     missing = used - edge - ingest - PROMETHEUS_SERIES - set(record_names())
     assert not missing, f"read but not exported: {sorted(missing)}"
+
+    # The per-partition series exist for every partition from the start (a counter child that
+    # appears at its first increment is invisible to rate() and increase()), with the label
+    # values the rules select.
+    partitions = {str(p) for p in range(run_coroutine_blocking(cluster.partitions, timeout_s=30))}
+    for sample in (
+        "crm_events_stream_length",
+        "crm_events_refills_total",
+        "crm_events_refilled_records_total",
+    ):
+        assert _label_values(ingest_text, sample, "partition") == partitions, sample
+    assert _label_pairs(edge_text, "crm_events_partition_resets_total") == {
+        (p, r) for p in partitions for r in PARTITION_RESET_REASONS
+    }
+    assert _label_pairs(ingest_text, "crm_events_refills_total") == {
+        (p, r) for p in partitions for r in REFILL_REASONS
+    }
 
     # promtool's lint of the live exposition (naming conventions, HELP, units).
     promtool = binary("promtool")
@@ -424,3 +472,60 @@ def test_exported_names_are_sample_names() -> None:
         "x_seconds_count 1.0\nx_seconds_sum 0.05\n"
     )
     assert _exported(text) == {"x_seconds_bucket", "x_seconds_count", "x_seconds_sum"}
+
+
+async def test_redis_refill_fires_for_the_wiped_partitions_only(
+    traffic: Live, session: aiohttp.ClientSession
+) -> None:
+    """Last in this module: it wipes the deployment's Redis partitions and produces more."""
+    live, cluster = traffic, traffic.cluster
+    await wait_targets_up(session, live)
+    # The fresh deployment filled every partition at assignment and re-applied nothing: quiet.
+    assert await alerts_named(session, live, "CrmEventsRedisRefill") == []
+
+    # Redis loses the partitions (as FLUSHALL would, the topic's meta aside), then events come.
+    # Only a partition ingest had written to can be lost.
+    keys = RedisKeys(cluster.prefix)
+    count = await cluster.partitions()
+    redis = cluster.redis()
+    try:
+        had = {str(p) for p in range(count) if await redis.exists(keys.state(p))}
+        assert had, "the traffic wrote no partition"
+        wiped = [k(p) for p in range(count) for k in (keys.stream, keys.state, keys.dead)]
+        assert await redis.delete(*wiped) > 0
+    finally:
+        await redis.aclose()
+    await cluster.produce([(f"w{i}".encode(), crm_event(1000 + i)) for i in range(10)])
+
+    async def fired() -> list[dict[str, Any]] | None:
+        firing = [
+            a
+            for a in await alerts_named(session, live, "CrmEventsRedisRefill")
+            if a["state"] == "firing"
+        ]
+        return firing if {a["labels"]["partition"] for a in firing} >= had else None
+
+    firing = await eventually(fired, 40, f"CrmEventsRedisRefill for partitions {sorted(had)}")
+    assert {a["labels"]["partition"] for a in firing} == had
+    ingest1 = live.instance("ingest1")
+    for alert in firing:
+        labels = alert["labels"]
+        assert (labels["job"], labels["instance"], labels["severity"]) == (
+            INGEST_JOB,
+            ingest1,
+            "warning",
+        )
+        # ingest was running: it found the state gone (not at an assignment)
+        assert labels["reason"] == "lost", labels
+        assert alert["annotations"]["runbook_url"].endswith("#crmeventsredisrefill")
+
+    # and the wiped partitions' records were applied again from Kafka
+    async def refilled() -> bool:
+        rows = await query(
+            session,
+            live,
+            'sum by (partition) (crm_events_refilled_records_total{job="crm-events-ingest"}) > 0',
+        )
+        return {r["metric"]["partition"] for r in rows} >= had
+
+    await eventually(refilled, 20, f"refilled records for partitions {sorted(had)}")

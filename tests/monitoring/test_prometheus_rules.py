@@ -11,10 +11,13 @@ from typing import Any
 import pytest
 
 from .support import (
+    PARTITION_RESET_REASONS,
     PROMETHEUS_DIR,
     PROMETHEUS_SERIES,
+    REFILL_REASONS,
     RULES_DIR,
     RUNBOOK_BASE,
+    RUNBOOKS,
     SERVICE_METRICS,
     SEVERITIES,
     alert_names,
@@ -100,6 +103,10 @@ NEW_ALERTS = {
     # issue 11: malformed input from Redis, and background tasks that ended and were restarted
     "CrmEventsBadMessages",
     "CrmEventsTaskRestarts",
+    # issue 12: Redis is a rebuildable copy of Kafka's tail
+    "CrmEventsRedisRefill",
+    "CrmEventsRedisWaitTimeouts",
+    "CrmEventsStreamEmpty",
 }
 
 
@@ -147,6 +154,16 @@ def test_latency_slo_threshold_is_a_bucket_boundary() -> None:
         assert float(le) in LATENCY_BUCKETS_S
         # the Python client writes le="0.1", not "0.10" or "1e-1"
         assert le == repr(float(le))
+
+
+def test_partition_reset_reasons_are_the_edges() -> None:
+    """The live test expects a child per partition and reason; the runbook explains each."""
+    from edge.resume import RESET_REASONS
+
+    assert set(RESET_REASONS) == PARTITION_RESET_REASONS
+    runbook = RUNBOOKS.read_text()
+    for reason in PARTITION_RESET_REASONS | REFILL_REASONS:
+        assert f"`{reason}`" in runbook, f"the runbooks do not explain {reason}"
 
 
 def test_recording_rule_names_follow_level_metric_operations() -> None:

@@ -18,9 +18,9 @@ from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
 from edge.app import create_app
+from edge.bus import MAX_BAD_LINES_CHECKED, BadInput, BadInputs, Entry, Resync, read_live_payload
 from edge.bus_memory import MemoryBus
 from shared.contract import encode_live_line, encode_live_payload
-from shared.ids import ZERO
 from shared.settings import EdgeSettings, RedisSettings
 from shared.tasks import Supervisor
 from tests.sse_client import Collector
@@ -34,9 +34,9 @@ def envelope(seq: int) -> tuple[bytes, int, bytes]:
     return b"ContactCreated", TS, data.encode()
 
 
-def fields(seq: int) -> dict[bytes, bytes]:
+def fields(seq: int, prev: int) -> dict[bytes, bytes]:
     type_, ts, data = envelope(seq)
-    return {b"t": type_, b"ts": b"%d" % ts, b"m": b"-", b"d": data}
+    return {b"t": type_, b"ts": b"%d" % ts, b"m": b"-", b"pv": b"%d" % prev, b"d": data}
 
 
 def seqs(collector: Collector) -> list[int]:
@@ -114,16 +114,16 @@ async def listening(edge: Edge, session: aiohttp.ClientSession) -> Collector:
     return client
 
 
-async def test_a_four_field_live_line_is_skipped_and_later_events_flow(
+async def test_a_five_field_live_line_is_skipped_and_later_events_flow(
     edge: Edge, session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
 ) -> None:
     client = await listening(edge, session)
     edge.bus.publish([envelope(0)])
     await client.wait_for(lambda c: len(c.data_frames) == 1, 5, "event 0")
-    # The line ARCHITECTURE.md used to document: no match field.
-    four = b"1700000000999-0 ContactCreated 1700000000000 " + envelope(99)[2]
+    # The line the single-stream layout published: no pv field.
+    five = b"1700000000999-0 ContactCreated 1700000000000 - " + envelope(99)[2]
     with caplog.at_level(logging.WARNING, logger="edge.bus"):
-        edge.bus.publish_raw(four)
+        edge.bus.publish_raw(five)
         edge.bus.publish([envelope(1)])
         edge.bus.publish([envelope(2)])
         await client.wait_for(lambda c: len(c.data_frames) == 3, 5, "events 1 and 2")
@@ -134,8 +134,8 @@ async def test_a_four_field_live_line_is_skipped_and_later_events_flow(
         r for r in caplog.records if r.getMessage() == "skipped malformed input from redis"
     ]
     assert record.__dict__["reason"] == "bad_live_line"
-    assert record.__dict__["where"] == "channel memory:live line 1"
-    assert "4 space-separated fields" in record.__dict__["detail"]
+    assert record.__dict__["where"] == "channel memory:{p0}:live line 1"
+    assert "5 space-separated fields" in record.__dict__["detail"]
     assert record.__dict__["excerpt"].startswith("1700000000999-0 ContactCreated")
     status, body = await edge.readyz(session)
     assert status == 200 and body["subscribed"] is True and body["failed_tasks"] == []
@@ -148,10 +148,9 @@ async def test_a_bad_line_loses_no_good_event_of_its_batch(
     """Good lines around a bad one are delivered, and the event the bad line stood for is
     read from the stream (the truth) before anything after it."""
     client = await listening(edge, session)
-    ids = [edge.bus.add_raw(fields(seq)) for seq in range(4)]
+    entries = edge.bus.publish([envelope(seq) for seq in range(4)], live=False)
     lines = [
-        encode_live_line(sid.encode(), b"ContactCreated", TS, b"-", envelope(seq)[2])
-        for seq, sid in enumerate(ids)
+        encode_live_line(e.offset, e.prev, b"ContactCreated", TS, b"-", e.data) for e in entries
     ]
     lines[1] = lines[1].replace(b" - ", b" ", 1)  # event 1's line lost its match field
     lines.insert(3, b"garbage")  # and a foreign line before event 3
@@ -180,23 +179,25 @@ async def test_a_foreign_stream_entry_does_not_stop_the_repair(
     edge: Edge, session: aiohttp.ClientSession
 ) -> None:
     client = await listening(edge, session)
-    edge.bus.publish([envelope(0)])
+    (first,) = edge.bus.publish([envelope(0)])
     await client.wait_for(lambda c: len(c.data_frames) == 1, 5, "event 0")
     edge.bus.drop_subscriptions()
-    # Written while the subscription is down, so the repair reads them from the stream.
+    # Written while the subscription is down, so the repair reads them from the stream: a
+    # foreign entry, then a good one whose pv links it to event 0 (nothing missed).
     edge.bus.add_raw({b"foo": b"bar"})
-    edge.bus.add_raw(fields(1))
+    edge.bus.add_raw(fields(1, first.position))
     await client.wait_for(lambda c: len(c.data_frames) == 2, 5, "event 1, repaired")
     edge.bus.publish([envelope(2)])
     await client.wait_for(lambda c: len(c.data_frames) == 3, 5, "event 2, live")
     assert seqs(client) == [0, 1, 2]
     assert edge.bad("bad_entry") == 1
+    assert client.resets == []
 
     # Reads skip it and still fill their page, and it is reported once, not per read.
     for _ in range(3):
-        newest = await edge.bus.read_before(None, 2)
+        newest = await edge.bus.read_before(0, None, 2)
         assert [json.loads(e.data)["event"]["Seq"] for e in newest] == [2, 1]
-        oldest = await edge.bus.read_after(ZERO, 3)
+        oldest = await edge.bus.read_after(0, 0, 3)
         assert [json.loads(e.data)["event"]["Seq"] for e in oldest] == [0, 1, 2]
     assert edge.bad("bad_entry") == 1
     status, body = await edge.readyz(session)
@@ -232,3 +233,109 @@ async def test_a_crashed_subscription_is_not_ready_then_restarted(
     assert edge.metric("crm_events_task_restarts_total", {"task": "edge-subscription"}) == 1
     with contextlib.suppress(Exception):
         await client.stop()
+
+
+# --- a large malformed message costs bounded work (one report, lines after a cap unchecked) ---
+
+
+def test_a_message_of_many_bad_lines_is_reported_once_after_bounded_work(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """100 KB of newlines used to log and count 100,001 bad lines, one by one (seconds of a
+    blocked event loop); now one report stands for all of them."""
+    import edge.bus as bus_module
+
+    parsed = 0
+    real = bus_module.live_entry
+
+    def counting(partition: int, line: bytes) -> Entry:
+        nonlocal parsed
+        parsed += 1
+        return real(partition, line)
+
+    monkeypatch.setattr(bus_module, "live_entry", counting)
+    reports: list[BadInput] = []
+    bad_inputs = BadInputs()
+    bad_inputs.sink = reports.append
+    with caplog.at_level(logging.WARNING, logger="edge.bus"):
+        out = list(read_live_payload(b"\n" * 100_000, 0, "memory:{p0}:live", bad_inputs))
+    assert out == [Resync(0)]
+    (report,) = reports
+    assert report.count == 100_001
+    assert report.where == "channel memory:{p0}:live line 1"
+    assert "15 more bad lines" in report.detail and "99985 lines after them" in report.detail
+    assert parsed == MAX_BAD_LINES_CHECKED
+    assert len([r for r in caplog.records if r.name == "edge.bus"]) == 1
+
+
+async def test_good_lines_after_the_unchecked_rest_come_from_the_stream(
+    edge: Edge, session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Lines after the cap are not looked at; the Resync repair reads the stream, which holds
+    every event the message carried, so none of them is lost."""
+    client = await listening(edge, session)
+    entries = edge.bus.publish([envelope(seq) for seq in range(4)], live=False)
+    lines = [
+        encode_live_line(e.offset, e.prev, b"ContactCreated", TS, b"-", e.data) for e in entries
+    ]
+    garbage = [b"garbage %d" % i for i in range(MAX_BAD_LINES_CHECKED + 4)]
+    with caplog.at_level(logging.WARNING, logger="edge.bus"):
+        edge.bus.publish_raw(encode_live_payload([lines[0], *garbage, *lines[1:]]))
+        edge.bus.publish([envelope(4)])
+        await client.wait_for(lambda c: len(c.data_frames) >= 5, 5, "events 0..4")
+    assert seqs(client) == [0, 1, 2, 3, 4]
+    assert client.resets == []
+    (record,) = [
+        r for r in caplog.records if r.getMessage() == "skipped malformed input from redis"
+    ]
+    # 16 bad lines checked, then 4 more garbage lines and the 3 good ones skipped unchecked.
+    assert record.__dict__["count"] == MAX_BAD_LINES_CHECKED + 7
+    assert record.__dict__["where"] == "channel memory:{p0}:live line 2"
+    assert edge.bad("bad_live_line") == MAX_BAD_LINES_CHECKED + 7  # once, by the count
+    await client.stop()
+
+
+# --- a foreign entry's envelope never makes a history body invalid JSON --------------------
+
+
+async def test_history_stays_json_whatever_a_foreign_entry_holds(
+    edge: Edge, session: aiohttp.ClientSession
+) -> None:
+    client = await listening(edge, session)
+    (first,) = edge.bus.publish([envelope(0)])
+    await client.wait_for(lambda c: len(c.data_frames) == 1, 5, "event 0")
+    # Neither is published, so only stream reads see them (the ring holds event 0 alone,
+    # and a history of 10 takes the Redis path).
+    empty = edge.bus.add_raw({**fields(0, first.position), b"d": b"{ }"})
+    edge.bus.add_raw({**fields(0, empty), b"d": b"{not json}"})
+    for _ in range(2):
+        async with session.get(edge.url("/crm-events/history?n=10")) as resp:
+            assert resp.status == 200
+            body = json.loads(await resp.read())  # raised on the old splice: {"cursor":"…",}
+        items = body["items"]
+        assert len(items) == 2
+        assert items[0]["event"]["Seq"] == 0
+        assert set(items[1]) == {"cursor"}  # the empty object, with its cursor spliced in
+    assert edge.bad("bad_entry") == 1  # "{not json}", once however often it is read
+    await client.stop()
+
+
+async def test_history_from_the_ring_leaves_out_a_live_envelope_that_is_not_json(
+    edge: Edge, session: aiohttp.ClientSession
+) -> None:
+    """Live lines are not parsed as JSON (about 1 µs an event on the hot path; a bad one
+    spoils one SSE frame), but the ring keeps them for history, whose body must stay JSON."""
+    client = await listening(edge, session)
+    (first,) = edge.bus.publish([envelope(0)])
+    await client.wait_for(lambda c: len(c.data_frames) == 1, 5, "event 0")
+    forged = encode_live_line(first.position, first.position, b"A", TS, b"-", b"{not json}")
+    edge.bus.publish_raw(forged)
+    await client.wait_for(lambda c: len(c.data_frames) == 2, 5, "the forged frame")
+    for n in (1, 2):  # two queries: both answered from the ring, neither cached for the other
+        async with session.get(edge.url(f"/crm-events/history?n={n}")) as resp:
+            assert resp.status == 200
+            body = json.loads(await resp.read())
+        assert [i["event"]["Seq"] for i in body["items"]] == ([] if n == 1 else [0])
+    assert edge.metric("crm_events_replay_ring_reads_total", {"outcome": "hit"}) >= 2
+    assert edge.bad("bad_live_line") == 1
+    await client.stop()

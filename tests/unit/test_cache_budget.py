@@ -19,8 +19,10 @@ from edge.bus import Entry
 from edge.bus_memory import MemoryBus
 from edge.context import EdgeContext
 from edge.lru import ENTRY_OVERHEAD_BYTES, ByteLru, approx_bytes
+from edge.ring import entry_bytes
 from shared.security_settings import LimitSettings
 from shared.settings import EdgeSettings, RedisSettings
+from tests.sse_client import cursor_text
 
 EVENT_BYTES = 4096
 RING_EVENTS = 2000
@@ -36,6 +38,11 @@ def envelope(seq: int) -> tuple[bytes, int, bytes]:
     data = json.dumps({"type": TYPE, "event": event}, separators=(",", ":")).encode()
     assert len(data) == EVENT_BYTES
     return TYPE.encode(), 1_700_000_000_000, data
+
+
+def probe_entry() -> Entry:
+    type_, ts, data = envelope(0)
+    return Entry.build(0, 0, 0, type_, ts, data)
 
 
 def long_types(rng: random.Random, count: int) -> str:
@@ -101,7 +108,8 @@ async def running_edge() -> AsyncIterator[tuple[TestServer, MemoryBus, Watch]]:
         redis=RedisSettings(),
         node_id="edge-cache-test",
         ping_interval_s=300.0,  # no keepalive inside a replay this test compares byte for byte
-        replay_ring_events=RING_EVENTS,
+        # Room for the ring's 2000 events exactly (the ring counts bytes).
+        replay_ring_bytes=RING_EVENTS * entry_bytes(probe_entry()) + 1000,
         limits=LimitSettings(
             history_rate_per_s=1e9,
             history_burst=1_000_000_000,
@@ -124,7 +132,7 @@ async def publish(
     entries = bus.publish(events)
 
     async def dispatched() -> None:
-        while ctx.hub.ring.last != entries[-1].id:
+        while ctx.hub.ring[0].last != entries[-1].position:
             await asyncio.sleep(0.005)
 
     await asyncio.wait_for(dispatched(), timeout=10)
@@ -168,7 +176,7 @@ async def test_distinct_queries_with_large_events_stay_within_the_cache_budgets(
             elif shape == 1:
                 n = rng.randrange(50, 400)
                 after = rng.randrange(0, RING_EVENTS - n)
-                await history({"n": str(n), "after": entries[after].id_bytes.decode()}, n)
+                await history({"n": str(n), "after": cursor_text(1, entries[after].position)}, n)
             else:
                 junk = long_types(rng, 30).split(",", 1)[1]
                 await history({"n": str(rng.randrange(1, 20)), "types": junk}, 0)
@@ -183,13 +191,17 @@ async def test_distinct_queries_with_large_events_stay_within_the_cache_budgets(
             while True:
                 behind = rng.randrange(150, 350) if i % 2 else rng.randrange(1, 30)
                 start = ring[-behind - 1]
-                if start.id_bytes not in used:
+                if start.position not in used:
                     break
-            used.add(start.id_bytes)
+            used.add(start.position)
             params = {"types": long_types(rng, 30)} if i % 3 == 0 else {}
-            expected = preface + b"".join(e.frame for e in ring[-behind:])
+            expected = preface + b"".join(
+                b"id: " + cursor_text(1, e.position).encode() + e.frame for e in ring[-behind:]
+            )
             async with session.get(
-                stream_url, params=params, headers={"Last-Event-ID": start.id_bytes.decode()}
+                stream_url,
+                params=params,
+                headers={"Last-Event-ID": cursor_text(1, start.position)},
             ) as resp:
                 assert resp.status == 200
                 received = await asyncio.wait_for(read_replay(resp, expected), timeout=10)

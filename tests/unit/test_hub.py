@@ -1,5 +1,6 @@
-"""edge.hub: one encode per batch and filter group, bounded per-client buffers, resume
-hand-off from history to live. Async tests: Client holds an asyncio.Event."""
+"""edge.hub: one encode per event (its id the hub's cursor after it) and one join per batch
+and filter group, per-partition duplicate drop, bounded per-client buffers, clients ahead of
+the hub. Async tests: Client holds an asyncio.Event."""
 
 from __future__ import annotations
 
@@ -9,19 +10,35 @@ import pytest
 
 from edge.bus import Entry
 from edge.hub import Client, Hub
-from shared.ids import ZERO, StreamId, parse_id_bytes
+from shared.cursor import Cursor
 
 DEADLINE_S = 2.0
+EPOCH = 3
 
 
-def entry(ms: int, type_: bytes = b"A", seq: int = 0) -> Entry:
-    id_bytes = b"%d-%d" % (ms, seq)
-    data = b'{"type":"%s","n":%d}' % (type_, ms)
-    return Entry.build(id_bytes, type_, 1_000_000 + ms, data, parse_id_bytes(id_bytes))
+def entry(position: int, type_: bytes = b"A", partition: int = 0, prev: int | None = None) -> Entry:
+    """The event at offset ``position - 1`` (its pv the position before, by default)."""
+    data = b'{"type":"%s","n":%d}' % (type_, position)
+    before = position - 1 if prev is None else prev
+    return Entry.build(partition, position - 1, before, type_, 1_000_000 + position, data)
 
 
-def frames(*entries: Entry) -> bytes:
-    return b"".join(e.frame for e in entries)
+def new_hub(partitions: int = 1, ring_bytes: int = 0) -> Hub:
+    hub = Hub(ring_bytes=ring_bytes)
+    hub.start(EPOCH, [0] * partitions)
+    return hub
+
+
+def frames(*entries: Entry, partitions: int = 1, start: int | list[int] = 0) -> bytes:
+    """The frames the hub sends for ``entries`` dispatched from ``start`` (in every
+    partition, or per partition) (ids: the hub's cursor after each event)."""
+    positions: list[int | None] = list(start) if isinstance(start, list) else [start] * partitions
+    out = []
+    for e in entries:
+        positions[e.partition] = e.position
+        cursor = Cursor(EPOCH, tuple(positions)).encode()
+        out.append(b"id: " + cursor + e.frame)
+    return b"".join(out)
 
 
 class Abort:
@@ -44,7 +61,7 @@ def attached(hub: Hub, types: set[bytes] | None = None, limit: int = 1 << 20) ->
 
 
 async def test_unfiltered_clients_share_the_very_same_bytes() -> None:
-    hub = Hub()
+    hub = new_hub()
     a, b = attached(hub), attached(hub)
     batch = [entry(1), entry(2, b"B"), entry(3)]
 
@@ -69,7 +86,7 @@ async def test_unfiltered_clients_share_the_very_same_bytes() -> None:
 async def test_filtered_groups_get_only_their_types_in_order(
     types: set[bytes] | None, expected_ms: list[int]
 ) -> None:
-    hub = Hub()
+    hub = new_hub()
     first, second = attached(hub, types), attached(hub, types)
     by_ms = {1: b"A", 2: b"B", 3: b"C", 4: b"A", 5: b"B"}
     batch = [entry(ms, t) for ms, t in by_ms.items()]
@@ -77,7 +94,8 @@ async def test_filtered_groups_get_only_their_types_in_order(
     hub.dispatch(batch)
 
     data, ts = first.take()
-    assert data == frames(*(e for e in batch if e.id.ms in expected_ms))
+    everything = frames(*batch).split(b"id: ")[1:]
+    assert data == b"".join(b"id: " + everything[ms - 1] for ms in expected_ms)
     assert ts == (batch[expected_ms[0] - 1].ts_ms if expected_ms else 0)
     other, _ = second.take()
     if expected_ms:
@@ -85,7 +103,7 @@ async def test_filtered_groups_get_only_their_types_in_order(
 
 
 async def test_a_group_without_matching_entries_gets_nothing() -> None:
-    hub = Hub()
+    hub = new_hub()
     only_b = attached(hub, {b"B"})
 
     hub.dispatch([entry(1), entry(2)])
@@ -94,33 +112,53 @@ async def test_a_group_without_matching_entries_gets_nothing() -> None:
     assert only_b.take() == (b"", 0)
 
 
-async def test_entries_at_or_below_last_id_are_dropped() -> None:
-    hub = Hub()
+async def test_entries_at_or_below_the_partition_position_are_dropped() -> None:
+    hub = new_hub()
     c = attached(hub)
 
     assert hub.dispatch([entry(1), entry(2), entry(3)]) == 3
     c.take()
     assert hub.dispatch([entry(2), entry(3), entry(4), entry(5)]) == 2
-    assert c.take()[0] == frames(entry(4), entry(5))
+    assert c.take()[0] == frames(entry(4), entry(5), start=3)
     assert hub.dispatch([entry(5)]) == 0
     assert hub.dispatch([entry(3), entry(4)]) == 0
     assert c.buffered_bytes == 0
-    assert hub.last_id == StreamId(5, 0)
+    assert hub.positions == [5]
 
 
-async def test_seq_matters_in_repeat_detection() -> None:
-    hub = Hub()
+async def test_partitions_are_deduplicated_each_on_its_own() -> None:
+    hub = new_hub(partitions=2)
     c = attached(hub)
-    hub.dispatch([entry(7, seq=0)])
+    hub.dispatch([entry(10, partition=0)])
     c.take()
 
-    assert hub.dispatch([entry(7, seq=0), entry(7, seq=1)]) == 1
-    assert c.take()[0] == entry(7, seq=1).frame
+    # Position 4 of partition 1 is new although partition 0 stands at 10.
+    assert hub.dispatch([entry(4, partition=1)]) == 1
+    assert hub.dispatch([entry(9, partition=0), entry(10, partition=0)]) == 0
+    assert hub.positions == [10, 4]
+    data, _ = c.take()
+    assert Cursor(EPOCH, (10, 4)).encode() in data
+
+
+async def test_each_frame_carries_the_hub_cursor_right_after_it() -> None:
+    hub = new_hub(partitions=3)
+    c = attached(hub)
+    hub.dispatch([entry(5, partition=1), entry(6, partition=1)])
+    hub.dispatch([entry(2, partition=0)])
+
+    data, _ = c.take()
+    ids = [line[4:] for line in data.split(b"\n") if line.startswith(b"id: ")]
+    assert ids == [
+        Cursor(EPOCH, (0, 5, 0)).encode(),
+        Cursor(EPOCH, (0, 6, 0)).encode(),
+        Cursor(EPOCH, (2, 6, 0)).encode(),
+    ]
+    assert hub.cursor() == Cursor(EPOCH, (2, 6, 0))
 
 
 async def test_slow_client_is_closed_once_and_others_keep_receiving() -> None:
-    hub = Hub()
-    one = entry(1).frame
+    hub = new_hub()
+    one = frames(entry(1))
     slow, abort = client(limit=2 * len(one))  # room for exactly two frames
     hub.attach(slow)
     fast = attached(hub)
@@ -145,7 +183,7 @@ async def test_slow_client_is_closed_once_and_others_keep_receiving() -> None:
 
 
 async def test_take_coalesces_pushes_and_reports_the_oldest_timestamp() -> None:
-    hub = Hub()
+    hub = new_hub()
     c = attached(hub)
     batches = [[entry(1)], [entry(2), entry(3)], [entry(4)]]
     for batch in batches:
@@ -160,11 +198,11 @@ async def test_take_coalesces_pushes_and_reports_the_oldest_timestamp() -> None:
     assert c.buffered_bytes == 0
     assert c.take() == (b"", 0)
     hub.dispatch([entry(9)])
-    assert c.take() == (entry(9).frame, entry(9).ts_ms)
+    assert c.take() == (frames(entry(9), start=4), entry(9).ts_ms)
 
 
 async def test_push_wakes_a_waiting_handler() -> None:
-    hub = Hub()
+    hub = new_hub()
     c = attached(hub)
     waiter = asyncio.create_task(c.wait())
     await asyncio.sleep(0)  # a scheduler yield, not a timed wait: the waiter now blocks
@@ -175,70 +213,98 @@ async def test_push_wakes_a_waiting_handler() -> None:
     await asyncio.wait_for(waiter, DEADLINE_S)
 
 
-async def test_resume_after_skips_live_entries_up_to_it_then_clears() -> None:
-    hub = Hub()
+def ids_of(data: bytes) -> list[Cursor]:
+    from shared.cursor import decode_cursor
+
+    return [decode_cursor(line[4:]) for line in data.split(b"\n") if line.startswith(b"id: ")]
+
+
+async def test_a_client_ahead_skips_up_to_its_position_and_its_ids_never_go_back() -> None:
+    hub = new_hub(partitions=2)
     hub.dispatch([entry(ms) for ms in range(1, 6)])
     plain = attached(hub)
     resumed, _ = client()
+    mine = Cursor(EPOCH, (8, 0))
 
-    assert hub.attach(resumed, resume_after=StreamId(8, 0)) == StreamId(5, 0)
-    assert resumed.min_id == StreamId(8, 0)
+    assert hub.attach(resumed, mine) == Cursor(EPOCH, (5, 0))
+    assert resumed.ahead == {0: 8}
 
     hub.dispatch([entry(6), entry(7)])
     assert resumed.buffered_bytes == 0
-    assert plain.take()[0] == frames(entry(6), entry(7))
+    assert plain.take()[0] == frames(entry(6), entry(7), start=[5, 0])
+
+    hub.dispatch([entry(3, partition=1)])  # another partition: delivered, id merged
+    data, _ = resumed.take()
+    assert ids_of(data) == [Cursor(EPOCH, (8, 3))]
+    plain.take()
 
     hub.dispatch([entry(8), entry(9)])
-    assert resumed.take() == (entry(9).frame, entry(9).ts_ms)
-    assert plain.take()[0] == frames(entry(8), entry(9))
-    assert resumed.min_id is None
+    data, ts = resumed.take()
+    assert ids_of(data) == [Cursor(EPOCH, (9, 3))]
+    assert ts == entry(9).ts_ms
+    assert plain.take()[0] == frames(entry(8), entry(9), start=[7, 3])
+    assert resumed.ahead is None
 
     hub.dispatch([entry(10)])
     # Caught up: back on the shared path, same bytes as everyone else.
     assert resumed.take()[0] is plain.take()[0]
 
 
-async def test_resume_after_applies_with_a_filter_too() -> None:
-    hub = Hub()
+async def test_a_client_ahead_applies_its_filter_too() -> None:
+    hub = new_hub()
     resumed, _ = client({b"A"})
-    hub.attach(resumed, resume_after=StreamId(8, 0))
+    hub.attach(resumed, Cursor(EPOCH, (8,)))
 
     hub.dispatch([entry(6), entry(7, b"B"), entry(8), entry(9), entry(10, b"B")])
 
-    assert resumed.take()[0] == entry(9).frame
-    assert resumed.min_id is None
+    data, _ = resumed.take()
+    assert ids_of(data) == [Cursor(EPOCH, (9,))]
+    assert resumed.ahead is None
+
+
+async def test_a_partition_the_hub_has_not_seen_counts_as_behind() -> None:
+    hub = Hub()
+    hub.start(EPOCH, [None, 4])
+    resumed, _ = client()
+    hub.attach(resumed, Cursor(EPOCH, (2, 1)))
+    assert resumed.ahead == {0: 2}
+    hub.dispatch([entry(1), entry(2), entry(3)])
+    data, _ = resumed.take()
+    assert ids_of(data) == [Cursor(EPOCH, (3, 4))]
 
 
 @pytest.mark.parametrize(
-    "resume_after",
-    [pytest.param(StreamId(3, 0), id="older"), pytest.param(StreamId(5, 0), id="equal")],
+    "mine",
+    [pytest.param(Cursor(EPOCH, (3,)), id="older"), pytest.param(Cursor(EPOCH, (5,)), id="equal")],
 )
-async def test_resume_after_not_ahead_of_the_hub_changes_nothing(resume_after: StreamId) -> None:
-    hub = Hub()
+async def test_a_cursor_not_ahead_of_the_hub_changes_nothing(mine: Cursor) -> None:
+    hub = new_hub()
     hub.dispatch([entry(5)])
     c, _ = client()
 
-    assert hub.attach(c, resume_after=resume_after) == StreamId(5, 0)
-    assert c.min_id is None
+    assert hub.attach(c, mine) == Cursor(EPOCH, (5,))
+    assert c.ahead is None
     hub.dispatch([entry(6)])
-    assert c.take()[0] == entry(6).frame
+    assert c.take()[0] == frames(entry(6), start=5)
 
 
 async def test_broadcast_reaches_every_client_whatever_its_filter() -> None:
-    hub = Hub()
+    hub = new_hub()
     clients = [attached(hub), attached(hub, {b"A"}), attached(hub, {b"B", b"C"})]
-    behind, _ = client({b"A"})
-    hub.attach(behind, resume_after=StreamId(100, 0))
-    frame = b'id: 9-0\nevent: reset\ndata: {"reason":"trimmed"}\n\n'
+    ahead, _ = client({b"A"})
+    hub.attach(ahead, Cursor(EPOCH, (100,)))
 
-    hub.broadcast(frame)
+    hub.broadcast_control(lambda cursor: b"id: " + cursor.encode() + b"\nevent: reset\n\n")
 
-    for c in [*clients, behind]:
+    frame = b"id: " + Cursor(EPOCH, (0,)).encode() + b"\nevent: reset\n\n"
+    for c in clients:
         assert c.take() == (frame, 0)
+    # Its id merges the client's own cursor: never backwards.
+    assert ahead.take() == (b"id: " + Cursor(EPOCH, (100,)).encode() + b"\nevent: reset\n\n", 0)
 
 
 async def test_close_all_wakes_every_waiter() -> None:
-    hub = Hub()
+    hub = new_hub()
     clients = [attached(hub), attached(hub, {b"A"})]
     waiters = [asyncio.create_task(c.wait()) for c in clients]
     await asyncio.sleep(0)  # a scheduler yield, not a timed wait: the waiters now block
@@ -251,7 +317,7 @@ async def test_close_all_wakes_every_waiter() -> None:
 
 
 async def test_a_closed_client_keeps_its_first_reason_and_gets_nothing_more() -> None:
-    hub = Hub()
+    hub = new_hub()
     c = attached(hub)
     c.close("slow")
 
@@ -264,7 +330,7 @@ async def test_a_closed_client_keeps_its_first_reason_and_gets_nothing_more() ->
 
 
 async def test_detach_stops_delivery() -> None:
-    hub = Hub()
+    hub = new_hub()
     kept, gone = attached(hub), attached(hub, {b"A"})
     assert hub.client_count == 2
 
@@ -274,19 +340,21 @@ async def test_detach_stops_delivery() -> None:
 
     assert hub.client_count == 1
     assert gone.buffered_bytes == 0
-    assert kept.take()[0] == entry(1).frame
+    assert kept.take()[0] == frames(entry(1))
 
 
-async def test_new_hub_starts_at_zero() -> None:
+async def test_a_started_hub_stands_where_it_was_started() -> None:
     hub = Hub()
+    hub.start(EPOCH, [7, None])
 
-    assert hub.last_id == ZERO
     assert hub.client_count == 0
-    assert hub.attach(client()[0]) == ZERO
+    assert hub.attach(client()[0]) == Cursor(EPOCH, (7, None))
+    hub.grow(3)
+    assert hub.cursor() == Cursor(EPOCH, (7, None, None))
 
 
 async def test_empty_batch_is_zero_new_entries() -> None:
-    hub = Hub()
+    hub = new_hub()
     c = attached(hub)
 
     assert hub.dispatch([]) == 0
@@ -294,9 +362,9 @@ async def test_empty_batch_is_zero_new_entries() -> None:
 
 
 async def test_one_oversized_batch_is_not_slow_but_a_backlog_is() -> None:
-    hub = Hub()
+    hub = new_hub()
     big = [entry(i) for i in range(1, 50)]
-    size = len(b"".join(e.frame for e in big))
+    size = len(frames(*big))
     c, abort = client(limit=size // 4)
     hub.attach(c)
     hub.dispatch(big)
@@ -325,7 +393,7 @@ class FakeTransport:
 
 
 async def test_idle_clients_get_the_framed_batch_written_directly_in_order() -> None:
-    hub = Hub()
+    hub = new_hub()
     observed: list[int] = []
     hub.on_direct_write = observed.append
     c, _ = client()
@@ -341,15 +409,15 @@ async def test_idle_clients_get_the_framed_batch_written_directly_in_order() -> 
     c.take()
     c.direct = True  # the handler now waits with an empty buffer
     hub.dispatch([entry(3)])
-    chunk = frames(entry(3))
+    chunk = frames(entry(3), start=2)
     assert transport.written == [b"%x\r\n" % len(chunk) + chunk + b"\r\n"]
     assert observed == [1_000_003]
 
     transport.buffered = 10  # the socket is backed up: back to the queue and the handler
     hub.dispatch([entry(4)])
-    assert len(transport.written) == 1 and c.buffered_bytes == len(frames(entry(4)))
+    assert len(transport.written) == 1 and c.buffered_bytes == len(frames(entry(4), start=3))
     transport.buffered = 0
     hub.dispatch([entry(5)])  # still queued: what waits must go first
     assert len(transport.written) == 1
     data, _ = c.take()
-    assert data == frames(entry(4), entry(5))
+    assert data == frames(entry(4), entry(5), start=3)

@@ -10,12 +10,14 @@ from multidict import CIMultiDict, MultiDict
 from edge.params import (
     MAX_TYPES,
     MAX_TYPES_PARAM_LEN,
+    LegacyId,
+    Position,
     parse_history_params,
     parse_stream_params,
     parse_types,
 )
+from shared.cursor import MAX_CURSOR_CHARS, Cursor
 from shared.httpkit import ApiError
-from shared.ids import StreamId
 
 DEFAULT_N = 100
 MAX_N = 1000
@@ -89,7 +91,7 @@ def test_history_bad_n_is_invalid_n(raw: str) -> None:
     [
         pytest.param([("n", "5"), ("n", "5")], id="n-twice"),
         pytest.param([("n", "5"), ("n", "abc")], id="n-twice-one-bad"),
-        pytest.param([("after", "1-0"), ("after", "2-0")], id="after-twice"),
+        pytest.param([("after", "1.AAAAAQA"), ("after", "1.AAAAAQA")], id="after-twice"),
         pytest.param([("types", "A"), ("types", "B")], id="types-twice"),
     ],
 )
@@ -101,15 +103,21 @@ def test_history_repeated_parameter_is_invalid_query(pairs: Pairs) -> None:
 
 # --- history: after --------------------------------------------------------------------------
 
+C = Cursor(7, (5, None, 1_000_000))
+C_TEXT = C.encode().decode()
+
 
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
-        pytest.param("0-0", StreamId(0, 0), id="zero"),
-        pytest.param("1732870000000-3", StreamId(1732870000000, 3), id="realistic"),
+        pytest.param("1.AAAAAQA", Cursor(1, ()), id="no-partitions"),
+        pytest.param(C_TEXT, C, id="three-partitions"),
+        # An id of the single-stream layout: one reset (old_format), not a 400.
+        pytest.param("1732870000000-3", LegacyId("1732870000000-3"), id="legacy-id"),
+        pytest.param("0-0", LegacyId("0-0"), id="legacy-zero"),
     ],
 )
-def test_history_after_accepted(raw: str, expected: StreamId) -> None:
+def test_history_after_accepted(raw: str, expected: Position) -> None:
     got = parse_history_params(MultiDict([("after", raw), ("n", "5")]), DEFAULT_N, MAX_N)
 
     assert got.after == expected
@@ -121,15 +129,23 @@ def test_history_after_accepted(raw: str, expected: StreamId) -> None:
     [
         pytest.param("", id="empty"),
         pytest.param("abc", id="letters"),
-        pytest.param("1-", id="no-seq"),
+        pytest.param("1-", id="legacy-no-seq"),
         pytest.param("1", id="ms-only"),
-        pytest.param("1-0 ", id="trailing-space"),
+        pytest.param(C_TEXT + " ", id="trailing-space"),
         pytest.param("$", id="redis-dollar"),
-        pytest.param("1" * 21 + "-0", id="21-digits"),
+        pytest.param("1" * 21 + "-0", id="legacy-21-digits"),
+        pytest.param("2." + C_TEXT[2:], id="version-2"),
+        pytest.param("1.", id="no-payload"),
+        pytest.param(C_TEXT + "A", id="trailing-byte"),
+        pytest.param(C_TEXT + "=", id="padded"),
+        pytest.param("1.AAAAAQA/", id="not-url-safe"),
+        pytest.param("1.AAAAAQH_", id="count-cut-off"),
+        pytest.param("1." + "A" * MAX_CURSOR_CHARS, id="too-long"),
+        pytest.param("1.AAAAé", id="non-ascii"),
     ],
 )
-def test_history_bad_after_is_invalid_id(raw: str) -> None:
-    err = assert_400(history([("after", raw)]), "invalid_id")
+def test_history_bad_after_is_invalid_cursor(raw: str) -> None:
+    err = assert_400(history([("after", raw)]), "invalid_cursor")
 
     assert "after" in err.message
 
@@ -198,46 +214,42 @@ def test_types_reach_both_endpoints() -> None:
 
 # --- stream: Last-Event-ID and ?last_event_id= -----------------------------------------------
 
+A = Cursor(1, (3,)).encode().decode()
+B = Cursor(1, (5,)).encode().decode()
+Z = Cursor(1, (9,)).encode().decode()
+
 
 @pytest.mark.parametrize(
     ("pairs", "headers", "expected"),
     [
         pytest.param([], {}, None, id="neither"),
-        pytest.param([], {"Last-Event-ID": "5-0"}, StreamId(5, 0), id="header-only"),
-        pytest.param([("last_event_id", "3-0")], {}, StreamId(3, 0), id="query-only"),
+        pytest.param([], {"Last-Event-ID": B}, Cursor(1, (5,)), id="header-only"),
+        pytest.param([("last_event_id", A)], {}, Cursor(1, (3,)), id="query-only"),
         pytest.param(
-            [("last_event_id", "3-0")], {"Last-Event-ID": "5-0"}, StreamId(5, 0), id="header-wins"
+            [("last_event_id", A)], {"Last-Event-ID": B}, Cursor(1, (5,)), id="header-wins"
         ),
         pytest.param(
-            [("last_event_id", "9-0")],
-            {"Last-Event-ID": "5-0"},
-            StreamId(5, 0),
+            [("last_event_id", Z)],
+            {"Last-Event-ID": B},
+            Cursor(1, (5,)),
             id="header-wins-even-if-older",
         ),
         pytest.param(
-            [("last_event_id", "3-0")],
-            {"Last-Event-ID": ""},
-            StreamId(3, 0),
-            id="empty-header-falls-back",
+            [("last_event_id", A)], {"Last-Event-ID": ""}, Cursor(1, (3,)), id="empty-header"
         ),
         pytest.param(
-            [("last_event_id", "3-0")],
-            {"Last-Event-ID": "   "},
-            StreamId(3, 0),
-            id="blank-header-falls-back",
+            [("last_event_id", A)], {"Last-Event-ID": "   "}, Cursor(1, (3,)), id="blank-header"
         ),
-        pytest.param([], {"Last-Event-ID": " 5-0 "}, StreamId(5, 0), id="header-trimmed"),
+        pytest.param([], {"Last-Event-ID": f" {B} "}, Cursor(1, (5,)), id="header-trimmed"),
         pytest.param([("last_event_id", "")], {}, None, id="empty-query"),
         pytest.param(
-            [],
-            CIMultiDict([("last-event-id", "5-1")]),
-            StreamId(5, 1),
-            id="header-case-insensitive",
+            [], CIMultiDict([("last-event-id", B)]), Cursor(1, (5,)), id="header-case-insensitive"
         ),
+        pytest.param([], {"Last-Event-ID": "5-1"}, LegacyId("5-1"), id="legacy-header"),
     ],
 )
 def test_stream_position(
-    pairs: Pairs, headers: Mapping[str, str], expected: StreamId | None
+    pairs: Pairs, headers: Mapping[str, str], expected: Position | None
 ) -> None:
     got = parse_stream_params(MultiDict(pairs), headers)
 
@@ -250,28 +262,32 @@ def test_stream_position(
     [
         pytest.param([], {"Last-Event-ID": "abc"}, "Last-Event-ID", id="bad-header"),
         pytest.param(
-            [("last_event_id", "3-0")],
+            [("last_event_id", A)],
             {"Last-Event-ID": "abc"},
             "Last-Event-ID",
             id="bad-header-good-query",
         ),
-        pytest.param([], {"Last-Event-ID": "5-"}, "Last-Event-ID", id="header-no-seq"),
         pytest.param(
-            [], {"Last-Event-ID": "1" * 21 + "-0"}, "Last-Event-ID", id="header-21-digits"
+            [("last_event_id", "abc")],
+            {"Last-Event-ID": B},
+            "last_event_id",
+            id="bad-query-good-header",
         ),
+        pytest.param([], {"Last-Event-ID": "5-"}, "Last-Event-ID", id="header-no-seq"),
+        pytest.param([], {"Last-Event-ID": "1.AAAAAQ"}, "Last-Event-ID", id="header-cut-off"),
         pytest.param([("last_event_id", "x-y")], {}, "last_event_id", id="bad-query"),
         pytest.param([("last_event_id", " ")], {}, "last_event_id", id="blank-query"),
     ],
 )
-def test_malformed_position_is_invalid_id(
+def test_malformed_position_is_invalid_cursor(
     pairs: Pairs, headers: Mapping[str, str], name: str
 ) -> None:
-    err = assert_400(lambda: parse_stream_params(MultiDict(pairs), headers), "invalid_id")
+    err = assert_400(lambda: parse_stream_params(MultiDict(pairs), headers), "invalid_cursor")
 
     assert name in err.message
 
 
 def test_repeated_last_event_id_is_invalid_query() -> None:
-    query = MultiDict([("last_event_id", "1-0"), ("last_event_id", "2-0")])
+    query = MultiDict([("last_event_id", A), ("last_event_id", B)])
 
     assert_400(lambda: parse_stream_params(query, {}), "invalid_query")

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from ingest.records import DEAD, EVENT, Prepared, RawRecord, dead_reason, pack, prepare, unpack
+from ingest.records import (
+    DEAD,
+    EVENT,
+    Prepared,
+    RawRecord,
+    dead_reason,
+    group,
+    pack,
+    prepare,
+    unpack,
+)
 from shared.events import DeadReason, Envelope, decode_record, parse_match
 from shared.settings import DEFAULT_TYPE_FIELDS
 
@@ -101,20 +111,21 @@ def test_dead_detail_with_a_lone_surrogate_type_is_still_utf8() -> None:
     got[4].decode("utf-8")
 
 
-def test_pack_then_unpack_gives_the_records_back() -> None:
-    event = run(record(b'{"Type":"A"}', partition=0, offset=5))
-    dead = run(record(b"nope", partition=1, offset=9))
-    big = run(record(b'{"Type":"B","x":"' + b"y" * 200 + b'"}', partition=70000, offset=2**40))
+def test_pack_then_unpack_gives_one_partitions_records_back() -> None:
+    event = run(record(b'{"Type":"A"}', partition=7, offset=5))
+    dead = run(record(b"nope", partition=7, offset=9))
+    big = run(record(b'{"Type":"B","x":"' + b"y" * 200 + b'"}', partition=7, offset=2**40))
 
-    assert unpack(pack([event, dead, big])) == [event, dead, big]
+    assert unpack(pack([event, dead, big]), 7) == [event, dead, big]
 
 
 def test_pack_layout_is_what_the_script_reads() -> None:
-    # '>c1I4i8I4I4I4I4' in Lua: kind, partition, offset, four lengths; then the fields.
+    # '>c1i8I4I4I4I4' in Lua: kind, offset, four lengths; then the fields. One blob holds
+    # one partition's records, so the partition is not repeated per record.
     blob = pack([(3, 2**33 + 1, EVENT, b"T", b"17", b"{}", b"-")])
 
     assert blob == (
-        b"e" + (3).to_bytes(4, "big") + (2**33 + 1).to_bytes(8, "big")
+        b"e" + (2**33 + 1).to_bytes(8, "big")
         + (1).to_bytes(4, "big") + (2).to_bytes(4, "big") + (2).to_bytes(4, "big")
         + (1).to_bytes(4, "big") + b"T17{}-"
     )  # fmt: skip
@@ -122,13 +133,31 @@ def test_pack_layout_is_what_the_script_reads() -> None:
 
 def test_pack_of_nothing_is_empty() -> None:
     assert pack([]) == b""
-    assert unpack(b"") == []
+    assert unpack(b"", 0) == []
 
 
 def test_pack_accepts_any_iterable() -> None:
     prepared = [run(record(b'{"Type":"A"}', offset=i)) for i in range(3)]
 
-    assert unpack(pack(p for p in prepared)) == prepared
+    assert unpack(pack(p for p in prepared), 2) == prepared
+
+
+def test_group_splits_a_batch_by_partition_keeping_each_partitions_order() -> None:
+    mixed = [
+        run(record(b'{"Type":"A"}', partition=p, offset=o))
+        for o, p in [(10, 1), (3, 0), (11, 1), (4, 0), (12, 1), (0, 2)]
+    ]
+
+    grouped = group(mixed)
+
+    assert list(grouped) == [1, 0, 2]
+    assert {p: [r[1] for r in rs] for p, rs in grouped.items()} == {
+        1: [10, 11, 12],
+        0: [3, 4],
+        2: [0],
+    }
+    assert all(r[0] == p for p, rs in grouped.items() for r in rs)
+    assert group([]) == {}
 
 
 def test_match_fields_travel_as_one_token() -> None:

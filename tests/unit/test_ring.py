@@ -1,4 +1,5 @@
-"""The in-memory replay ring: what it covers, what it returns, and when it forgets."""
+"""The in-memory replay ring, per partition and bounded in bytes: what it covers, what it
+returns, and when it forgets."""
 
 from __future__ import annotations
 
@@ -8,92 +9,128 @@ import pytest
 
 from edge.bus import Entry
 from edge.hub import Hub
-from edge.ring import ReplayRing
-from shared.ids import ZERO, StreamId
+from edge.ring import PartitionRing, ReplayRing, entry_bytes
 
 
-def entry(ms: int, seq: int = 0, type_: bytes = b"A") -> Entry:
-    sid = StreamId(ms, seq)
-    return Entry.build(sid.encode(), type_, ms, b'{"n":%d}' % ms, sid)
+def entry(position: int, type_: bytes = b"A", partition: int = 0, pad: int = 0) -> Entry:
+    data = b'{"n":%d,"p":"%s"}' % (position, b"x" * pad)
+    return Entry.build(partition, position - 1, position - 1, type_, position, data)
 
 
-def ids(entries: list[Entry]) -> list[int]:
-    return [e.id.ms for e in entries]
+SIZE = entry_bytes(entry(1))
+"""What one small entry costs (positions below 10 all cost the same)."""
+
+
+def positions(entries: list[Entry]) -> list[int]:
+    return [e.position for e in entries]
+
+
+def ring_of(events: int) -> PartitionRing:
+    """A ring with room for ``events`` small entries."""
+    return PartitionRing(events * SIZE)
 
 
 def test_empty_ring_covers_nothing_until_started() -> None:
-    ring = ReplayRing(10)
-    assert not ring.covers(ZERO)
+    ring = ring_of(10)
+    assert not ring.covers(0)
     assert ring.last is None
     ring.extend([entry(1)])  # before a start point nothing is trusted
     assert len(ring) == 0
-    ring.reset(StreamId(5, 0))
-    assert ring.covers(StreamId(5, 0))
-    assert not ring.covers(StreamId(4, 0))
-    assert not ring.covers(StreamId(6, 0))  # ahead of what it has seen
+    ring.reset(5)
+    assert ring.covers(5)
+    assert not ring.covers(4)
+    assert not ring.covers(6)  # ahead of what it has seen
 
 
 def test_covers_the_held_range_and_returns_what_follows_a_position() -> None:
-    ring = ReplayRing(10)
-    ring.reset(ZERO)
+    ring = ring_of(10)
+    ring.reset(0)
     ring.extend([entry(i) for i in range(1, 6)])
-    assert ring.covers(ZERO) and ring.covers(StreamId(3, 0)) and ring.covers(StreamId(5, 0))
-    assert not ring.covers(StreamId(5, 1))
-    assert ids(ring.after(StreamId(2, 0))) == [3, 4, 5]
-    # A position between two ids continues with the next one, as XRANGE's "(" would.
-    assert ids(ring.after(StreamId(2, 7))) == [3, 4, 5]
-    assert ids(ring.after(ZERO, until=StreamId(3, 0))) == [1, 2, 3]
-    assert ids(ring.after(ZERO, limit=2)) == [1, 2]
-    assert ring.after(StreamId(5, 0)) == []
+    assert ring.covers(0) and ring.covers(3) and ring.covers(5)
+    assert not ring.covers(6)
+    assert positions(ring.after(2)) == [3, 4, 5]
+    assert positions(ring.after(0, until=3)) == [1, 2, 3]
+    assert positions(ring.after(0, limit=2)) == [1, 2]
+    assert ring.after(5) == []
 
 
-def test_eviction_moves_the_floor_to_the_last_evicted_id() -> None:
-    ring = ReplayRing(3)
-    ring.reset(ZERO)
+def test_offsets_that_are_no_events_are_covered_too() -> None:
+    """Positions between two entries (transaction markers) are inside the covered range."""
+    ring = ring_of(10)
+    ring.reset(0)
+    ring.extend([entry(2), entry(7)])
+    assert ring.covers(4)
+    assert positions(ring.after(4)) == [7]
+
+
+def test_eviction_by_bytes_moves_the_floor_to_the_last_evicted_position() -> None:
+    ring = ring_of(3)
+    ring.reset(0)
     ring.extend([entry(i) for i in range(1, 6)])
     assert len(ring) == 3
-    assert ring.floor == StreamId(2, 0)
-    assert not ring.covers(StreamId(1, 0))
-    assert ring.covers(StreamId(2, 0))
-    assert ids(ring.after(StreamId(2, 0))) == [3, 4, 5]
+    assert ring.held_bytes == 3 * SIZE
+    assert ring.floor == 2
+    assert not ring.covers(1)
+    assert ring.covers(2)
+    assert positions(ring.after(2)) == [3, 4, 5]
 
 
-def test_reset_forgets_and_a_zero_capacity_ring_never_covers() -> None:
-    ring = ReplayRing(5)
-    ring.reset(ZERO)
-    ring.extend([entry(i) for i in range(1, 4)])
-    ring.reset(StreamId(100, 0))
+def test_large_entries_take_more_room() -> None:
+    ring = ring_of(10)
+    ring.reset(0)
+    big = entry(1, pad=3 * SIZE)  # costs about seven small ones (data and frame)
+    ring.extend([big, entry(2), entry(3)])
+    assert positions(ring.after(0)) == [1, 2, 3]
+    ring.extend([entry(4), entry(5)])
+    # The big one went, and with it the room for several small ones.
+    assert ring.floor == 1
+    assert positions(ring.after(1)) == [2, 3, 4, 5]
+
+
+def test_an_entry_larger_than_the_budget_leaves_the_ring_empty_but_exact() -> None:
+    ring = ring_of(2)
+    ring.reset(0)
+    ring.extend([entry(1), entry(2, pad=10 * SIZE)])
     assert len(ring) == 0
-    assert not ring.covers(StreamId(2, 0))
+    assert ring.floor == 2 and ring.covers(2) and not ring.covers(1)
+
+
+def test_reset_forgets_and_a_zero_budget_ring_never_covers() -> None:
+    ring = ring_of(5)
+    ring.reset(0)
+    ring.extend([entry(i) for i in range(1, 4)])
+    ring.reset(100)
+    assert len(ring) == 0
+    assert not ring.covers(2)
     assert ring.generation == 2  # one per reset: derived caches key on it
-    off = ReplayRing(0)
-    off.reset(ZERO)
+    off = PartitionRing(0)
+    off.reset(0)
     off.extend([entry(1)])
-    assert not off.covers(ZERO) and len(off) == 0
+    assert not off.covers(0) and len(off) == 0
 
 
 def test_newest_without_a_filter_needs_n_held_entries() -> None:
-    ring = ReplayRing(10)
-    ring.reset(ZERO)
+    ring = ring_of(10)
+    ring.reset(0)
     ring.extend([entry(i) for i in range(1, 5)])
     assert ring.newest(5, None, 50) is None  # Redis may hold older ones
     got = ring.newest(3, None, 30)
-    assert got is not None and ids(got) == [2, 3, 4]
+    assert got is not None and positions(got[0]) == [2, 3, 4]
 
 
 def test_newest_with_a_filter_stops_at_its_budget_or_defers_to_redis() -> None:
-    ring = ReplayRing(100)
-    ring.reset(ZERO)
+    ring = ring_of(100)
+    ring.reset(0)
     ring.extend([entry(i, type_=b"B" if i % 10 == 0 else b"A") for i in range(1, 61)])
 
     def wants(e: Entry) -> bool:
         return e.type == b"B"
 
     got = ring.newest(2, wants, 20)
-    assert got is not None and ids(got) == [50, 60]
+    assert got is not None and positions(got[0]) == [50, 60]
     # Budget exhausted before n matches: a short answer, as the Redis scan gives.
     short = ring.newest(5, wants, 20)
-    assert short is not None and ids(short) == [50, 60]
+    assert short is not None and positions(short[0]) == [50, 60]
     # The ring runs out before the budget: only Redis can tell what is older.
     assert ring.newest(10, wants, 1000) is None
 
@@ -102,36 +139,66 @@ def test_newest_with_a_filter_stops_at_its_budget_or_defers_to_redis() -> None:
 def test_matches_a_plain_list_model(seed: int) -> None:
     rng = random.Random(seed)
     capacity = rng.randint(1, 40)
-    ring = ReplayRing(capacity)
-    ring.reset(ZERO)
+    ring = ring_of(capacity)
+    ring.reset(0)
     model: list[Entry] = []
-    ms = 0
+    position = 0
     for _ in range(60):
         batch = []
         for _ in range(rng.randint(1, 9)):
-            ms += rng.randint(1, 3)
-            batch.append(entry(ms, rng.randint(0, 2)))
+            position += rng.randint(1, 3)  # offsets are not contiguous
+            batch.append(entry(position))
         ring.extend(batch)
         model.extend(batch)
-        held = model[-capacity:]
-        assert len(ring) == len(held)
-        assert ring.last == held[-1].id
-        floor = model[-capacity - 1].id if len(model) > capacity else ZERO
+        held_bytes = 0
+        held: list[Entry] = []
+        for e in reversed(model):
+            if held_bytes + entry_bytes(e) > capacity * SIZE:
+                break
+            held_bytes += entry_bytes(e)
+            held.insert(0, e)
+        assert positions(ring.after(ring.floor or 0)) == positions(held)
+        assert ring.last == model[-1].position
+        floor = model[-len(held) - 1].position if len(held) < len(model) else 0
         assert ring.floor == floor
-        probe = StreamId(rng.randint(0, ms + 2), rng.randint(0, 3))
+        probe = rng.randint(0, position + 2)
         if ring.covers(probe):
             assert probe >= floor
-            assert ring.after(probe) == [e for e in model if e.id > probe]
+            assert ring.after(probe) == [e for e in model if e.position > probe]
         else:
-            assert probe < floor or probe > held[-1].id
+            assert probe < floor or probe > model[-1].position
 
 
-def test_hub_feeds_the_ring_with_new_entries_only() -> None:
-    hub = Hub(ring_capacity=10)
-    hub.start_at(StreamId(2, 0))
+def test_the_budget_is_split_over_the_partitions() -> None:
+    rings = ReplayRing(12 * SIZE, partitions=3)
+    assert [rings[p].budget_bytes for p in range(3)] == [4 * SIZE] * 3
+    rings.resize(4)
+    assert [rings[p].budget_bytes for p in range(4)] == [3 * SIZE] * 4
+    for p in range(4):
+        rings.reset(p, 0)
+        rings.extend(p, [entry(i, partition=p) for i in range(1, 10)])
+    assert len(rings) == 12
+    assert rings.held_bytes == 12 * SIZE
+    assert rings.covers(2, 6) and not rings.covers(2, 5)
+
+
+def test_hub_feeds_each_partition_ring_with_new_entries_only() -> None:
+    hub = Hub(ring_bytes=20 * SIZE)
+    hub.start(1, [2, 0])
     hub.dispatch([entry(1), entry(2), entry(3)])  # 1 and 2 are repeats of what came before
     hub.dispatch([entry(3), entry(4)])
-    assert ids(hub.ring.after(StreamId(2, 0))) == [3, 4]
-    assert hub.ring.covers(StreamId(2, 0)) and not hub.ring.covers(StreamId(1, 0))
-    hub.start_at(StreamId(50, 0))  # the stream was lost: nothing before is vouched for
-    assert not hub.ring.covers(StreamId(3, 0))
+    hub.dispatch([entry(1, partition=1)])
+    assert positions(hub.ring[0].after(2)) == [3, 4]
+    assert positions(hub.ring[1].after(0)) == [1]
+    assert hub.ring.covers(0, 2) and not hub.ring.covers(0, 1)
+    hub.move(0, 50)  # partition 0 lost what lay before 50: nothing before is vouched for
+    assert not hub.ring.covers(0, 3)
+    assert hub.ring.covers(1, 0)
+
+
+def test_a_partition_started_without_position_is_covered_from_its_first_entry() -> None:
+    hub = Hub(ring_bytes=20 * SIZE)
+    hub.start(1, [None])
+    assert not hub.ring.covers(0, 0)
+    hub.dispatch([Entry.build(0, 9, 7, b"A", 1, b"{}"), Entry.build(0, 10, 10, b"A", 1, b"{}")])
+    assert hub.ring.covers(0, 7) and not hub.ring.covers(0, 6)

@@ -51,6 +51,8 @@ def test_ingest_defaults_from_an_empty_mapping() -> None:
         got.event_max_bytes,
         got.type_fields,
         got.backoff_max_s,
+        got.redis_wait_replicas,
+        got.redis_wait_timeout_ms,
     ) == (
         "INFO",
         "127.0.0.1:9092",
@@ -67,6 +69,8 @@ def test_ingest_defaults_from_an_empty_mapping() -> None:
         s.DEFAULT_EVENT_MAX_BYTES,
         ("Type", "type", "eventType"),
         s.DEFAULT_BACKOFF_MAX_S,
+        0,
+        200,
     )
 
 
@@ -85,7 +89,7 @@ def test_edge_defaults_from_an_empty_mapping() -> None:
         got.history_default_n,
         got.history_max_n,
         got.resume_page,
-        got.replay_ring_events,
+        got.replay_ring_bytes,
         got.history_cache_bytes,
         got.replay_cache_bytes,
         got.shutdown_grace_s,
@@ -100,7 +104,7 @@ def test_edge_defaults_from_an_empty_mapping() -> None:
         100,
         1000,
         s.DEFAULT_RESUME_PAGE,
-        s.DEFAULT_REPLAY_RING_EVENTS,
+        s.DEFAULT_REPLAY_RING_BYTES,
         32 * 1024 * 1024,
         24 * 1024 * 1024,
         s.DEFAULT_SHUTDOWN_GRACE_S,
@@ -163,6 +167,20 @@ def test_blank_values_count_as_unset() -> None:
             "a:1, b.example:9093,[::1]:9094",
             id="bootstrap-list",
         ),
+        pytest.param(
+            IngestSettings.from_env,
+            {"REDIS_WAIT_REPLICAS": "1"},
+            "redis_wait_replicas",
+            1,
+            id="wait-one-replica",
+        ),
+        pytest.param(
+            IngestSettings.from_env,
+            {"REDIS_WAIT_TIMEOUT_MS": "1"},
+            "redis_wait_timeout_ms",
+            1,
+            id="wait-timeout-min",
+        ),
     ],
 )
 def test_good_values(from_env: FromEnv, env: dict[str, str], attr: str, expected: Any) -> None:
@@ -201,7 +219,7 @@ BAD = [
     pytest.param(EDGE, {"SSE_PING_INTERVAL_S": "nan"}, "SSE_PING_INTERVAL_S", id="ping-nan"),
     pytest.param(EDGE, {"CLIENT_BUFFER_BYTES": "10"}, "CLIENT_BUFFER_BYTES", id="buffer-tiny"),
     pytest.param(EDGE, {"NODE_ID": "edge 1"}, "NODE_ID", id="node-id-space"),
-    pytest.param(EDGE, {"REPLAY_RING_EVENTS": "-1"}, "REPLAY_RING_EVENTS", id="ring-negative"),
+    pytest.param(EDGE, {"REPLAY_RING_BYTES": "-1"}, "REPLAY_RING_BYTES", id="ring-negative"),
     pytest.param(
         EDGE, {"HISTORY_CACHE_BYTES": "-1"}, "HISTORY_CACHE_BYTES", id="history-cache-negative"
     ),
@@ -214,7 +232,7 @@ BAD = [
     pytest.param(
         EDGE, {"REPLAY_CACHE_BYTES": "1.5"}, "REPLAY_CACHE_BYTES", id="replay-cache-float"
     ),
-    pytest.param(EDGE, {"REPLAY_RING_EVENTS": "lots"}, "REPLAY_RING_EVENTS", id="ring-word"),
+    pytest.param(EDGE, {"REPLAY_RING_BYTES": "lots"}, "REPLAY_RING_BYTES", id="ring-word"),
     pytest.param(INGEST, {"KAFKA_BOOTSTRAP": "nohost"}, "KAFKA_BOOTSTRAP", id="bootstrap-nohost"),
     pytest.param(
         INGEST, {"KAFKA_BOOTSTRAP": "a:9092,nohost"}, "KAFKA_BOOTSTRAP", id="bootstrap-second-bad"
@@ -228,6 +246,16 @@ BAD = [
     pytest.param(INGEST, {"LOG_LEVEL": "LOUD"}, "LOG_LEVEL", id="ingest-log-level"),
     pytest.param(INGEST, {"REDIS_URL": "http://x"}, "REDIS_URL", id="ingest-redis-url"),
     pytest.param(INGEST, {"EVENT_MAX_BYTES": "1"}, "EVENT_MAX_BYTES", id="max-bytes-tiny"),
+    pytest.param(
+        INGEST, {"REDIS_WAIT_REPLICAS": "-1"}, "REDIS_WAIT_REPLICAS", id="wait-replicas-negative"
+    ),
+    pytest.param(
+        INGEST, {"REDIS_WAIT_REPLICAS": "one"}, "REDIS_WAIT_REPLICAS", id="wait-replicas-word"
+    ),
+    # WAIT with timeout 0 blocks forever: a batch would never come back.
+    pytest.param(
+        INGEST, {"REDIS_WAIT_TIMEOUT_MS": "0"}, "REDIS_WAIT_TIMEOUT_MS", id="wait-timeout-zero"
+    ),
 ]
 
 

@@ -19,16 +19,17 @@ from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
 from edge.app import CONTEXT, create_app
-from edge.bus import StreamInfo
+from edge.bus import Entry
 from edge.bus_memory import MemoryBus
 from shared.settings import EdgeSettings, RedisSettings
+from tests.sse_client import cursor_text
 
 DEADLINE_S = 10.0
 """Far below the runner's 60 s shutdown timeout, after which aiohttp cancels handlers."""
 
 
-class HeldInfoBus(MemoryBus):
-    """The in-memory bus whose ``info`` can be held, as a slow Redis would hold it."""
+class HeldReadBus(MemoryBus):
+    """The in-memory bus whose stream reads can be held, as a slow Redis would hold them."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -36,11 +37,13 @@ class HeldInfoBus(MemoryBus):
         self.held = 0
         self._release = asyncio.Event()
 
-    async def info(self) -> StreamInfo:
+    async def read_after(
+        self, partition: int, position: int, count: int, until: int | None = None
+    ) -> list[Entry]:
         if self.hold:
             self.held += 1
             await self._release.wait()
-        return await super().info()
+        return await super().read_after(partition, position, count, until)
 
 
 def envelope(seq: int) -> tuple[bytes, int, bytes]:
@@ -80,9 +83,9 @@ def shutdowns(registry: CollectorRegistry) -> float:
 
 
 async def test_streams_waiting_for_their_resume_position_end_on_shutdown() -> None:
-    bus = HeldInfoBus()
+    bus = HeldReadBus()
     # Published before the edge starts, so they precede its replay ring: resuming from the
-    # first one takes the Redis path, which asks ``info``.
+    # first one takes the Redis path, which reads the stream.
     first = bus.publish([envelope(i) for i in range(5)])[0]
     async with aiohttp.ClientSession() as session, edge(bus) as (server, registry):
         app = server.app
@@ -94,11 +97,11 @@ async def test_streams_waiting_for_their_resume_position_end_on_shutdown() -> No
         bus.hold = True
         setting_up = [
             asyncio.create_task(
-                read_stream(session, url, {"Last-Event-ID": first.id_bytes.decode()})
+                read_stream(session, url, {"Last-Event-ID": cursor_text(1, first.position)})
             )
             for _ in range(3)
         ]
-        await eventually(lambda: bus.held == 3, "three streams waiting on info")
+        await eventually(lambda: bus.held == 3, "three streams waiting on Redis")
 
         closing = asyncio.create_task(server.close())
         async with asyncio.timeout(DEADLINE_S):
@@ -131,4 +134,54 @@ async def test_streams_waiting_for_readiness_end_on_shutdown() -> None:
         assert all(body.startswith(b"retry:") for _, body in results)
         assert shutdowns(registry) == 3
         assert app[CONTEXT].connections.held == 0
+        await closing
+
+
+class HeldAfterBus(HeldReadBus):
+    """Holds every stream read after the first ``allowed`` once armed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.allowed: int | None = None
+
+    async def read_after(
+        self, partition: int, position: int, count: int, until: int | None = None
+    ) -> list[Entry]:
+        if self.allowed is not None:
+            if self.allowed == 0:
+                self.hold = True
+            self.allowed -= 1
+        return await super().read_after(partition, position, count, until)
+
+
+async def test_a_stream_replaying_from_redis_ends_cleanly_on_shutdown() -> None:
+    """The replay's later page reads are held (a slow Redis): SIGTERM stops the replay at
+    once and ends the stream cleanly, rather than leaving it to be cancelled at the grace
+    deadline (aiohttp's shutdown timeout, 60 s here)."""
+    bus = HeldAfterBus()
+    first = bus.publish([envelope(i) for i in range(6)])[0]
+    registry = CollectorRegistry()
+    settings = EdgeSettings(
+        redis=RedisSettings(), node_id="edge-drain", ping_interval_s=0.2, resume_page=2
+    )
+    server = TestServer(create_app(settings, registry=registry, bus=bus))
+    await server.start_server()
+    async with aiohttp.ClientSession() as session:
+        app = server.app
+        assert app is not None
+        await eventually(app[CONTEXT].subscription.ready.is_set, "subscribed")
+        url = str(server.make_url("/crm-events"))
+        bus.allowed = 1  # the plan's first page; the replay's next page is held
+        resuming = asyncio.create_task(
+            read_stream(session, url, {"Last-Event-ID": cursor_text(1, first.position)})
+        )
+        await eventually(lambda: bus.held == 1, "the replay waiting on Redis")
+
+        closing = asyncio.create_task(server.close())
+        async with asyncio.timeout(DEADLINE_S):
+            status, body = await resuming
+        assert status == 200
+        assert body.startswith(b"retry:")
+        assert body.count(b"data:") == 2  # the first page (events 1 and 2), then the end
+        assert shutdowns(registry) == 1
         await closing
