@@ -21,6 +21,7 @@ help:
 	@echo "make test      lint, then all tests against a local Kafka and Redis"
 	@echo "make chaos     the full chaos test alone (20,000 events, faults, 20 clients)"
 	@echo "make failover  Redis Sentinel failover and wipe under load, 3 seeds x 20,000 events"
+	@echo "make rebalance two ingest workers through rebalances, each record applied once"
 	@echo "make browser   the browser tests alone (Chromium and Firefox ESR)"
 	@echo "make bench     benchmarks beside Centrifugo, quick (~8 min; bench/README.md)"
 	@echo "make bench-full the full benchmark (~25 min; Centrifugo built once, ~10 min)"
@@ -94,3 +95,8 @@ failover: install
 	CRM_EVENTS_FAILOVER_SEEDS=$${CRM_EVENTS_FAILOVER_SEEDS:-3} \
 	CRM_EVENTS_FAILOVER_REPORT=$${CRM_EVENTS_FAILOVER_REPORT:-run/failover-report.json} \
 	bash scripts/test.sh tests/integration/test_failover.py -s -q -p no:randomly
+
+# Two ingest workers through rebalances mid-stream (kept out of `make test`: see the test's docstring).
+.PHONY: rebalance
+rebalance: install
+	CRM_EVENTS_REBALANCE_TEST=1 bash scripts/test.sh tests/integration/test_rebalance.py -q -p no:randomly

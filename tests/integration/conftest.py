@@ -3,6 +3,7 @@ private ingest/edge/nginx processes per test module."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,10 @@ import pytest
 
 from tests.harness.backends import Backends, provide
 from tests.harness.cluster import Cluster
+
+# test_rebalance.py runs only on request (`make rebalance`): it once hung while an in-process
+# worker stopped mid-rebalance, and a hang must not block the whole suite.
+collect_ignore = [] if os.environ.get("CRM_EVENTS_REBALANCE_TEST") == "1" else ["test_rebalance.py"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
