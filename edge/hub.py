@@ -292,7 +292,7 @@ class Hub:
         elif pos is None:
             # The first entries of a partition read from its oldest: the ring holds the
             # partition from right before the first one on.
-            self.ring.reset(p, entries[0].prev)
+            self.ring.reset(p, entries[0].prev, from_oldest=True)
         encoder = self._encoder
         # The hub's cursor before this batch: the base of the merged ids of ahead clients.
         before = list(self.positions) if self._ahead else None

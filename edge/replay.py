@@ -206,6 +206,11 @@ class Resumer:
         writer: Writer,
     ) -> None:
         ring = self.hub.ring
+        if pos is None and pending is None and ring[p].from_oldest:
+            # No position here asks for the partition's oldest retained entries, and the ring
+            # still holds the partition from its oldest on (typical for a partition that had
+            # no event yet when the client's cursor was made): no Redis read per client.
+            pos = ring[p].floor
         while (pos is None or pos < head) and not client.closed:
             if pending is None and pos is not None and ring.covers(p, pos):
                 pos = await self._ring_page(p, pos, head, client, encoder, writer)

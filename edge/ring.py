@@ -41,6 +41,7 @@ class PartitionRing:
         "_start",
         "budget_bytes",
         "floor",
+        "from_oldest",
         "generation",
         "held_bytes",
     )
@@ -50,6 +51,11 @@ class PartitionRing:
         """Most bytes held (``entry_bytes``); 0 turns the ring off."""
         self.floor: int | None = None
         """Every entry with ``floor < position <= last`` is held; None: nothing is."""
+        self.from_oldest = False
+        """True while the ring also holds the partition's oldest entry it started from (it
+        began with the first entries read from the partition's oldest and evicted nothing):
+        a cursor without a position in this partition, which asks for the oldest retained
+        entries, is then served from memory."""
         # Parallel lists with a moving start: appends and evictions are O(1) amortised and
         # the positions stay bisectable (a deque is O(n) to index in the middle).
         self._entries: list[Entry] = []
@@ -70,14 +76,16 @@ class PartitionRing:
             return self._positions[-1]
         return self.floor
 
-    def reset(self, floor: int | None) -> None:
-        """Forget every entry; the next ones continue the partition right after ``floor``."""
+    def reset(self, floor: int | None, from_oldest: bool = False) -> None:
+        """Forget every entry; the next ones continue the partition right after ``floor``
+        (``from_oldest``: they are its oldest retained entries)."""
         self._entries = []
         self._positions = []
         self._sizes = []
         self._start = 0
         self.held_bytes = 0
         self.floor = floor if self.budget_bytes > 0 else None
+        self.from_oldest = from_oldest and self.floor is not None
         self.generation += 1
 
     def extend(self, entries: Sequence[Entry]) -> None:
@@ -107,6 +115,7 @@ class PartitionRing:
             self.held_bytes -= self._sizes[start]
             start += 1
         self.floor = self._positions[start - 1]
+        self.from_oldest = False
         self._start = start
         if start > 1024 and start * 2 >= end:
             del self._entries[:start]
@@ -198,8 +207,8 @@ class ReplayRing:
     def covers(self, partition: int, position: int) -> bool:
         return partition < len(self._rings) and self._rings[partition].covers(position)
 
-    def reset(self, partition: int, floor: int | None) -> None:
-        self._rings[partition].reset(floor)
+    def reset(self, partition: int, floor: int | None, from_oldest: bool = False) -> None:
+        self._rings[partition].reset(floor, from_oldest)
 
     def reset_all(self, floors: Sequence[int | None]) -> None:
         for ring, floor in zip(self._rings, floors, strict=False):

@@ -614,3 +614,29 @@ async def test_every_known_partitions_reset_counters_are_exported_from_zero(edge
         )
 
     await eventually(exported, 5, "every partition's reset counters at 0")
+
+
+async def test_a_partition_without_position_resumes_from_the_ring_when_it_holds_its_oldest(
+    session: aiohttp.ClientSession,
+) -> None:
+    # A cursor made before partitions 1 and 2 had any event carries no position there, which
+    # asks for their oldest retained entries. The ring began with those partitions' first
+    # entries, so it holds them: a reconnect storm must not read them from Redis per client.
+    async with running_edge(ring_bytes=3 * RING_20_EVENTS, partitions=3) as edge:
+        marker = edge.bus.publish([envelope(0)], partition=0)
+        await edge.dispatched(marker)
+        cursor = edge.hub_cursor
+        assert cursor.position(1) is None and cursor.position(2) is None
+        later = [
+            *edge.bus.publish([envelope(1), envelope(2)], partition=1),
+            *edge.bus.publish([envelope(3), envelope(4)], partition=2),
+        ]
+        await edge.dispatched(later)
+        edge.bus.reads_fail = True  # Redis reads would fail: only the ring can answer
+        resumed = Collector(
+            edge.url("/crm-events"), headers={"Last-Event-ID": cursor.encode().decode()}
+        ).start(session)
+        await resumed.wait_for(lambda c: len(c.data_frames) >= 4, 5, "the four events")
+        assert sorted(seqs(resumed)) == [1, 2, 3, 4]
+        assert not [f for f in resumed.received if f.event == "reset"]
+        await resumed.stop()
