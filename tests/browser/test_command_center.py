@@ -344,7 +344,10 @@ def test_ten_eventsource_streams_over_http2_all_receive_events(
     page.wait_for_function("() => window.__streams.every((s) => s.ids.length >= 5)", timeout=5000)
     states = _states(page)
     assert len(states) == 10
-    assert all(s["count"] == 5 and s["ids"] == states[0]["ids"] for s in states)
+    # The same five events on every stream; their order across partitions may differ
+    # between edges (Kafka orders only within a partition), so compare them as sets.
+    assert all(s["count"] == 5 and sorted(s["ids"]) == sorted(states[0]["ids"]) for s in states)
+    assert len(set(states[0]["ids"])) == 5
     if browser_name == "chromium":
         eventually_sync(lambda: len(protocols) >= 10, 5, "10 EventSource responses")
         assert protocols == ["h2"] * 10
