@@ -49,7 +49,7 @@ async def healthz(request: web.Request) -> web.Response:
 async def fan_out(app: web.Application, redis: Redis, keys: RedisKeys) -> None:
     pubsub = redis.pubsub()
     # Every partition's channel, however many the topic has.
-    await pubsub.psubscribe(keys.live(0).replace("{p0}", "{p*}"))
+    await pubsub.psubscribe(f"{keys.prefix}:{{p*}}:live")
     app[READY].set()
     async for message in pubsub.listen():
         if message["type"] != "pmessage":

@@ -31,6 +31,8 @@ class Profile:
     d_backlog: int
     e_duration_s: float
     e_connections: int
+    e_rounds: int
+    """E measures every server this many times, in turns (see ``scenario_e``)."""
     connect_rate: float
     """New streams per second while the clients of A and B connect (a ramp)."""
     event_size: int = 256
@@ -63,6 +65,7 @@ QUICK = Profile(
     d_backlog=200_000,
     e_duration_s=5.0,
     e_connections=32,
+    e_rounds=3,
     connect_rate=2500,
 )
 
@@ -85,6 +88,7 @@ FULL = Profile(
     d_backlog=1_000_000,
     e_duration_s=10.0,
     e_connections=32,
+    e_rounds=5,
     connect_rate=2500,
 )
 
@@ -107,6 +111,7 @@ SMOKE = Profile(
     d_backlog=2000,
     e_duration_s=1.0,
     e_connections=4,
+    e_rounds=1,
     connect_rate=0,
 )
 

@@ -33,6 +33,18 @@ def _series(results: dict[str, Any], server: str, clients: int) -> dict[str, Any
     return found
 
 
+def _rounds(*rows: dict[str, Any] | None) -> str:
+    n = max((len(r.get("rounds_requests_per_s") or ()) for r in rows if r), default=0)
+    return f", median of {n} rounds in turns" if n > 1 else ""
+
+
+def _spread(row: dict[str, Any] | None) -> str:
+    rounds = (row or {}).get("rounds_requests_per_s") or []
+    if len(rounds) < 2:
+        return ""
+    return f" ({_fmt(min(rounds))}-{_fmt(max(rounds))})"
+
+
 def _by_server(rows: list[dict[str, Any]] | None, server: str) -> dict[str, Any] | None:
     for r in rows or []:
         if r.get("server") == server:
@@ -149,7 +161,8 @@ def side_by_side(results: dict[str, Any]) -> list[str]:
     if e_e or e_c:
         ev, cv = _field(e_e, "requests_per_s"), _field(e_c, "requests_per_s")
         lines.append(
-            f"| E history n=100 | requests/s | {_fmt(ev)} | {_fmt(cv)} (server API "
+            f"| E history n=100 | requests/s{_rounds(e_e, e_c)} | {_fmt(ev)}{_spread(e_e)} "
+            f"| {_fmt(cv)}{_spread(e_c)} (server API "
             f"`/api/history`) | {_ratio(ev, cv)} | | ≥ 5,000 | "
             f"{_met(None if ev is None else ev >= 5000)} |"
         )

@@ -1,10 +1,11 @@
 """The local crm-events stack without Docker: settings, its parts, and ``crm-events-stack``.
 
 Parts, in start order: ``kafka``, ``redis`` (with CRM_EVENTS_REDIS_MODE=sentinel also
-``redis-replica``, ``sentinel1`` … ``sentinelN``), ``ingest``, ``edge1`` … ``edgeN``, ``nginx``,
-``producer``. Each is a :class:`~devtools.supervisor.ProcessSpec` built from
-:class:`StackSettings`; a :class:`~devtools.supervisor.Supervisor` on the run directory starts
-and stops them through pidfiles, so ``down`` stops exactly what ``up`` started.
+``redis-replica``, ``sentinel1`` … ``sentinelN``; with CRM_EVENTS_REDIS_MODE=cluster instead
+``redis-node1`` … ``redis-nodeN``), ``ingest``, ``edge1`` … ``edgeN``, ``nginx``, ``producer``.
+Each is a :class:`~devtools.supervisor.ProcessSpec` built from :class:`StackSettings`; a
+:class:`~devtools.supervisor.Supervisor` on the run directory starts and stops them through
+pidfiles, so ``down`` stops exactly what ``up`` started.
 
 Library use (test harness, benchmarks)::
 
@@ -23,13 +24,20 @@ CRM_EVENTS_RUN_DIR                 <checkout>/run     pidfiles, logs, configs, K
 CRM_EVENTS_KAFKA_PORT              9092               Kafka client listener (127.0.0.1)
 CRM_EVENTS_KAFKA_CONTROLLER_PORT   19093              KRaft controller listener
 CRM_EVENTS_KAFKA_TOPIC             aetherlink.events  topic the producer writes, ingest reads
-CRM_EVENTS_KAFKA_PARTITIONS        3                  partitions when the stack creates it
-CRM_EVENTS_REDIS_PORT              6379               Redis (the first primary in sentinel mode)
-CRM_EVENTS_REDIS_MODE              single             ``single``, or ``sentinel``: a primary, a
-                                                      replica and Sentinels; the stack's URL
-                                                      is then ``redis+sentinel://``
+CRM_EVENTS_KAFKA_PARTITIONS        3 (cluster: 12)    partitions when the stack creates it
+CRM_EVENTS_REDIS_PORT              6379               Redis (the first primary in sentinel
+                                                      mode; unused in cluster mode)
+CRM_EVENTS_REDIS_MODE              single             ``single``; ``sentinel``: a primary, a
+                                                      replica and Sentinels, the stack's URL
+                                                      is then ``redis+sentinel://``;
+                                                      ``cluster``: a Redis Cluster, the URL
+                                                      ``redis+cluster://`` (its masters)
 CRM_EVENTS_REDIS_REPLICA_PORT      6380               the replica (sentinel mode)
 CRM_EVENTS_REDIS_SENTINEL_PORTS    26379,26380,26381  one Sentinel per port (sentinel mode)
+CRM_EVENTS_REDIS_CLUSTER_PORTS     7000,…,7005        one cluster node per port (cluster mode):
+                                                      the first half masters, the second half
+                                                      their replicas; each also uses port +
+                                                      10000 (the cluster bus)
 CRM_EVENTS_INGEST_PORT             9020               ingest worker's /healthz /readyz /metrics
 CRM_EVENTS_EDGE_PORTS              9011,9012          one edge per port: edge1, edge2, …
 CRM_EVENTS_LB_PORT                 9010               nginx in front of the edges, plain HTTP
@@ -45,6 +53,12 @@ localhost and 127.0.0.1 in ``<run dir>/nginx/tls/`` (kept and reused while it is
 The Redis mode of a running stack is remembered in ``<run dir>/redis-mode`` (written by ``up``
 and ``start``, removed by ``down``): ``status``, ``down`` and a second ``up`` without
 CRM_EVENTS_REDIS_MODE follow the running stack, and switching modes needs a ``down`` first.
+
+In cluster mode, once every node answers and none belongs to a cluster yet, the node started
+last creates the cluster (``redis-cli --cluster create``, replicas 1). Each node keeps its
+``nodes.conf`` in ``<run dir>/redis-nodeN/data``, so a later start rejoins that cluster and
+never creates another; a node killed while a master comes back as a replica of the one that
+took over.
 """
 
 from __future__ import annotations
@@ -61,7 +75,7 @@ import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
-from devtools import kafka_local, nginx_conf, redis_ha
+from devtools import kafka_local, nginx_conf, redis_cluster, redis_ha
 from devtools.monitoring_stack import (
     MonitoringSettings,
     MonitoringSettingsError,
@@ -79,8 +93,11 @@ from devtools.supervisor import (
 )
 from edge.auth import issue_token
 from shared import cli
+from shared.contract import partition_slot
 
 __all__ = [
+    "DEFAULT_CLUSTER_KAFKA_PARTITIONS",
+    "DEFAULT_CLUSTER_PORTS",
     "DEFAULT_EDGE_PORTS",
     "DEFAULT_INGEST_PORT",
     "DEFAULT_KAFKA_CONTROLLER_PORT",
@@ -96,6 +113,7 @@ __all__ = [
     "HOST",
     "REDIS_MODES",
     "SENTINEL_SERVICE",
+    "ClusterTopology",
     "PartStatus",
     "RedisTopology",
     "SettingsError",
@@ -103,6 +121,7 @@ __all__ = [
     "StackSettings",
     "build_specs",
     "checkout_dir",
+    "cluster_node_spec",
     "edge_spec",
     "ingest_spec",
     "kafka_spec",
@@ -125,7 +144,15 @@ DEFAULT_KAFKA_PARTITIONS = 3
 DEFAULT_REDIS_PORT = 6379
 DEFAULT_REDIS_REPLICA_PORT = 6380
 DEFAULT_SENTINEL_PORTS: tuple[int, ...] = (26379, 26380, 26381)
-REDIS_MODES = ("single", "sentinel")
+DEFAULT_CLUSTER_PORTS: tuple[int, ...] = (7000, 7001, 7002, 7003, 7004, 7005)
+#: Enough partitions that every master of the default cluster owns several.
+DEFAULT_CLUSTER_KAFKA_PARTITIONS = 12
+#: A cluster node's bus (gossip, failover votes) listens on its port plus this.
+CLUSTER_BUS_OFFSET = 10_000
+#: A silent master stays master this long before its replica takes over (as the Sentinels'
+#: down-after); Redis's own default (15 s) is for production networks.
+STACK_CLUSTER_NODE_TIMEOUT_MS = 5000
+REDIS_MODES = ("single", "sentinel", "cluster")
 #: Sentinel's name for the primary it watches (the ``<service>`` of the stack's URL).
 SENTINEL_SERVICE = "crm-events"
 #: Sentinel declares the primary down after this long without an answer. Sentinel's own default
@@ -188,6 +215,9 @@ class StackSettings:
     """``single``: one Redis. ``sentinel``: a primary, a replica and Sentinels."""
     redis_replica_port: int = DEFAULT_REDIS_REPLICA_PORT
     sentinel_ports: tuple[int, ...] = DEFAULT_SENTINEL_PORTS
+    redis_cluster_ports: tuple[int, ...] = DEFAULT_CLUSTER_PORTS
+    """Cluster mode: the first half masters, the second half one replica each (``from_env``
+    also raises the default partitions to :data:`DEFAULT_CLUSTER_KAFKA_PARTITIONS`)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "run_dir", Path(self.run_dir).resolve())
@@ -197,12 +227,20 @@ class StackSettings:
             )
         object.__setattr__(self, "edge_ports", tuple(self.edge_ports))
         object.__setattr__(self, "sentinel_ports", tuple(self.sentinel_ports))
+        object.__setattr__(self, "redis_cluster_ports", tuple(self.redis_cluster_ports))
         if self.redis_mode not in REDIS_MODES:
             raise SettingsError(
-                f"CRM_EVENTS_REDIS_MODE: expected single or sentinel, got {self.redis_mode!r}"
+                "CRM_EVENTS_REDIS_MODE: expected single, sentinel or cluster, "
+                f"got {self.redis_mode!r}"
             )
         if self.sentinel and not self.sentinel_ports:
             raise SettingsError("CRM_EVENTS_REDIS_SENTINEL_PORTS: at least one Sentinel is needed")
+        n_nodes = len(self.redis_cluster_ports)
+        if self.cluster and (n_nodes < 2 or n_nodes % 2):
+            raise SettingsError(
+                "CRM_EVENTS_REDIS_CLUSTER_PORTS: expected an even number of ports (masters, "
+                f"then as many replicas), got {n_nodes}"
+            )
         if not self.edge_ports:
             raise SettingsError("CRM_EVENTS_EDGE_PORTS: at least one edge port is needed")
         if not self.producer_rate > 0 or not math.isfinite(self.producer_rate):
@@ -231,7 +269,12 @@ class StackSettings:
         return [
             ("CRM_EVENTS_KAFKA_PORT", self.kafka_port),
             ("CRM_EVENTS_KAFKA_CONTROLLER_PORT", self.kafka_controller_port),
-            ("CRM_EVENTS_REDIS_PORT", self.redis_port),
+            *([] if self.cluster else [("CRM_EVENTS_REDIS_PORT", self.redis_port)]),
+            *(("CRM_EVENTS_REDIS_CLUSTER_PORTS", p) for p in self.cluster_ports_in_use),
+            *(
+                ("CRM_EVENTS_REDIS_CLUSTER_PORTS (cluster bus: port + 10000)", p)
+                for p in self.cluster_bus_ports
+            ),
             *(
                 [("CRM_EVENTS_REDIS_REPLICA_PORT", self.redis_replica_port)]
                 + [("CRM_EVENTS_REDIS_SENTINEL_PORTS", p) for p in self.sentinel_ports]
@@ -282,8 +325,14 @@ class StackSettings:
                     f"CRM_EVENTS_PRODUCER_RATE: expected events per second > 0, got {raw_rate!r}"
                 ) from None
 
+        raw_run = env.get("CRM_EVENTS_RUN_DIR", "").strip()
+        run_dir = Path(raw_run).expanduser() if raw_run else (checkout or checkout_dir()) / "run"
+        mode = env.get("CRM_EVENTS_REDIS_MODE", "").strip().lower() or recorded_redis_mode(run_dir)
+
         raw_parts = env.get("CRM_EVENTS_KAFKA_PARTITIONS", "").strip()
-        partitions = DEFAULT_KAFKA_PARTITIONS
+        partitions = (
+            DEFAULT_CLUSTER_KAFKA_PARTITIONS if mode == "cluster" else DEFAULT_KAFKA_PARTITIONS
+        )
         if raw_parts:
             try:
                 partitions = int(raw_parts)
@@ -305,9 +354,6 @@ class StackSettings:
             if raw_path and not Path(raw_path).expanduser().is_file():
                 raise SettingsError(f"{var}: no such file: {raw_path!r}")
 
-        raw_run = env.get("CRM_EVENTS_RUN_DIR", "").strip()
-        run_dir = Path(raw_run).expanduser() if raw_run else (checkout or checkout_dir()) / "run"
-        mode = env.get("CRM_EVENTS_REDIS_MODE", "").strip().lower() or recorded_redis_mode(run_dir)
         return cls(
             run_dir=run_dir,
             kafka_port=port("CRM_EVENTS_KAFKA_PORT", DEFAULT_KAFKA_PORT),
@@ -327,6 +373,7 @@ class StackSettings:
             redis_mode=mode or "single",
             redis_replica_port=port("CRM_EVENTS_REDIS_REPLICA_PORT", DEFAULT_REDIS_REPLICA_PORT),
             sentinel_ports=ports("CRM_EVENTS_REDIS_SENTINEL_PORTS", DEFAULT_SENTINEL_PORTS),
+            redis_cluster_ports=ports("CRM_EVENTS_REDIS_CLUSTER_PORTS", DEFAULT_CLUSTER_PORTS),
         )
 
     @property
@@ -334,12 +381,41 @@ class StackSettings:
         return self.redis_mode == "sentinel"
 
     @property
+    def cluster(self) -> bool:
+        return self.redis_mode == "cluster"
+
+    @property
+    def cluster_ports_in_use(self) -> tuple[int, ...]:
+        """The cluster nodes' ports in cluster mode, else none."""
+        return self.redis_cluster_ports if self.cluster else ()
+
+    @property
+    def cluster_bus_ports(self) -> tuple[int, ...]:
+        return tuple(p + CLUSTER_BUS_OFFSET for p in self.cluster_ports_in_use)
+
+    @property
+    def cluster_masters(self) -> list[tuple[str, int]]:
+        """The nodes ``redis-cli --cluster create`` makes masters (first half of the ports);
+        after a failover a master may be elsewhere, ``make status`` tells."""
+        half = len(self.cluster_ports_in_use) // 2
+        return [(HOST, p) for p in self.cluster_ports_in_use[:half]]
+
+    @property
+    def cluster_replicas(self) -> list[tuple[str, int]]:
+        half = len(self.cluster_ports_in_use) // 2
+        return [(HOST, p) for p in self.cluster_ports_in_use[half:]]
+
+    @property
     def kafka_bootstrap(self) -> str:
         return f"{HOST}:{self.kafka_port}"
 
     @property
     def redis_url(self) -> str:
-        """What ingest and the edges connect to: the Redis, or the Sentinels in front of it."""
+        """What ingest and the edges connect to: the Redis, the Sentinels in front of it, or
+        the cluster's first masters as seeds."""
+        if self.cluster:
+            seeds = ",".join(f"{h}:{p}" for h, p in self.cluster_masters)
+            return f"redis+cluster://{seeds}"
         if self.sentinel:
             sentinels = ",".join(f"{HOST}:{p}" for p in self.sentinel_ports)
             return f"redis+sentinel://{sentinels}/{SENTINEL_SERVICE}/0"
@@ -348,6 +424,10 @@ class StackSettings:
     @property
     def redis_nodes(self) -> list[tuple[str, int]]:
         """(part, port) of every Redis server (not the Sentinels)."""
+        if self.cluster:
+            return [
+                (f"redis-node{i}", port) for i, port in enumerate(self.redis_cluster_ports, start=1)
+            ]
         nodes = [("redis", self.redis_port)]
         if self.sentinel:
             nodes.append(("redis-replica", self.redis_replica_port))
@@ -442,9 +522,15 @@ def kafka_spec(settings: StackSettings) -> ProcessSpec:
             settings.kafka_bootstrap, settings.kafka_topic, settings.kafka_partitions
         )
         if n != settings.kafka_partitions:
+            # Never added here: Kafka would then hash keys to other partitions, and a key's
+            # later events could overtake its earlier ones in another partition.
             log.warning(
-                "topic %s has %d partitions, not %d (it existed before)",
+                "topic %s has %d partitions, not %d: it existed before, and the stack does not "
+                "add partitions to it (keys would map to other partitions). Ingest uses the %d; "
+                "for %d, name a new topic (CRM_EVENTS_KAFKA_TOPIC)",
                 settings.kafka_topic,
+                n,
+                settings.kafka_partitions,
                 n,
                 settings.kafka_partitions,
             )
@@ -522,6 +608,71 @@ def redis_replica_spec(settings: StackSettings) -> ProcessSpec:
     return _redis_node_spec(settings, "redis-replica", settings.redis_replica_port)
 
 
+def cluster_node_spec(settings: StackSettings, index: int) -> ProcessSpec:
+    """Cluster node number ``index`` (1-based), ``redis-node<index>``. Its redis.conf is written
+    afresh on every start; its ``nodes.conf`` (identity, epochs, slot map) is Redis's own and
+    kept, so a restart rejoins the cluster."""
+    name = f"redis-node{index}"
+    port = settings.redis_cluster_ports[index - 1]
+    home = settings.run_dir / name
+    data = home / "data"
+
+    def prepare() -> None:
+        data.mkdir(parents=True, exist_ok=True)
+        recorded = redis_cluster.recorded_address(data / "nodes.conf")
+        if recorded is not None and recorded[1] != port:
+            raise StartError(
+                f"{name}: {data / 'nodes.conf'} belongs to a cluster node on port {recorded[1]}, "
+                f"not {port} (CRM_EVENTS_REDIS_CLUSTER_PORTS changed after the cluster was "
+                f"created); set it back, or stop the stack and remove "
+                f"{settings.run_dir}/redis-node*/ to create a new cluster"
+            )
+        (home / "redis.conf").write_text(
+            redis_cluster.node_conf_text(
+                port, data, host=HOST, node_timeout_ms=STACK_CLUSTER_NODE_TIMEOUT_MS
+            )
+        )
+
+    def after_ready() -> None:
+        _ensure_cluster(settings)
+
+    return ProcessSpec(
+        name=name,
+        argv=[_binary("redis-server"), str(home / "redis.conf")],
+        cwd=home,
+        ready=RedisReady(HOST, port),
+        ready_timeout_s=SERVICE_READY_TIMEOUT_S,
+        port=port,
+        prepare=prepare,
+        after_ready=after_ready,
+    )
+
+
+def _ensure_cluster(settings: StackSettings) -> None:
+    """Once every node answers: create the cluster if none of them is in one yet, then wait
+    until it has settled with every replica in sync. Until then (the first nodes of ``up``)
+    nothing to do: the node started last does it."""
+    nodes = [(HOST, port) for _, port in settings.redis_nodes]
+    fresh = [redis_cluster.is_fresh(address) for address in nodes]
+    if any(f is None for f in fresh):
+        return
+    if all(fresh):
+        redis_cluster.create(
+            settings.cluster_masters,
+            settings.cluster_replicas,
+            redis_cli=_binary("redis-cli"),
+            timeout_s=SERVICE_READY_TIMEOUT_S,
+        )
+    elif any(fresh):
+        lost = [name for (name, _), f in zip(settings.redis_nodes, fresh, strict=True) if f]
+        raise StartError(
+            f"{', '.join(lost)}: not in the cluster the other nodes form (its data directory "
+            f"was removed?); stop the stack (make down) and remove "
+            f"{settings.run_dir}/redis-node*/ to create the cluster afresh"
+        )
+    redis_cluster.wait_settled(nodes, SERVICE_READY_TIMEOUT_S, replicas_in_sync=True)
+
+
 def sentinel_conf_text(settings: StackSettings, index: int, primary: tuple[str, int]) -> str:
     home = settings.run_dir / f"sentinel{index}"
     return redis_ha.sentinel_conf_text(
@@ -582,7 +733,11 @@ def ingest_spec(settings: StackSettings) -> ProcessSpec:
             "CRM_EVENTS_INGEST_PORT": str(settings.ingest_port),
             "CRM_EVENTS_NODE_ID": "ingest-1",
             # With a replica, a batch's offsets are committed once the replica has it too.
-            **({"CRM_EVENTS_REDIS_WAIT_REPLICAS": "1"} if settings.sentinel else {}),
+            **(
+                {"CRM_EVENTS_REDIS_WAIT_REPLICAS": "1"}
+                if settings.sentinel or settings.cluster
+                else {}
+            ),
         },
         cwd=settings.run_dir,
         ready=HttpReady(f"{settings.ingest_url}/readyz"),
@@ -694,8 +849,9 @@ def build_specs(settings: StackSettings, env: Mapping[str, str] | None = None) -
     mon = MonitoringSettings.for_stack(settings, os.environ if env is None else env)
     return [
         kafka_spec(settings),
-        redis_spec(settings),
+        *([] if settings.cluster else [redis_spec(settings)]),
         *([redis_replica_spec(settings)] if settings.sentinel else []),
+        *(cluster_node_spec(settings, i) for i in range(1, len(settings.cluster_ports_in_use) + 1)),
         *(sentinel_spec(settings, i) for i in range(1, len(settings.sentinel_names) + 1)),
         ingest_spec(settings),
         *(edge_spec(settings, i) for i in range(1, len(settings.edge_ports) + 1)),
@@ -749,6 +905,76 @@ class RedisTopology:
         for name, port, role in self.nodes:
             rows.append(f"  {name:<14} {HOST}:{port:<6} {role or 'no answer'}")
         return rows
+
+
+def _named(address: tuple[str, int], owner: Mapping[tuple[str, int], str]) -> str:
+    return f"{address[0]}:{address[1]} ({owner.get(address, 'not a part of this stack')})"
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterTopology:
+    nodes: list[tuple[str, int, redis_ha.Role | None]]
+    """(part, port, its ROLE or None when it does not answer)."""
+    view: redis_cluster.ClusterView | None
+    """CLUSTER NODES of the first node that answers; None when none does."""
+    info: Mapping[str, str] | None
+    """CLUSTER INFO of that same node."""
+    partitions: int = 0
+    """Kafka partitions to place on the masters by their hash tag's slot (0: not shown)."""
+
+    def lines(self) -> list[str]:
+        owner = {(HOST, port): name for name, port, _ in self.nodes}
+        view, info = self.view, self.info or {}
+        if view is None:
+            head = "redis cluster: no node answers"
+        elif view.assigned == 0 and len(view.nodes) == 1:
+            head = "redis cluster: not created yet (the nodes know no cluster)"
+        else:
+            head = (
+                f"redis cluster: state {info.get('cluster_state', '?')}, "
+                f"{info.get('cluster_slots_ok', '?')}/{redis_cluster.TOTAL_SLOTS} slots served "
+                f"by {len(view.masters())} masters, per {_named(view.source, owner)}"
+            )
+        rows = [head]
+        for name, port, role in self.nodes:
+            node = None if view is None else view.by_address((HOST, port))
+            rows.append(f"  {name:<14} {HOST}:{port:<6} {self._describe(node, role, owner)}")
+        return rows
+
+    def _describe(
+        self,
+        node: redis_cluster.Node | None,
+        role: redis_ha.Role | None,
+        owner: Mapping[tuple[str, int], str],
+    ) -> str:
+        view = self.view
+        if role is None:
+            if node is not None and node.failing:
+                return "no answer (the cluster marks it failed)"
+            return "no answer"
+        if role.kind == "replica" and role.primary is not None:
+            return f"replica of {_named(role.primary, owner)}, link {role.link}"
+        if role.kind != "master":
+            return role.kind
+        if node is None or view is None:
+            return "master (not in the cluster's view)"
+        if not node.slots:
+            return "master, no slots"
+        text = f"master, slots {redis_cluster.format_ranges(node.slots)} ({node.slot_count})"
+        if self.partitions:
+            mine = [
+                str(p)
+                for p in range(self.partitions)
+                if any(s <= partition_slot(p) <= e for s, e in node.slots)
+            ]
+            text += f", partitions {','.join(mine) or 'none'}"
+        for slot, peer in node.migrating:
+            to = view.by_id(peer)
+            text += f", moving slot {slot} to {_named(to.address, owner) if to else peer}"
+        replicas = [
+            owner.get(r.address, f"{r.address[0]}:{r.address[1]}") for r in view.replicas_of(node)
+        ]
+        return f"{text}, replicas: {', '.join(replicas) or 'none'}"
 
 
 class Stack:
@@ -831,9 +1057,19 @@ class Stack:
         s.run_dir.mkdir(parents=True, exist_ok=True)
         (s.run_dir / REDIS_MODE_FILE).write_text(s.redis_mode + "\n")
 
-    def redis_topology(self) -> RedisTopology | None:
-        """Sentinel mode: what each Sentinel names as primary and each Redis's ROLE."""
+    def redis_topology(self) -> RedisTopology | ClusterTopology | None:
+        """Sentinel mode: what each Sentinel names as primary and each Redis's ROLE. Cluster
+        mode: each node's ROLE and the slot map as the first node that answers sees it."""
         s = self.settings
+        if s.cluster:
+            addresses = [(HOST, port) for _, port in s.redis_nodes]
+            view = redis_cluster.first_view(addresses)
+            return ClusterTopology(
+                nodes=[(name, port, redis_ha.role((HOST, port))) for name, port in s.redis_nodes],
+                view=view,
+                info=None if view is None else redis_cluster.cluster_info(view.source),
+                partitions=s.kafka_partitions,
+            )
         if not s.sentinel:
             return None
         return RedisTopology(
@@ -876,6 +1112,11 @@ class Stack:
             ("kafka", f"{s.kafka_bootstrap}  topic {s.kafka_topic}"),
             ("redis", s.redis_url),
             *([("", "make status: which Redis is primary (Sentinel mode)")] if s.sentinel else []),
+            *(
+                [("", "make status: each node's role and slots (cluster mode)")]
+                if s.cluster
+                else []
+            ),
             ("prometheus", self.monitoring.prometheus_url),
             ("alertmanager", self.monitoring.alertmanager_url),
             ("logs", str(self.supervisor.log_dir)),

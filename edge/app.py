@@ -13,12 +13,14 @@ from shared.breaker import BreakerMetrics, CircuitBreaker
 from shared.contract import RedisKeys
 from shared.httpkit import add_ops_routes, make_middlewares
 from shared.redis_client import make_redis
+from shared.redis_nodes import ClusterNodes
 from shared.settings import EdgeSettings
 from shared.sse import comment_frame, retry_frame
 from shared.tasks import Supervisor
 
 from .auth import Authenticator
 from .bus import BadInput, Bus
+from .bus_cluster import ClusterBus
 from .bus_redis import RedisBus
 from .context import EdgeContext
 from .cors import cors_middleware, cors_refusals_counter, cors_response_headers
@@ -81,7 +83,15 @@ def create_app(
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         closers: list[Callable[[], object]] = []
         active_bus = bus
-        if active_bus is None:
+        if active_bus is None and settings.redis.cluster is not None:
+            nodes = ClusterNodes(
+                settings.redis, settings.redis.cluster, f"{settings.node_id}:reads"
+            )
+            active_bus = ClusterBus(
+                nodes, RedisKeys(settings.redis.prefix), BUS_PING_INTERVAL_S, settings.node_id
+            )
+            closers = [nodes.aclose]
+        elif active_bus is None:
             redis = make_redis(settings.redis, f"{settings.node_id}:reads")
             pubsub_redis = make_redis(
                 settings.redis, f"{settings.node_id}:subscription", for_pubsub=True

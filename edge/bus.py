@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -36,6 +36,7 @@ __all__ = [
     "BadInputs",
     "Bus",
     "BusDisconnected",
+    "BusMoved",
     "BusUnavailable",
     "Entry",
     "LiveItem",
@@ -327,6 +328,12 @@ class BusUnavailable(Exception):
     """A read from the bus failed."""
 
 
+class BusMoved(Exception):
+    """Channels the live subscription listens to are now served elsewhere (a Redis Cluster
+    failover, or a slot migration): not a failure; the caller subscribes again at once and
+    repairs every partition, as after any (re)subscription."""
+
+
 class Bus(Protocol):
     bad_inputs: BadInputs
     """Where the bus reports what it skipped (malformed live lines and stream entries)."""
@@ -354,7 +361,7 @@ class Bus(Protocol):
         newest first; fewer only at the start of the stream."""
         ...
 
-    def live(self, partitions: int) -> AsyncIterator[LiveItem]:
+    def live(self, partitions: int) -> AsyncGenerator[LiveItem, None]:
         """The live channels of partitions ``0..partitions-1`` on ONE subscription:
         batches of published entries, in publish order per partition; ``Subscribed(p)``
         whenever p's channel is (re)subscribed; ``Resync(p)`` where a malformed line of p

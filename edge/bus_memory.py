@@ -11,7 +11,7 @@ recreated topic (new epoch, offsets from 0), a dropped subscription, a silent pu
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
 from shared.contract import Meta, PartitionState
@@ -312,7 +312,7 @@ class MemoryBus:
     async def ping(self) -> bool:
         return self.healthy
 
-    async def live(self, partitions: int) -> AsyncIterator[LiveItem]:
+    async def live(self, partitions: int) -> AsyncGenerator[LiveItem, None]:
         feed: asyncio.Queue[object] = asyncio.Queue()
         self._feeds.append(feed)
         try:

@@ -6,13 +6,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import cast
 
 from redis.asyncio import Redis
+from redis.crc import key_slot
 from redis.exceptions import RedisError
 
-from shared.contract import ContractError, Meta, PartitionState, RedisKeys, parse_meta, parse_state
+from shared.contract import (
+    ContractError,
+    Meta,
+    PartitionState,
+    RedisKeys,
+    parse_meta,
+    parse_state,
+    partition_slot,
+)
+from shared.redis_nodes import Nodes, SingleNode
 
 from .bus import (
     TICK,
@@ -37,17 +47,26 @@ Rows = list[tuple[bytes, dict[bytes, bytes]]]
 
 class RedisBus:
     def __init__(
-        self, redis: Redis, pubsub_redis: Redis, keys: RedisKeys, ping_interval_s: float
+        self,
+        redis: Nodes | Redis,
+        pubsub_redis: Redis | None,
+        keys: RedisKeys,
+        ping_interval_s: float,
     ) -> None:
-        self._redis = redis
+        # A bare client (tests, tools) is one server holding every slot.
+        self._nodes: Nodes = SingleNode(redis) if isinstance(redis, Redis) else redis
         self._pubsub_redis = pubsub_redis
         self._keys = keys
+        self._meta_slot = key_slot(keys.meta.encode())
         self._ping_interval_s = ping_interval_s
         self.bad_inputs = BadInputs()
 
     async def meta(self) -> Meta | None:
         try:
-            raw = await self._redis.hgetall(self._keys.meta)
+            raw = await self._nodes.call(
+                self._meta_slot,
+                lambda r: r.hgetall(self._keys.meta),
+            )
         except RedisError as exc:
             raise BusUnavailable(str(exc)) from exc
         try:
@@ -59,7 +78,11 @@ class RedisBus:
 
     async def state(self, partition: int) -> PartitionState | None:
         try:
-            raw = await self._redis.hgetall(self._keys.state(partition))
+            key = self._keys.state(partition)
+            raw = await self._nodes.call(
+                partition_slot(partition),
+                lambda r: r.hgetall(key),
+            )
         except RedisError as exc:
             raise BusUnavailable(str(exc)) from exc
         try:
@@ -74,13 +97,14 @@ class RedisBus:
         self, partition: int, position: int, count: int, until: int | None = None
     ) -> list[Entry]:
         key = self._keys.stream(partition)
+        slot = partition_slot(partition)
         out: list[Entry] = []
         low = b"(%d-0" % position
         high = b"%d-0" % until if until is not None else b"+"
         while True:
             want = count - len(out)
             try:
-                raw = await self._redis.xrange(key, min=low, max=high, count=want)
+                raw = await self._range(slot, key, low, high, want, reverse=False)
             except RedisError as exc:
                 raise BusUnavailable(str(exc)) from exc
             rows = cast(Rows, raw)
@@ -94,12 +118,13 @@ class RedisBus:
 
     async def read_before(self, partition: int, before: int | None, count: int) -> list[Entry]:
         key = self._keys.stream(partition)
+        slot = partition_slot(partition)
         out: list[Entry] = []
         high = b"(%d-0" % before if before is not None else b"+"
         while True:
             want = count - len(out)
             try:
-                raw = await self._redis.xrevrange(key, max=high, min=b"-", count=want)
+                raw = await self._range(slot, key, b"-", high, want, reverse=True)
             except RedisError as exc:
                 raise BusUnavailable(str(exc)) from exc
             rows = cast(Rows, raw)
@@ -108,13 +133,21 @@ class RedisBus:
                 return out
             high = b"(" + rows[-1][0]
 
-    async def ping(self) -> bool:
-        try:
-            return bool(await asyncio.wait_for(self._redis.ping(), timeout=1.0))
-        except (RedisError, OSError, TimeoutError):
-            return False
+    async def _range(
+        self, slot: int, key: str, low: bytes, high: bytes, count: int, *, reverse: bool
+    ) -> object:
+        if reverse:
+            return await self._nodes.call(
+                slot, lambda r: r.xrevrange(key, max=high, min=low, count=count)
+            )
+        return await self._nodes.call(slot, lambda r: r.xrange(key, min=low, max=high, count=count))
 
-    async def live(self, partitions: int) -> AsyncIterator[LiveItem]:
+    async def ping(self) -> bool:
+        return await self._nodes.ping(timeout_s=1.0)
+
+    async def live(self, partitions: int) -> AsyncGenerator[LiveItem, None]:
+        if self._pubsub_redis is None:
+            raise TypeError("a RedisBus without a pub/sub client cannot subscribe")
         pubsub = self._pubsub_redis.pubsub()
         interval = self._ping_interval_s
         keys = self._keys

@@ -51,8 +51,8 @@ class EdgeContext:
     a reconnect storm resumes thousands of clients from the same place, so each page is
     joined once. At most ``settings.replay_cache_bytes``."""
     history_bodies: ByteLru[tuple[object, ...], bytes] = field(init=False)
-    """History responses served from the ring, keyed by the rings' generations and last
-    positions and the query. At most ``settings.history_cache_bytes``."""
+    """History responses served from the ring, keyed by the ring's version (bumped by every
+    change) and the query. At most ``settings.history_cache_bytes``."""
     resumer: Resumer = field(init=False)
 
     def __post_init__(self) -> None:

@@ -249,7 +249,7 @@ async def history_handler(request: web.Request, ctx: EdgeContext) -> web.Respons
     hub, ring = ctx.hub, ctx.hub.ring
     epoch = hub.epoch if hub.epoch is not None else NO_EPOCH
     n = params.n
-    key = (epoch, ring.generations, ring.lasts, n, params.after, types, grant.match)
+    key = (epoch, ring.version, n, params.after, types, grant.match)
     cached = ctx.history_bodies.get(key)
     if cached is not None:
         ctx.metrics.ring_hits.inc()

@@ -171,11 +171,15 @@ class PartitionRing:
 class ReplayRing:
     """One ``PartitionRing`` per partition under one byte budget."""
 
-    __slots__ = ("_rings", "budget_bytes")
+    __slots__ = ("_rings", "budget_bytes", "version")
 
     def __init__(self, budget_bytes: int, partitions: int = 0) -> None:
         self.budget_bytes = budget_bytes
         self._rings: list[PartitionRing] = []
+        self.version = 0
+        """Bumped by every change to any partition's ring (extend, reset, resize): one int
+        that keys what is derived from the whole ring (history bodies), instead of a tuple of
+        every partition's head and generation built per request."""
         self.resize(partitions)
 
     def __len__(self) -> int:
@@ -195,6 +199,7 @@ class ReplayRing:
     def resize(self, partitions: int) -> None:
         """Grow to ``partitions`` rings (a topic never loses partitions), splitting the
         budget again."""
+        self.version += 1
         share = self._share(max(partitions, len(self._rings)))
         for ring in self._rings:
             ring.resize(share)
@@ -208,19 +213,14 @@ class ReplayRing:
         return partition < len(self._rings) and self._rings[partition].covers(position)
 
     def reset(self, partition: int, floor: int | None, from_oldest: bool = False) -> None:
+        self.version += 1
         self._rings[partition].reset(floor, from_oldest)
 
     def reset_all(self, floors: Sequence[int | None]) -> None:
+        self.version += 1
         for ring, floor in zip(self._rings, floors, strict=False):
             ring.reset(floor)
 
     def extend(self, partition: int, entries: Sequence[Entry]) -> None:
+        self.version += 1
         self._rings[partition].extend(entries)
-
-    @property
-    def generations(self) -> tuple[int, ...]:
-        return tuple(r.generation for r in self._rings)
-
-    @property
-    def lasts(self) -> tuple[int | None, ...]:
-        return tuple(r.last for r in self._rings)

@@ -16,13 +16,15 @@ subscribed to; another epoch (the topic was recreated) resets every client and s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import random
 import time
 
 from shared.breaker import CircuitBreaker
 from shared.sse import control_frame
 
-from .bus import Bus, BusDisconnected, BusUnavailable, Entry, Resync, Subscribed
+from .bus import Bus, BusDisconnected, BusMoved, BusUnavailable, Entry, Resync, Subscribed
 from .hub import Hub
 from .metrics import EdgeMetrics
 from .resume import NOT_RETAINED, TOPIC_CHANGED, TRIMMED, Reset, reset_payload
@@ -35,6 +37,8 @@ META_POLL_S = 5.0
 """How often the meta hash (and each partition's state, to catch a lost last message) is
 read while subscribed."""
 META_POLL_EMPTY_S = 1.0
+MOVED_PAUSE_MAX_S = 1.0
+"""The longest pause between resubscriptions for slots that keep moving."""
 """... and while no partition is known yet (ingest has never run): events come sooner."""
 
 
@@ -58,6 +62,9 @@ class Subscription:
         entry, since clients were already being served when they appeared."""
         self._next_meta = 0.0
         self._served = False
+        self._moves = 0
+        """Resubscriptions in a row for a moved slot (reset once every partition is
+        subscribed)."""
 
     async def run(self) -> None:
         # Also after a restart by the supervisor: not ready until subscribed and repaired.
@@ -75,33 +82,47 @@ class Subscription:
                 pending = set(range(subscribed))
                 if not pending and hub.initialized:
                     self._subscribed()
-                async for item in self._bus.live(subscribed):
-                    if isinstance(item, list):
-                        await self._live(item)
-                    elif isinstance(item, Subscribed):
-                        p = item.partition
-                        if connected_once and p == 0:
-                            self._metrics.bus_reconnects.inc()
-                        await self._repair(p, "subscribed")
-                        if p in pending:
-                            pending.discard(p)
+                async with contextlib.aclosing(self._bus.live(subscribed)) as live:
+                    async for item in live:
+                        if isinstance(item, list):
+                            await self._live(item)
+                        elif isinstance(item, Subscribed):
+                            p = item.partition
+                            if connected_once and p == 0:
+                                self._metrics.bus_reconnects.inc()
+                            await self._repair(p, "subscribed")
+                            if p in pending:
+                                pending.discard(p)
+                                if not pending:
+                                    self._subscribed()
+                                    self._moves = 0
+                                    connected_once = True
+                        elif isinstance(item, Resync):
+                            # A malformed live line was skipped (the bus reported it). It may
+                            # have stood for a real event: the stream is the truth, so read it
+                            # after the hub's position before dispatching anything later.
+                            await self._repair(
+                                item.partition, "resynced after a malformed live line"
+                            )
+                        if time.monotonic() >= self._next_meta:
+                            await self._sync_meta(subscribed)
                             if not pending:
-                                self._subscribed()
-                                connected_once = True
-                    elif isinstance(item, Resync):
-                        # A malformed live line was skipped (the bus reported it). It may
-                        # have stood for a real event: the stream is the truth, so read it
-                        # after the hub's position before dispatching anything later.
-                        await self._repair(item.partition, "resynced after a malformed live line")
-                    if time.monotonic() >= self._next_meta:
-                        await self._sync_meta(subscribed)
-                        if not pending:
-                            await self._check_states()
+                                await self._check_states()
                 raise BusDisconnected("the subscription ended")
             except asyncio.CancelledError:
                 raise
             except Resubscribe as why:
                 log.info("resubscribing", extra={"why": str(why)})
+            except BusMoved as why:
+                # A failover or migration: not a failure, the edge stays ready. Each move
+                # reads the slot map afresh; a node whose map lags can answer MOVED again,
+                # so repeated moves pause a little (jittered) instead of spinning.
+                self._moves += 1
+                log.info("resubscribing", extra={"why": str(why), "moves": self._moves})
+                if self._moves > 1:
+                    await asyncio.sleep(
+                        min(MOVED_PAUSE_MAX_S, 0.05 * self._moves) * random.random()
+                    )
             except (BusDisconnected, BusUnavailable) as exc:
                 self._set_ready(False)
                 self.breaker.failure()

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from shared.breaker import BreakerMetrics, CircuitBreaker
 from shared.contract import RedisKeys
 from shared.httpkit import add_ops_routes, make_middlewares
-from shared.redis_client import make_redis
+from shared.redis_nodes import Nodes, make_nodes
 from shared.settings import IngestSettings
 from shared.tasks import Supervisor
 
@@ -27,7 +23,7 @@ log = logging.getLogger(__name__)
 
 SETTINGS = web.AppKey("settings", IngestSettings)
 METRICS = web.AppKey("metrics", IngestMetrics)
-REDIS = web.AppKey("redis", Redis)
+REDIS = web.AppKey("redis", Nodes)
 WORKER = web.AppKey("worker", IngestWorker)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
 TASKS = web.AppKey("tasks", Supervisor)
@@ -50,9 +46,7 @@ def create_app(
 
     async def ready() -> tuple[bool, dict[str, object]]:
         worker = app.get(WORKER)
-        redis_ok = False
-        with contextlib.suppress(RedisError, OSError, TimeoutError):
-            redis_ok = bool(await asyncio.wait_for(app[REDIS].ping(), timeout=1.0))
+        redis_ok = await app[REDIS].ping(timeout_s=1.0)
         failed = app[TASKS].failed
         detail: dict[str, object] = {
             "failed_tasks": failed,
@@ -72,7 +66,7 @@ def create_app(
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    redis = make_redis(settings.redis, f"{settings.node_id}:ingest")
+    redis = make_nodes(settings.redis, f"{settings.node_id}:ingest")
     app[REDIS] = redis
     writer = BatchWriter(
         redis,

@@ -494,7 +494,7 @@ class IngestWorker:
 
     async def _release_held(self, committer: _Committer) -> None:
         try:
-            acked = await self._writer.wait_acked()
+            acked = await self._writer.wait_acked(sorted(self._parts))
         except RedisUnavailable as exc:
             log.debug("waiting for replicas failed", extra={"error": str(exc)})
             return

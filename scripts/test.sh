@@ -53,10 +53,21 @@ try:
     s = StackSettings.from_env(os.environ)
 except SettingsError as exc:
     sys.exit(f"[test] error: {exc}")
-print(f"stack_kafka={shlex.quote(s.kafka_bootstrap)} stack_redis={shlex.quote(s.redis_url)}")
+print(
+    f"stack_kafka={shlex.quote(s.kafka_bootstrap)} stack_redis={shlex.quote(s.redis_url)} "
+    f"stack_mode={shlex.quote(s.redis_mode)}"
+)
 PY
 )
 eval "$stack_vars"
+
+# The suites take one plain Redis and start their own Sentinel groups and Redis Clusters.
+if [[ -z ${CRM_EVENTS_TEST_REDIS_URL:-} && $stack_mode != single ]]; then
+    say "error: the stack runs Redis in $stack_mode mode, and the tests need a single Redis"
+    say "(they start their own Sentinels and Clusters): run 'make down' first, or point"
+    say "CRM_EVENTS_TEST_REDIS_URL at a single Redis"
+    exit 2
+fi
 
 need=()
 [[ -n ${CRM_EVENTS_TEST_KAFKA:-} ]] || need+=(kafka)

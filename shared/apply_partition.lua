@@ -1,6 +1,6 @@
 -- Apply one partition's share of an ingest batch atomically: check that Redis still holds
 -- what ingest believes it holds, XADD each new event under the id its Kafka offset gives,
--- XADD dead letters to the partition's dead stream, record the applied offset, and PUBLISH
+-- XADD dead letters to the partition's dead stream, record the applied offset, and publish
 -- the written events in one message on the partition's channel.
 --
 -- KEYS[1] stream  KEYS[2] state hash  KEYS[3] dead stream  KEYS[4] live channel
@@ -17,6 +17,8 @@
 -- ARGV[14..19] a dead letter's (topic, partition, offset, reason, detail, value),
 -- ARGV[20..22] the state hash's (applied, last, base):
 --   shared/contract.py owns every name, so this script names no field itself.
+-- ARGV[23] the publish command: PUBLISH, or SPUBLISH on a Redis Cluster (sharded pub/sub:
+--   the message goes to the slot's master and replicas only, not over the whole cluster bus)
 --
 -- Returns {status, written, duplicates, dead, applied}:
 --   "ok"          applied; `applied` is the partition's applied offset now
@@ -42,6 +44,7 @@ local f_type, f_ts, f_match, f_prev, f_data = ARGV[9], ARGV[10], ARGV[11], ARGV[
 local f_topic, f_partition, f_offset = ARGV[14], ARGV[15], ARGV[16]
 local f_reason, f_detail, f_value = ARGV[17], ARGV[18], ARGV[19]
 local s_applied, s_last, s_base = ARGV[20], ARGV[21], ARGV[22]
+local publish = ARGV[23]
 
 local current = redis.call('HMGET', state, s_applied, s_last, s_base)
 local fresh = current[1] == false
@@ -116,6 +119,6 @@ elseif applied ~= started then
   redis.call('HSET', state, s_applied, fmt('%d', applied), s_last, fmt('%d', last))
 end
 if #parts > 0 then
-  redis.call('PUBLISH', channel, table.concat(parts, '', 1, #parts - 1))
+  redis.call(publish, channel, table.concat(parts, '', 1, #parts - 1))
 end
 return {'ok', written, duplicates, dead_count, applied}

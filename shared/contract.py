@@ -8,14 +8,17 @@ reach Redis, and one malformed line must never stop an edge (or inject SSE field
 client's stream).
 
 Every position is a Kafka position: the record's offset + 1 (the "next offset", as in a
-committed offset); 0 means nothing seen. Per partition N (``{pN}`` is a Redis Cluster hash
-tag, so one partition's keys share a slot and one script can write them all)::
+committed offset); 0 means nothing seen. Per partition N (``{pN}`` stands for the partition's
+Redis Cluster hash tag ``{p<N>.<salt>}``, e.g. ``{p0.43}``: one partition's keys share a slot,
+so one script can write them all, and the salt spreads partitions evenly over the slots; see
+``partition_tag``)::
 
     <prefix>:{pN}:stream   capped stream; the record at offset o has id <o+1>-0 and fields
                            t <type>  ts <kafka ts ms>  m <match token>  pv <prev position>
                            d <envelope JSON>
     <prefix>:{pN}:state    hash: applied <offset>  last <position>  base <position>
     <prefix>:{pN}:dead     capped stream of dead letters (auto ids)
+    <prefix>:{pN}:wait     string written only so that WAIT has a write on N's master
     <prefix>:{pN}:live     channel; one message per script call, lines joined by \\n:
                            <offset> <pv> <type> <kafka ts ms> <match token> <envelope JSON>
     <prefix>:meta          hash: topic <name>  partitions <count>  epoch <8 lowercase hex>
@@ -36,14 +39,17 @@ import re
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Final, NamedTuple
 
 import orjson
+from redis.crc import key_slot
 
 from shared.cursor import MAX_POSITION
 from shared.events import NO_MATCH
 
 __all__ = [
+    "CLUSTER_SLOTS",
     "COMMIT_METADATA_PREFIX",
     "DEAD_FIELDS",
     "EVENT_FIELDS",
@@ -82,6 +88,8 @@ __all__ = [
     "parse_live_line",
     "parse_meta",
     "parse_state",
+    "partition_slot",
+    "partition_tag",
     "position_of",
     "split_live_payload",
 ]
@@ -107,6 +115,55 @@ def _check_partition(partition: int) -> int:
     return partition
 
 
+CLUSTER_SLOTS: Final = 16384
+_TAG_ORDER: Final = (6, 2, 11, 5, 9, 0, 3, 8, 4, 10, 7, 1)
+"""Which twelfth of the slot space partitions 0-11 (and each later dozen) land in. Every
+prefix of this order is balanced within one partition over 2, 3, 4 and 6 equal slot ranges,
+which is how ``redis-cli --cluster create`` splits the slots between masters: 3 partitions
+on 3 masters get one each, 12 get 4 each, 12 on 4 masters get 3 each."""
+
+
+def _mirrored(n: int) -> tuple[int, int]:
+    """n's binary digits mirrored after the point, as a fraction ``a / 2**bits``
+    (1 -> 1/2, 2 -> 1/4, 3 -> 3/4, 4 -> 1/8, ...)."""
+    bits = n.bit_length()
+    return int(format(n, f"0{bits}b")[::-1], 2), bits
+
+
+@lru_cache(maxsize=4096)
+def partition_tag(partition: int) -> str:
+    """The Redis Cluster hash tag of ``partition``'s keys and live channel: ``{p<N>.<salt>}``
+    with the smallest salt whose slot lands near the partition's target slot.
+
+    CRC16 of ``{p<N>}`` alone puts partitions where it happens to (12 partitions on 3 equal
+    slot ranges: 6/3/3). The target spreads them instead: dozen ``r`` of the partitions puts
+    one partition in each twelfth of the slot space, in the order ``_TAG_ORDER``, at offset
+    ``mirrored(r + 1)`` of the twelfth (1/2, 1/4, 3/4, 1/8, ...), within a quarter twelfth of
+    it for the first dozen, halved with each power of two of ``r + 1``, never below 1/64 of a
+    twelfth (21 slots: about 800 tries on average, whatever the partition). Tags depend on
+    the partition number alone, never on the partition count or the cluster's layout, so
+    adding partitions or resharding moves no existing key; whether the masters really own
+    equal shares is the cluster's layout (``make status`` shows it). This function is part
+    of the contract: changing it renames every key."""
+    r, i = divmod(_check_partition(partition), len(_TAG_ORDER))
+    a, bits = _mirrored(r + 1)
+    twelfths = len(_TAG_ORDER) << bits
+    # Integer arithmetic only, so that another implementation finds the same tags.
+    target = ((_TAG_ORDER[i] << bits) + a) * CLUSTER_SLOTS // twelfths
+    tolerance = max(CLUSTER_SLOTS // (len(_TAG_ORDER) * 64), CLUSTER_SLOTS * 2 // twelfths // 4)
+    salt = 0
+    while True:
+        inner = f"p{partition}.{salt}"
+        if abs(key_slot(inner.encode()) - target) <= tolerance:
+            return f"{{{inner}}}"
+        salt += 1
+
+
+def partition_slot(partition: int) -> int:
+    """The Redis Cluster slot of every key of ``partition``."""
+    return key_slot(partition_tag(partition).encode())
+
+
 @dataclass(frozen=True, slots=True)
 class RedisKeys:
     """Every Redis name of one deployment, derived from one prefix so that deployments and
@@ -120,8 +177,8 @@ class RedisKeys:
         return f"{self.prefix}:meta"
 
     def tag(self, partition: int) -> str:
-        """The partition's Redis Cluster hash tag, ``{p<N>}``."""
-        return f"{{p{_check_partition(partition)}}}"
+        """The partition's Redis Cluster hash tag, ``{p<N>.<salt>}`` (``partition_tag``)."""
+        return partition_tag(partition)
 
     def stream(self, partition: int) -> str:
         """Capped stream of the partition's events, ids ``<offset+1>-0``."""
@@ -139,9 +196,19 @@ class RedisKeys:
         """Channel carrying each script call's applied events of the partition."""
         return f"{self.prefix}:{self.tag(partition)}:live"
 
-    def partition_keys(self, partition: int) -> tuple[str, str, str]:
-        """The partition's stored keys (stream, state, dead), e.g. to wipe them."""
-        return (self.stream(partition), self.state(partition), self.dead(partition))
+    def wait(self, partition: int) -> str:
+        """String written by ingest only to give ``WAIT`` a write on the partition's master
+        (Redis Cluster); its value means nothing."""
+        return f"{self.prefix}:{self.tag(partition)}:wait"
+
+    def partition_keys(self, partition: int) -> tuple[str, str, str, str]:
+        """The partition's stored keys (stream, state, dead, wait), e.g. to wipe them."""
+        return (
+            self.stream(partition),
+            self.state(partition),
+            self.dead(partition),
+            self.wait(partition),
+        )
 
     def live_partition(self, channel: str | bytes) -> int:
         """The partition of one of this deployment's live channels; ``ContractError``
@@ -149,8 +216,13 @@ class RedisKeys:
         name = channel.decode("utf-8", "replace") if isinstance(channel, bytes) else channel
         head = f"{self.prefix}:{{p"
         if name.startswith(head) and name.endswith("}:live"):
-            digits = name[len(head) : -len("}:live")]
-            if digits.isdigit() and digits.isascii() and str(int(digits)) == digits:
+            digits = name[len(head) : -len("}:live")].partition(".")[0]
+            if (
+                digits.isdigit()
+                and digits.isascii()
+                and str(int(digits)) == digits
+                and name == self.live(int(digits))
+            ):
                 return int(digits)
         raise ContractError(f"{name[:80]!r} is not a live channel of {self.prefix!r}")
 

@@ -9,7 +9,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialWithJitterBackoff
 
-from .settings import RedisSettings, SentinelTarget
+from .settings import ClusterTarget, RedisSettings, SentinelTarget
 
 # What redis-py gives a client built from a URL (10 retries, 10 ms doubling to 1 s, with
 # jitter); a Sentinel pool gets no retry unless given one, so it is spelled out to keep both
@@ -38,12 +38,11 @@ class SentinelRedis(Redis):
         return f"<SentinelRedis service={where} primary={getattr(pool, 'master_address', None)}>"
 
 
-def make_redis(settings: RedisSettings, client_name: str, *, for_pubsub: bool = False) -> Redis:
-    """A client for ``settings``; with a ``redis+sentinel://`` URL it is bound to the service's
-    current primary and follows a failover (each new connection asks the Sentinels)."""
+def client_options(settings: RedisSettings, client_name: str, for_pubsub: bool) -> dict[str, Any]:
+    """Options every client of ours gets, whatever the mode."""
     # Pub/sub waits indefinitely for messages, so its socket has no read timeout; the
     # edge's subscriber pings on its own schedule instead.
-    options: dict[str, Any] = {
+    return {
         "socket_timeout": None if for_pubsub else settings.timeout_s,
         "socket_connect_timeout": settings.timeout_s,
         "socket_keepalive": True,
@@ -51,6 +50,15 @@ def make_redis(settings: RedisSettings, client_name: str, *, for_pubsub: bool = 
         # Named connections show up in CLIENT LIST, and can be killed one edge at a time.
         "client_name": client_name,
     }
+
+
+def make_redis(settings: RedisSettings, client_name: str, *, for_pubsub: bool = False) -> Redis:
+    """A client for ``settings``; with a ``redis+sentinel://`` URL it is bound to the service's
+    current primary and follows a failover (each new connection asks the Sentinels). A
+    ``redis+cluster://`` URL has no one client: see ``shared.redis_nodes.make_nodes``."""
+    if settings.cluster is not None:
+        raise ValueError("a redis+cluster:// URL needs shared.redis_nodes.make_nodes")
+    options = client_options(settings, client_name, for_pubsub)
     target = settings.sentinel
     if target is not None:
         return _sentinel_client(settings, target, options)
@@ -60,6 +68,18 @@ def make_redis(settings: RedisSettings, client_name: str, *, for_pubsub: bool = 
     if settings.tls.password is not None:
         tls["password"] = settings.tls.password
     return Redis.from_url(settings.url, **tls, **options)
+
+
+def node_tls_options(settings: RedisSettings, target: ClusterTarget) -> dict[str, Any]:
+    """Login and TLS options of a client of one Redis Cluster node."""
+    options: dict[str, Any] = {
+        "username": target.username,
+        # As with a direct URL, the password file wins over a password in the URL.
+        "password": settings.tls.password or target.password,
+    }
+    if target.tls:
+        options.update(ssl=True, **_tls_options(settings))
+    return options
 
 
 def _tls_options(settings: RedisSettings) -> dict[str, Any]:

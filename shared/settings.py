@@ -76,6 +76,8 @@ _SERVICE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 _PLAIN_HOST_RE = r"[A-Za-z0-9.-]+"
 _IPV6_HOST_RE = r"[0-9A-Fa-f:.]+"
 _SENTINEL_URL_FORM = "redis+sentinel://[user:password@]host:port[,host:port...]/service[/db]"
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+_CLUSTER_URL_FORM = "redis+cluster://[user:password@]host:port[,host:port...][/]"
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,23 +95,80 @@ class SentinelTarget:
     """``rediss+sentinel://``: TLS to the Sentinels and to the Redis servers alike."""
 
 
-def _sentinel_address(item: str) -> tuple[str, int]:
+@dataclass(frozen=True, slots=True)
+class ClusterTarget:
+    """Where a ``redis+cluster://`` URL points: seed nodes of a Redis Cluster (any of its
+    nodes; the rest are found from them) and how to log in to every node."""
+
+    seeds: tuple[tuple[str, int], ...]
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tls: bool = False
+    """``rediss+cluster://``: TLS to every node."""
+
+
+def _sentinel_address(
+    item: str, what: str = "Sentinel", default_port: int | None = None
+) -> tuple[str, int]:
     if item.startswith("["):
         host, sep, rest = item[1:].partition("]")
         if not sep or (rest and not rest.startswith(":")):
-            raise ValueError(f"bad Sentinel address {item!r}")
+            raise ValueError(f"bad {what} address (an unclosed IPv6 bracket)")
         port_text = rest[1:]
     else:
         host, sep, port_text = item.rpartition(":")
         if not sep:
             host, port_text = item, ""
     if not re.fullmatch(_IPV6_HOST_RE if item.startswith("[") else _PLAIN_HOST_RE, host):
-        raise ValueError(f"bad Sentinel host in {item!r}")
+        raise ValueError(f"bad {what} host {_shown(host)}")
     if not port_text:
-        return host, DEFAULT_SENTINEL_PORT
+        if default_port is None:
+            raise ValueError(f"no port in the {what} address of host {_shown(host)}")
+        return host, default_port
     if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise ValueError(f"bad Sentinel port in {item!r}")
+        raise ValueError(f"bad {what} port for host {_shown(host)} (1-65535)")
     return host, int(port_text)
+
+
+def _shown(host: str) -> str:
+    """A host named in an error, unless it may hold a password (a URL whose ``user:password``
+    lacks its ``@`` reads as ``host:port``)."""
+    if re.fullmatch(_PLAIN_HOST_RE, host) or re.fullmatch(_IPV6_HOST_RE, host):
+        return repr(host)
+    return "(not shown)"
+
+
+def _userinfo(netloc: str) -> tuple[str | None, str | None, str]:
+    userinfo, at, hosts = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user_text, colon, password_text = userinfo.partition(":")
+        username = unquote(user_text) or None
+        password = unquote(password_text) if colon else None
+    return username, password, hosts
+
+
+def parse_cluster_url(url: str) -> ClusterTarget:
+    """Parse ``redis+cluster://`` / ``rediss+cluster://``. Raises ValueError with a message
+    that never contains the URL's credentials."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in CLUSTER_SCHEMES:
+        raise ValueError(f"expected {_CLUSTER_URL_FORM}")
+    parts = urlsplit("x://" + rest)
+    if parts.query or parts.fragment:
+        raise ValueError("query parameters and fragments are not supported in a Cluster URL")
+    if parts.path not in ("", "/"):
+        # A cluster has database 0 only.
+        raise ValueError(f"a Cluster URL has no path or database; expected {_CLUSTER_URL_FORM}")
+    username, password, hosts = _userinfo(parts.netloc)
+    if not hosts:
+        raise ValueError(f"no Cluster node addresses; expected {_CLUSTER_URL_FORM}")
+    seeds = tuple(_sentinel_address(item.strip(), "Cluster node") for item in hosts.split(","))
+    if len(set(seeds)) != len(seeds):
+        raise ValueError("a Cluster node address is listed twice")
+    return ClusterTarget(
+        seeds=seeds, username=username, password=password, tls=scheme.lower() == "rediss+cluster"
+    )
 
 
 def parse_sentinel_url(url: str) -> SentinelTarget:
@@ -122,15 +181,13 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
     parts = urlsplit("x://" + rest)
     if parts.query or parts.fragment:
         raise ValueError("query parameters and fragments are not supported in a Sentinel URL")
-    userinfo, at, hosts = parts.netloc.rpartition("@")
-    username = password = None
-    if at:
-        user_text, colon, password_text = userinfo.partition(":")
-        username = unquote(user_text) or None
-        password = unquote(password_text) if colon else None
+    username, password, hosts = _userinfo(parts.netloc)
     if not hosts:
         raise ValueError(f"no Sentinel addresses; expected {_SENTINEL_URL_FORM}")
-    sentinels = tuple(_sentinel_address(item.strip()) for item in hosts.split(","))
+    sentinels = tuple(
+        _sentinel_address(item.strip(), default_port=DEFAULT_SENTINEL_PORT)
+        for item in hosts.split(",")
+    )
     if len(set(sentinels)) != len(sentinels):
         raise ValueError("a Sentinel address is listed twice")
     segments = parts.path.split("/")[1:]
@@ -157,8 +214,9 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
 @dataclass(frozen=True, slots=True)
 class RedisSettings:
     url: str = field(default=DEFAULT_REDIS_URL, repr=False)
-    """Redis connection URL (``redis://``, ``rediss://`` for TLS, ``unix://``, or
-    ``redis+sentinel://`` / ``rediss+sentinel://`` to follow Sentinel's primary)."""
+    """Redis connection URL (``redis://``, ``rediss://`` for TLS, ``unix://``,
+    ``redis+sentinel://`` / ``rediss+sentinel://`` to follow Sentinel's primary, or
+    ``redis+cluster://`` / ``rediss+cluster://`` for a Redis Cluster)."""
     prefix: str = DEFAULT_REDIS_PREFIX
     """Prefix of every key and channel this deployment uses."""
     timeout_s: float = DEFAULT_REDIS_TIMEOUT_S
@@ -179,12 +237,23 @@ class RedisSettings:
             return None
         return parse_sentinel_url(self.url)
 
+    @property
+    def cluster(self) -> ClusterTarget | None:
+        """The seeds of a ``redis+cluster://`` URL; None for any other URL."""
+        if self.url.partition("://")[0].lower() not in CLUSTER_SCHEMES:
+            return None
+        return parse_cluster_url(self.url)
+
     @classmethod
     def from_env(cls, env: Env) -> RedisSettings:
         raw = env.raw("REDIS_URL")
-        if raw is not None and raw.partition("://")[0].lower() in SENTINEL_SCHEMES:
+        scheme = "" if raw is None else raw.partition("://")[0].lower()
+        if raw is not None and scheme in SENTINEL_SCHEMES + CLUSTER_SCHEMES:
             try:
-                parse_sentinel_url(raw)
+                if scheme in SENTINEL_SCHEMES:
+                    parse_sentinel_url(raw)
+                else:
+                    parse_cluster_url(raw)
             except ValueError as exc:
                 raise SettingsError(ENV_PREFIX + "REDIS_URL", str(exc)) from None
             url = raw

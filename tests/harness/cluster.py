@@ -22,11 +22,14 @@ from typing import Any, Literal, Self, cast
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from devtools import haproxy_conf, nginx_conf
 from devtools.probes import HttpReady
 from devtools.supervisor import ProcessSpec, Supervisor
 from shared.contract import FIELD_DATA, RedisKeys, parse_meta, position_of
+from shared.redis_client import make_redis
+from shared.settings import RedisSettings
 
 from .backends import Backends
 
@@ -209,8 +212,28 @@ class Cluster:
         ``keys.dead(p)``, ``keys.live(p)``, and ``keys.meta``."""
         return RedisKeys(self.prefix)
 
-    def redis(self) -> Redis:
-        return Redis.from_url(self.backends.redis_url)
+    def redis(self) -> Redis | RedisCluster:
+        """A client for the test's own reads: redis-py's ``RedisCluster`` on a Redis Cluster
+        (a third-party router, not the product's), otherwise a plain client."""
+        target = RedisSettings(url=self.backends.redis_url).cluster
+        if target is None:
+            return Redis.from_url(self.backends.redis_url)
+        return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in target.seeds])
+
+    async def redis_servers(self) -> list[Redis]:
+        """A plain client of every Redis server (each node of a Cluster, masters and
+        replicas), e.g. to list or kill connections."""
+        settings = RedisSettings(url=self.backends.redis_url)
+        target = settings.cluster
+        if target is None:
+            # A plain or Sentinel URL: the one server every service connection goes to.
+            return [make_redis(settings, "test:servers")]
+        router = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in target.seeds])
+        try:
+            await router.initialize()
+            return [Redis(host=n.host, port=int(n.port)) for n in router.get_nodes()]
+        finally:
+            await router.aclose()
 
     # -- Kafka and Redis helpers -------------------------------------------------------------
 
@@ -233,7 +256,7 @@ class Cluster:
             await admin.close()
         return len(described[0]["partitions"])
 
-    async def stored_partitions(self, redis: Redis) -> int:
+    async def stored_partitions(self, redis: Redis | RedisCluster) -> int:
         """How many partitions ingest announced in the meta hash (0 before it wrote it)."""
         meta = parse_meta(cast(dict[bytes, bytes], await redis.hgetall(self.keys.meta)))
         return meta.partitions if meta is not None else 0
@@ -287,17 +310,18 @@ class Cluster:
         return {tp.partition: m.offset for tp, m in offsets.items() if tp.topic == self.topic}
 
     async def drop_redis_connections(self, node_id: str) -> int:
-        """CLIENT KILL every Redis connection of one node (named ``<node>:<purpose>``)."""
-        redis = self.redis()
-        try:
-            killed = 0
-            for client in await redis.client_list():
-                if str(client.get("name", "")).startswith(f"{node_id}:"):
-                    await redis.client_kill_filter(_id=client["id"])
-                    killed += 1
-            return killed
-        finally:
-            await redis.aclose()
+        """CLIENT KILL every Redis connection of one node (named ``<node>:<purpose>``), on
+        every Redis server."""
+        killed = 0
+        for redis in await self.redis_servers():
+            try:
+                for client in await redis.client_list():
+                    if str(client.get("name", "")).startswith(f"{node_id}:"):
+                        await redis.client_kill_filter(_id=client["id"])
+                        killed += 1
+            finally:
+                await redis.aclose()
+        return killed
 
 
 def crm_event(seq: int, type_: str = "ContactCreated", key: str | None = None) -> bytes:

@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 from aiokafka import AIOKafkaProducer
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from shared.contract import RedisKeys, position_of
 from shared.redis_client import make_redis
@@ -36,18 +37,19 @@ def with_redis(backends: Backends, redis_url: str, origin: str) -> Backends:
 
 
 class HACluster(Cluster):
-    """A :class:`Cluster` whose Redis URL may be ``redis+sentinel://``: its own Redis client
-    follows a failover like the services' do."""
+    """A :class:`Cluster` whose Redis URL may be ``redis+sentinel://`` or ``redis+cluster://``:
+    its own Redis client follows a failover like the services' do."""
 
     @property
     def keys(self) -> RedisKeys:
         return RedisKeys(self.prefix)
 
-    def redis(self) -> Redis:
-        return make_redis(
-            RedisSettings(url=self.backends.redis_url, prefix=self.prefix, timeout_s=5.0),
-            "test:check",
-        )
+    def redis(self) -> Redis | RedisCluster:
+        settings = RedisSettings(url=self.backends.redis_url, prefix=self.prefix, timeout_s=5.0)
+        if settings.cluster is not None:
+            # redis-py's own cluster router, which follows failovers and migrations.
+            return super().redis()
+        return make_redis(settings, "test:check")
 
     async def ingest_metric(self, name: str, i: int = 1, **labels: str) -> float:
         """The sum of one metric's samples on ``ingest<i>``'s /metrics that carry ``labels``

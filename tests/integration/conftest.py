@@ -9,8 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.backends import Backends, provide
+from tests.harness.backends import Backends, ClusterGroup, provide
 from tests.harness.cluster import Cluster
+
+REDIS_MODES = ("single", "cluster")
+"""The Redis modes the shared suites run in (pipeline, access, dead letters): one Redis, and a
+Redis Cluster of 3 masters with a replica each. Sentinel mode is one Redis seen through
+Sentinels: its own tests are test_sentinel.py and the failover runs of test_failover.py."""
 
 # test_rebalance.py runs only on request (`make rebalance`): it once hung while an in-process
 # worker stopped mid-rebalance, and a hang must not block the whole suite.
@@ -29,6 +34,31 @@ def backends() -> Iterator[Backends]:
         yield found
 
 
+@pytest.fixture(scope="session")
+def redis_cluster_group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterGroup]:
+    """One Redis Cluster for the whole session, started the first time a suite asks for
+    cluster mode; every deployment on it has its own key prefix."""
+    with ClusterGroup(Path(tmp_path_factory.mktemp("redis-cluster"))) as group:
+        yield group
+
+
+def backends_in_mode(request: pytest.FixtureRequest, backends: Backends, mode: str) -> Backends:
+    """The shared Kafka with the Redis of ``mode``."""
+    if mode == "single":
+        return backends
+    if mode != "cluster":
+        raise ValueError(f"unknown Redis mode {mode!r}")
+    group: ClusterGroup = request.getfixturevalue("redis_cluster_group")
+    return Backends(backends.kafka_bootstrap, group.url, "cluster")
+
+
+@pytest.fixture(scope="module", params=REDIS_MODES)
+def redis_backends(request: pytest.FixtureRequest, backends: Backends) -> Backends:
+    """Backends in each Redis mode in turn: a module whose deployment uses this runs once per
+    mode (pytest groups its tests by mode)."""
+    return backends_in_mode(request, backends, request.param)
+
+
 @pytest.fixture(scope="module")
 def cluster(backends: Backends, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """Ingest, two edges and nginx with default settings."""
@@ -38,12 +68,13 @@ def cluster(backends: Backends, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 @pytest.fixture(scope="module")
 def small_cluster(
-    backends: Backends, tmp_path_factory: pytest.TempPathFactory
+    redis_backends: Backends, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Cluster]:
-    """A deployment with a short replay stream and a small event size limit."""
+    """A deployment with a short replay stream and a small event size limit (in each Redis
+    mode)."""
     small = Cluster(
         Path(tmp_path_factory.mktemp("small")),
-        backends,
+        redis_backends,
         env={
             "CRM_EVENTS_STREAM_MAXLEN": "100",
             "CRM_EVENTS_EVENT_MAX_BYTES": "4096",

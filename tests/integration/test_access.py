@@ -26,12 +26,14 @@ SECRET = "integration-secret-" + "x" * 32
 
 
 @pytest.fixture(scope="module")
-def secured(backends: Backends, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def secured(
+    redis_backends: Backends, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
     run = Path(tmp_path_factory.mktemp("secured"))
     (run / "jwt-secret").write_text(SECRET)
     c = Cluster(
         run,
-        backends,
+        redis_backends,
         edges=2,
         env={
             "CRM_EVENTS_AUTH_MODE": "jwt",

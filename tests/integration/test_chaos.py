@@ -1,7 +1,11 @@
 """Chaos: sequenced events flow at >= 1,000/s while processes are killed, connections are
 dropped and Kafka restarts; browser-like clients reconnect through the load balancer. In
 Sentinel mode (a private primary, replica and three Sentinels, ingest with ``WAIT 1``) the
-Redis primary is also killed with kill -9 and the old primary rejoins as a replica.
+Redis primary is also killed with kill -9 and the old primary rejoins as a replica. In cluster
+mode (a private Redis Cluster of 3 masters with a replica each, 12 partitions, two ingest
+processes in the consumer group) a master is killed with kill -9 and rejoins as a replica,
+each ingest process is killed once (rebalances), and the edges' connections to every node
+are killed.
 
 Every client must get every event exactly once, in per-partition order, with no ``reset``, and
 each partition's stream must end holding each event once.
@@ -9,7 +13,8 @@ each partition's stream must end holding each event once.
 The randomness is seeded (``CRM_EVENTS_CHAOS_SEED``, printed either way). ``make test`` runs
 a short variant of each mode; ``make chaos`` runs the full one (20,000 events) alone. Size and
 shape come from ``CRM_EVENTS_CHAOS_EVENTS``, ``CRM_EVENTS_CHAOS_RATE`` and
-``CRM_EVENTS_CHAOS_CLIENTS``; ``CRM_EVENTS_CHAOS_MODES`` picks the modes (``single,sentinel``),
+``CRM_EVENTS_CHAOS_CLIENTS``; ``CRM_EVENTS_CHAOS_MODES`` picks the modes
+(``single,sentinel,cluster``),
 and ``CRM_EVENTS_CHAOS_KAFKA_RESTART=0`` leaves out the broker restart (a Kafka others use).
 """
 
@@ -28,7 +33,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.harness.backends import Backends, SentinelGroup
+from tests.harness.backends import Backends, ClusterGroup, SentinelGroup
 from tests.harness.clients import StalledClient
 from tests.harness.ha_cluster import (
     CursorClient,
@@ -44,7 +49,8 @@ from tests.waiting import eventually
 EVENTS = int(os.environ.get("CRM_EVENTS_CHAOS_EVENTS", "3000"))
 RATE = float(os.environ.get("CRM_EVENTS_CHAOS_RATE", "1200"))
 CLIENTS = int(os.environ.get("CRM_EVENTS_CHAOS_CLIENTS", "20"))
-MODES = os.environ.get("CRM_EVENTS_CHAOS_MODES", "single,sentinel").split(",")
+MODES = os.environ.get("CRM_EVENTS_CHAOS_MODES", "single,sentinel,cluster").split(",")
+CLUSTER_PARTITIONS = 12
 INVALID_EVERY = 997
 
 pytestmark = pytest.mark.timeout(900)
@@ -57,11 +63,17 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
         yield s
 
 
+RedisGroup = SentinelGroup | ClusterGroup
+
+
 @contextlib.contextmanager
-def redis_for(mode: str, run: Path) -> Iterator[SentinelGroup | None]:
+def redis_for(mode: str, run: Path) -> Iterator[RedisGroup | None]:
     if mode == "sentinel":
         with SentinelGroup(run / "redis") as group:
             yield group
+    elif mode == "cluster":
+        with ClusterGroup(run / "redis") as cluster_group:
+            yield cluster_group
     else:
         yield None
 
@@ -79,9 +91,14 @@ async def test_chaos(
     kafka: KafkaControl | None = kafka_control(backends)
     run = Path(tmp_path_factory.mktemp(f"chaos-{mode}"))
     with redis_for(mode, run) as group:
-        used = backends if group is None else with_redis(backends, group.url, "sentinel")
+        used = backends if group is None else with_redis(backends, group.url, mode)
         env = {} if group is None else {"CRM_EVENTS_REDIS_WAIT_REPLICAS": "1"}
-        cluster = HACluster(run / "cluster", used, edges=2, env=env)
+        ingests = 1
+        if mode == "cluster":
+            # Several ingest processes share the group, so ingest kills are rebalances too.
+            env["CRM_EVENTS_KAFKA_PARTITIONS"] = str(CLUSTER_PARTITIONS)
+            ingests = 2
+        cluster = HACluster(run / "cluster", used, edges=2, ingests=ingests, env=env)
         with cluster.running():
             try:
                 report = await _run(cluster, session, rng, kafka, group)
@@ -104,7 +121,7 @@ async def _run(
     session: aiohttp.ClientSession,
     rng: random.Random,
     kafka: KafkaControl | None,
-    group: SentinelGroup | None,
+    group: RedisGroup | None,
 ) -> dict[str, Any]:
     clients = [
         CursorClient(cluster.lb_url("/crm-events"), name=f"client{i}").start(session)
@@ -116,8 +133,12 @@ async def _run(
     faults = ["ingest_kill9", "edge_kill9", "edge1_redis_drop", "edge2_redis_drop"]
     if kafka is not None and os.environ.get("CRM_EVENTS_CHAOS_KAFKA_RESTART", "1") != "0":
         faults.append("kafka_restart")
-    if group is not None:
+    if isinstance(group, SentinelGroup):
         faults.append("redis_primary_kill9")
+    if isinstance(group, ClusterGroup):
+        faults.append("redis_master_kill9")
+        if cluster.ingests > 1:
+            faults.append("ingest2_kill9")
     rng.shuffle(faults)
     # Spread the faults over the run, each at a random point of its own slice.
     slice_len = EVENTS / (len(faults) + 1)
@@ -190,7 +211,14 @@ async def _run(
         "failed_attempts": sum(c.failures for c in clients),
         "resets": sum(len(c.resets) for c in clients),
         "events_delivered": sum(len(c.deliveries) for c in clients),
-        "refilled_records": int(await cluster.ingest_metric("crm_events_refilled_records_total")),
+        "refilled_records": int(
+            sum(
+                [
+                    await cluster.ingest_metric("crm_events_refilled_records_total", i)
+                    for i in range(1, cluster.ingests + 1)
+                ]
+            )
+        ),
         "longest_resume_s": round(max(resume_times), 3) if resume_times else None,
         "kafka_restart": "kafka_restart" in faults,
     }
@@ -201,13 +229,14 @@ async def _inject(
     cluster: HACluster,
     producer: PacedProducer,
     kafka: KafkaControl | None,
-    group: SentinelGroup | None,
+    group: RedisGroup | None,
     rng: random.Random,
 ) -> str:
-    if fault == "ingest_kill9":
-        await asyncio.to_thread(cluster.kill9, "ingest1")
-        await asyncio.to_thread(cluster.start, "ingest1")
-        return "ingest1 killed -9 and restarted"
+    if fault in ("ingest_kill9", "ingest2_kill9"):
+        name = "ingest2" if fault == "ingest2_kill9" else "ingest1"
+        await asyncio.to_thread(cluster.kill9, name)
+        await asyncio.to_thread(cluster.start, name)
+        return f"{name} killed -9 and restarted"
     if fault == "edge_kill9":
         edge = rng.choice(["edge1", "edge2"])
         await asyncio.to_thread(cluster.kill9, edge)
@@ -229,8 +258,17 @@ async def _inject(
         await asyncio.to_thread(kafka.restart)
         producer.resume()
         return "Kafka stopped and started"
+    if fault == "redis_master_kill9":
+        assert isinstance(group, ClusterGroup)
+        master = group.name_of(rng.choice(group.masters()))
+        taken = await group.failover_by_kill(master, 30)
+        await asyncio.to_thread(group.rejoin, master)
+        return (
+            f"Redis Cluster master {master} killed -9; {group.name_of(taken.new)} serves its "
+            f"slots after {taken.settled_after_s:.2f} s; {master} rejoined as a replica"
+        )
     if fault == "redis_primary_kill9":
-        assert group is not None
+        assert isinstance(group, SentinelGroup)
         old = group.primary_name
         failover = await group.failover(lambda: group.kill9(old), 30)
         await asyncio.to_thread(group.rejoin, old)

@@ -20,11 +20,13 @@ pytestmark = pytest.mark.timeout(240)
 
 
 @pytest.fixture(scope="module")
-def small_events(backends: Backends, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """One edge, no load balancer, a small event size limit."""
+def small_events(
+    redis_backends: Backends, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
+    """One edge, no load balancer, a small event size limit (in each Redis mode)."""
     c = Cluster(
         Path(tmp_path_factory.mktemp("dead")),
-        backends,
+        redis_backends,
         edges=1,
         with_nginx=False,
         env={"CRM_EVENTS_EVENT_MAX_BYTES": "4096"},

@@ -23,14 +23,18 @@ import asyncio
 import json
 import os
 import random
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from redis.asyncio import Redis
 
-from tests.harness.backends import Backends, SentinelGroup
+from shared.contract import partition_slot, partition_tag
+from tests.harness.backends import Backends, ClusterGroup, SentinelGroup
 from tests.harness.ha_cluster import (
     CursorClient,
     HACluster,
@@ -142,9 +146,30 @@ async def test_failover_under_load_loses_and_repeats_nothing(
                 "CRM_EVENTS_REDIS_WAIT_TIMEOUT_MS": "200",
             },
         )
+
+        async def fault() -> Fault:
+            primary, replica = group.primary_name, group.replica_name
+            group.pause(replica)
+            # More than the kernel's socket buffers hold goes first, so that what ingest
+            # writes from now on waits in the primary's memory and dies with it: the
+            # promoted replica really misses acknowledged writes.
+            await fill_replication_buffers(group.direct(primary))
+            # The fault's shape, not a wait for a condition: the replica falls behind.
+            await asyncio.sleep(rng.uniform(0.8, 1.3))
+            lag = await replication_lag(group)
+
+            def kill_and_resume() -> None:
+                group.kill9(primary)
+                group.resume(replica)
+
+            failover = await group.failover(kill_and_resume, 30)
+            assert group.node_name(failover.new) == replica
+            # The old primary comes back as a replica of the new one, so WAIT succeeds again.
+            return Fault(lag, failover.settled_after_s, lambda: group.rejoin(primary))
+
         with cluster.running():
             try:
-                row = await _failover_run(cluster, group, session, rng)
+                row = await _run_under_load(cluster, session, rng, fault, expect_rollback=True)
             except BaseException:
                 dump_logs(cluster, group)
                 raise
@@ -153,20 +178,140 @@ async def test_failover_under_load_loses_and_repeats_nothing(
     print(json.dumps(row))
 
 
-async def _failover_run(
+CLUSTER_PARTITIONS = 12
+
+
+def cluster_cases() -> list[Any]:
+    kills = [
+        pytest.param("cluster-kill", FIRST_SEED + n, id=f"cluster-kill-seed{FIRST_SEED + n}")
+        for n in range(SEEDS)
+    ]
+    return [
+        *kills,
+        pytest.param("cluster-failover", FIRST_SEED, id="cluster-failover"),
+        pytest.param("cluster-migrate", FIRST_SEED, id="cluster-migrate"),
+    ]
+
+
+@pytest.mark.parametrize(("variant", "seed"), cluster_cases())
+async def test_redis_cluster_changes_under_load_lose_and_repeat_nothing(
+    backends: Backends,
+    tmp_path: Path,
+    session: aiohttp.ClientSession,
+    variant: str,
+    seed: int,
+) -> None:
+    """The same run on a Redis Cluster of 3 masters with a replica each, 12 partitions.
+
+    - ``cluster-kill``: a master's replica is paused, the master killed with kill -9 while
+      the replica lags, the replica resumed and promoted by the cluster (no Sentinel).
+    - ``cluster-failover``: ``CLUSTER FAILOVER`` on a replica (planned: nothing is lost).
+    - ``cluster-migrate``: one partition's slot moves to another master, keys and all, as
+      ``redis-cli --cluster reshard`` moves it (``CLUSTER SETSLOT`` / ``MIGRATE``)."""
+    rng = random.Random(seed)
+    print(f"\n{variant} seed {seed} (rerun with CRM_EVENTS_FAILOVER_SEED={seed})")
+    with ClusterGroup(tmp_path / "redis") as group:
+        cluster = HACluster(
+            tmp_path / "cluster",
+            with_redis(backends, group.url, "cluster"),
+            edges=2,
+            env={
+                "CRM_EVENTS_KAFKA_PARTITIONS": str(CLUSTER_PARTITIONS),
+                "CRM_EVENTS_REDIS_WAIT_REPLICAS": "1",
+                "CRM_EVENTS_REDIS_WAIT_TIMEOUT_MS": "200",
+            },
+        )
+        # The master of a partition's slot, chosen by the seed.
+        chosen = rng.randrange(CLUSTER_PARTITIONS)
+        slot = partition_slot(chosen)
+        master = group.name_of(group.slot_owner(slot))
+
+        async def kill() -> Fault:
+            replica = group.replica_of(master)
+            group.pause(replica)
+            await fill_replication_buffers(group.direct(master), partition_tag(chosen))
+            await asyncio.sleep(rng.uniform(0.8, 1.3))
+            lag = await cluster_replication_lag(group, master)
+            t0 = time.monotonic()
+            group.kill9(master)
+            group.resume(replica)
+            await eventually(
+                lambda: _owner_is(group, slot, replica), 30, f"{replica} serving the slots"
+            )
+            await group.wait_settled()
+            return Fault(lag, time.monotonic() - t0, lambda: group.rejoin(master))
+
+        async def planned_failover() -> Fault:
+            failover = await group.cluster_failover(group.replica_of(master))
+            return Fault(0, failover.settled_after_s, None)
+
+        async def migrate() -> Fault:
+            others = [a for a in group.masters() if a != group.address(master)]
+            t0 = time.monotonic()
+            old = await group.migrate_slot(slot, rng.choice(others))
+            assert old == group.address(master)
+            return Fault(0, time.monotonic() - t0, None)
+
+        fault = {"cluster-kill": kill, "cluster-failover": planned_failover}.get(variant, migrate)
+        with cluster.running():
+            try:
+                row = await _run_under_load(
+                    cluster, session, rng, fault, expect_rollback=variant == "cluster-kill"
+                )
+            except BaseException:
+                dump_logs(cluster)
+                for name in group.names():
+                    print(f"--- {name} ---\n{group.log(name)[-2000:]}")
+                raise
+    row = {"variant": variant, "seed": seed, **row}
+    TABLE.append(row)
+    print(json.dumps(row))
+
+
+def _owner_is(group: ClusterGroup, slot: int, name: str) -> bool:
+    try:
+        return group.slot_owner(slot) == group.address(name)
+    except AssertionError:
+        return False  # the slot has no master for a moment
+
+
+async def cluster_replication_lag(group: ClusterGroup, master: str) -> int:
+    """Bytes of the master's replication stream its replicas have not acknowledged."""
+    node = group.direct(master)
+    try:
+        info = await node.info("replication")
+    finally:
+        await node.aclose()
+    offset = int(info["master_repl_offset"])
+    acked = [int(v["offset"]) for k, v in info.items() if k.startswith("slave")]
+    return offset - min(acked, default=offset)
+
+
+@dataclass
+class Fault:
+    """What a fault reports: the replication lag when it struck, how long until Redis served
+    again, and how to bring the lost node back (None: nothing to bring back)."""
+
+    lag_bytes: int
+    failover_s: float
+    rejoin: Callable[[], object] | None
+
+
+async def _run_under_load(
     cluster: HACluster,
-    group: SentinelGroup,
     session: aiohttp.ClientSession,
     rng: random.Random,
+    fault: Callable[[], Awaitable[Fault]],
+    *,
+    expect_rollback: bool,
 ) -> dict[str, Any]:
     clients = [
         CursorClient(cluster.lb_url("/crm-events"), name=f"client{i}").start(session)
         for i in range(CLIENTS)
     ]
     await eventually(lambda: all(c.connects for c in clients), 30, "every client connected")
-    pause_at = int(EVENTS * rng.uniform(0.3, 0.6))
-    pause_s = rng.uniform(0.8, 1.3)
-    # Some clients drop right after the kill: they resume while Redis fails over, with
+    fault_at = int(EVENTS * rng.uniform(0.3, 0.6))
+    # Some clients drop right after the fault: they resume while Redis fails over, with
     # cursors ahead of what the promoted replica holds.
     resume_during = rng.sample(range(CLIENTS), 3)
 
@@ -174,27 +319,12 @@ async def _failover_run(
     producing = asyncio.create_task(producer.run())
     dropping = asyncio.create_task(Drops(clients, rng, EVENTS).run(producer))
     try:
-        await eventually(lambda: producer.sent >= pause_at, 120, f"event {pause_at}")
-        primary, replica = group.primary_name, group.replica_name
-        group.pause(replica)
-        # More than the kernel's socket buffers hold goes first, so that what ingest writes
-        # from now on waits in the primary's memory and dies with it: the promoted replica
-        # really misses acknowledged writes.
-        await fill_replication_buffers(group, primary)
-        # The fault's shape, not a wait for a condition: the replica falls behind this long.
-        await asyncio.sleep(pause_s)
-        lag = await replication_lag(group)
-
-        def kill_and_resume() -> None:
-            group.kill9(primary)
-            group.resume(replica)
-
-        failover = await group.failover(kill_and_resume, 30)
-        assert group.node_name(failover.new) == replica
+        await eventually(lambda: producer.sent >= fault_at, 120, f"event {fault_at}")
+        struck = await fault()
         for i in resume_during:
             clients[i].drop()
-        # The old primary comes back as a replica of the new one, so WAIT succeeds again.
-        await asyncio.to_thread(group.rejoin, primary)
+        if struck.rejoin is not None:
+            await asyncio.to_thread(struck.rejoin)
         await producing
         await dropping
     finally:
@@ -220,7 +350,8 @@ async def _failover_run(
     finally:
         await redis.aclose()
     rolled = await cluster.ingest_metric("crm_events_refills_total", reason="rolled_back")
-    assert rolled > 0, "the promoted replica was expected to miss writes (the fault did not bite)"
+    if expect_rollback:
+        assert rolled > 0, "the promoted replica was expected to miss writes (no bite)"
     assert_streams_hold_each_once(got, producer.expected, {})
     for c in clients:
         c.check_exact(producer.expected)
@@ -231,9 +362,11 @@ async def _failover_run(
     return {
         "events": EVENTS,
         "rate_per_s": round(producer.achieved_rate),
-        "lag_at_kill_bytes": lag,
-        "lag_less_filler_bytes": lag - FILLER_MIB * (1 << 20),
-        "failover_s": round(failover.settled_after_s, 2),
+        "lag_at_kill_bytes": struck.lag_bytes,
+        "lag_less_filler_bytes": struck.lag_bytes - FILLER_MIB * (1 << 20)
+        if struck.lag_bytes
+        else 0,
+        "failover_s": round(struck.failover_s, 2),
         "rolled_back_refills": int(rolled),
         "refilled_records": int(refilled),
         "client_reconnects": sum(c.connects for c in clients) - len(clients),
@@ -245,12 +378,13 @@ async def _failover_run(
 FILLER_MIB = 24
 
 
-async def fill_replication_buffers(group: SentinelGroup, primary: str) -> None:
-    node = group.direct(primary)
+async def fill_replication_buffers(node: Redis, tag: str = "") -> None:
+    """24 MiB of filler on ``node`` (closed after); on a Cluster node, ``tag`` must be the
+    hash tag of a slot it serves."""
     try:
         async with node.pipeline(transaction=False) as pipe:
             for i in range(FILLER_MIB):
-                pipe.set(f"filler:{i}", b"x" * (1 << 20))
+                pipe.set(f"filler:{tag}:{i}", b"x" * (1 << 20))
             await pipe.execute()
     finally:
         await node.aclose()

@@ -1,8 +1,8 @@
 """Kafka -> ingest -> Redis -> edges -> load balancer, end to end on the real services.
 
-Every test here runs twice, once behind nginx and once behind HAProxy (the module's cluster
-is parametrised over both load balancers), so delivery, resume, history and errors are
-checked through each.
+Every test here runs three times: behind nginx and behind HAProxy on one Redis, and behind
+nginx on a Redis Cluster (the module's deployment is parametrised), so delivery, resume,
+history and errors are checked through each load balancer and each Redis mode.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from shared.cursor import Cursor, decode_cursor
 from tests.harness.backends import Backends
 from tests.harness.cluster import LOAD_BALANCERS, Cluster, LoadBalancer, crm_event
 from tests.integration.checks import assert_exactly_once_in_order
+from tests.integration.conftest import backends_in_mode
 from tests.sse_client import (
     Collector,
     assert_cursors_never_go_back,
@@ -32,17 +33,26 @@ from tests.waiting import eventually
 pytestmark = pytest.mark.timeout(240)
 
 
-@pytest.fixture(scope="module", params=LOAD_BALANCERS)
+SETUPS = [
+    *((lb, "single") for lb in LOAD_BALANCERS),
+    # The Redis Cluster's sharded pub/sub and routing behind one of the load balancers (which
+    # one is not the Redis mode's concern).
+    ("nginx", "cluster"),
+]
+
+
+@pytest.fixture(scope="module", params=SETUPS, ids=[f"{lb}-{mode}" for lb, mode in SETUPS])
 def cluster(
     request: pytest.FixtureRequest,
     backends: Backends,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Cluster]:
-    """Ingest, two edges and one load balancer; one cluster at a time (pytest groups the
-    tests by parameter of a module-scoped fixture)."""
-    lb: LoadBalancer = request.param
-    run_dir = Path(tmp_path_factory.mktemp(f"pipeline-{lb}"))
-    with Cluster(run_dir, backends, lb=lb).running() as c:
+    """Ingest, two edges and one load balancer on one Redis mode; one setup at a time
+    (pytest groups the tests by parameter of a module-scoped fixture)."""
+    lb: LoadBalancer
+    lb, mode = request.param
+    run_dir = Path(tmp_path_factory.mktemp(f"pipeline-{lb}-{mode}"))
+    with Cluster(run_dir, backends_in_mode(request, backends, mode), lb=lb).running() as c:
         yield c
 
 

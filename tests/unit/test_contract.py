@@ -10,8 +10,10 @@ from importlib.resources import files
 from pathlib import Path
 
 import pytest
+from redis.crc import key_slot
 
 from shared.contract import (
+    CLUSTER_SLOTS,
     DEAD_FIELDS,
     EVENT_FIELDS,
     MAX_OFFSET,
@@ -35,6 +37,8 @@ from shared.contract import (
     parse_live_line,
     parse_meta,
     parse_state,
+    partition_slot,
+    partition_tag,
     position_of,
     split_live_payload,
 )
@@ -136,12 +140,19 @@ def test_the_documented_bounds_are_the_codes() -> None:
 def test_every_key_of_a_partition_shares_its_hash_tag() -> None:
     assert ReexportedKeys is RedisKeys
     for p in (0, 7, 4095):
-        names = [KEYS.stream(p), KEYS.state(p), KEYS.dead(p), KEYS.live(p)]
-        assert all(n.startswith(f"crm-events:{{p{p}}}:") for n in names)
-        assert len(set(names)) == 4
+        names = [KEYS.stream(p), KEYS.state(p), KEYS.dead(p), KEYS.wait(p), KEYS.live(p)]
+        assert re.fullmatch(rf"\{{p{p}\.\d+\}}", KEYS.tag(p))
+        assert all(n.startswith(f"crm-events:{KEYS.tag(p)}:") for n in names)
+        assert len({key_slot(n.encode()) for n in names}) == 1
+        assert len(set(names)) == 5
         assert KEYS.live_partition(KEYS.live(p)) == p
         assert KEYS.live_partition(KEYS.live(p).encode()) == p
-        assert KEYS.partition_keys(p) == (KEYS.stream(p), KEYS.state(p), KEYS.dead(p))
+        assert KEYS.partition_keys(p) == (
+            KEYS.stream(p),
+            KEYS.state(p),
+            KEYS.dead(p),
+            KEYS.wait(p),
+        )
     assert KEYS.meta == "crm-events:meta"
     assert "{" not in KEYS.meta  # read on its own; never in a script with a partition's keys
     assert RedisKeys("other").stream(0) != KEYS.stream(0)
@@ -149,11 +160,52 @@ def test_every_key_of_a_partition_shares_its_hash_tag() -> None:
 
 @pytest.mark.parametrize(
     "channel",
-    ["crm-events:{p}:live", "crm-events:{p01}:live", "crm-events:{p1}:stream", "other:{p1}:live"],
+    [
+        "crm-events:{p}:live",
+        "crm-events:{p01}:live",
+        "crm-events:{p1.33}:stream",
+        "other:{p1.33}:live",
+        "crm-events:{p1}:live",  # the tag without its salt (the layout before issue 13)
+        "crm-events:{p1.0}:live",  # another salt: another slot
+        "crm-events:{p1.33.1}:live",
+    ],
 )
 def test_foreign_channels_have_no_partition(channel: str) -> None:
     with pytest.raises(ContractError):
         KEYS.live_partition(channel)
+
+
+def test_tags_are_pinned_because_changing_them_renames_every_key() -> None:
+    # The examples in ARCHITECTURE.md and the runbooks use these.
+    assert [partition_tag(p) for p in range(4)] == ["{p0.43}", "{p1.33}", "{p2.44}", "{p3.1}"]
+    assert "crm-events:{p1.33}:stream" in ARCHITECTURE
+    assert partition_slot(0) == key_slot(b"crm-events:{p0.43}:stream")
+
+
+@pytest.mark.parametrize("partitions", [3, 6, 12, 24, 36, 48, 96])
+@pytest.mark.parametrize("masters", [2, 3, 4, 6])
+def test_tags_spread_partitions_evenly(partitions: int, masters: int) -> None:
+    """Over ``masters`` equal contiguous slot ranges, as ``redis-cli --cluster create`` makes."""
+    owned = [0] * masters
+    for p in range(partitions):
+        owned[partition_slot(p) * masters // CLUSTER_SLOTS] += 1
+    assert max(owned) - min(owned) <= (0 if partitions % masters == 0 else 1), owned
+
+
+def test_finding_a_tag_stays_cheap_for_any_partition() -> None:
+    """Each tag is a search over salts; the tolerance floor bounds it (4,096 partitions: at
+    most 1,776 tries for one, about 300 on average)."""
+    salts = [int(partition_tag(p)[1:-1].split(".")[1]) for p in range(4096)]
+    assert max(salts) < 5000
+    assert sum(salts) / len(salts) < 1000
+
+
+def test_plain_partition_numbers_as_tags_would_not_spread() -> None:
+    """Why the salt: CRC16 of ``{pN}`` puts 6 of 12 partitions on one of 3 masters."""
+    owned = [0, 0, 0]
+    for p in range(12):
+        owned[key_slot(f"{{p{p}}}".encode()) * 3 // CLUSTER_SLOTS] += 1
+    assert sorted(owned) == [3, 3, 6]
 
 
 def test_keys_refuse_a_negative_partition() -> None:

@@ -182,6 +182,33 @@ def test_the_budget_is_split_over_the_partitions() -> None:
     assert rings.covers(2, 6) and not rings.covers(2, 5)
 
 
+def test_every_change_to_any_partition_moves_the_version() -> None:
+    """History bodies are cached under the ring's version: a reset that leaves a partition
+    at the same last position, or a resize, must still change it."""
+    rings = ReplayRing(12 * SIZE, partitions=2)
+    seen = {rings.version}
+
+    def changed() -> bool:
+        new = rings.version not in seen
+        seen.add(rings.version)
+        return new
+
+    rings.reset(0, 0)
+    assert changed()
+    rings.extend(1, [])  # nothing held yet: no entry, but still no stale body risk
+    changed()
+    rings.extend(0, [entry(1), entry(2)])
+    assert changed()
+    last = rings[0].last
+    rings.reset(0, last)  # same last position, nothing held any more
+    assert rings[0].last == last and changed()
+    rings.reset_all([5, 5])
+    assert changed()
+    rings.resize(3)
+    assert changed()
+    assert rings.version == max(seen)
+
+
 def test_hub_feeds_each_partition_ring_with_new_entries_only() -> None:
     hub = Hub(ring_bytes=20 * SIZE)
     hub.start(1, [2, 0])
