@@ -75,6 +75,8 @@ import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
+import redis
+
 from devtools import kafka_local, nginx_conf, redis_cluster, redis_ha
 from devtools.monitoring_stack import (
     MonitoringSettings,
@@ -93,7 +95,8 @@ from devtools.supervisor import (
 )
 from edge.auth import issue_token
 from shared import cli
-from shared.contract import partition_slot
+from shared.contract import META_PARTITIONS, RedisKeys, partition_slot
+from shared.settings import DEFAULT_REDIS_PREFIX
 
 __all__ = [
     "DEFAULT_CLUSTER_KAFKA_PARTITIONS",
@@ -977,6 +980,24 @@ class ClusterTopology:
         return f"{text}, replicas: {', '.join(replicas) or 'none'}"
 
 
+def _stored_partitions(addresses: list[tuple[str, int]]) -> int | None:
+    """The partition count ingest recorded in the meta hash (the topic's real one, which an
+    existing topic may hold apart from CRM_EVENTS_KAFKA_PARTITIONS); None before ingest ran."""
+    keys = RedisKeys(DEFAULT_REDIS_PREFIX)
+    for host, port in addresses:
+        client = redis.Redis(host=host, port=port, socket_timeout=1.0, socket_connect_timeout=1.0)
+        try:
+            raw = client.hget(keys.meta, META_PARTITIONS)
+        except redis.exceptions.MovedError:
+            continue  # another node holds the meta hash's slot
+        except (redis.exceptions.RedisError, OSError):
+            continue
+        finally:
+            client.close()
+        return int(raw) if isinstance(raw, bytes) and raw.isdigit() else None
+    return None
+
+
 class Stack:
     """The parts of one :class:`StackSettings`, managed through one run directory."""
 
@@ -1068,7 +1089,7 @@ class Stack:
                 nodes=[(name, port, redis_ha.role((HOST, port))) for name, port in s.redis_nodes],
                 view=view,
                 info=None if view is None else redis_cluster.cluster_info(view.source),
-                partitions=s.kafka_partitions,
+                partitions=_stored_partitions(addresses) or s.kafka_partitions,
             )
         if not s.sentinel:
             return None

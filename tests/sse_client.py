@@ -59,10 +59,12 @@ def assert_cursors_never_go_back(frames: Iterable[Frame]) -> None:
 
 
 def assert_per_partition_exactly_once(
-    deliveries: Iterable[tuple[int, int]], expected: dict[int, list[int]]
+    deliveries: Iterable[tuple[int, int]], expected: dict[int, list[int]], name: str = ""
 ) -> None:
     """``deliveries``: (partition, offset) in the order received. Each partition's offsets
-    must be exactly ``expected[partition]``: every one once, in order."""
+    must be exactly ``expected[partition]``: every one once, in order. ``name`` (a client's)
+    starts each failure message."""
+    who = f"{name}: " if name else ""
     got: dict[int, list[int]] = defaultdict(list)
     for partition, offset in deliveries:
         got[partition].append(offset)
@@ -70,12 +72,14 @@ def assert_per_partition_exactly_once(
         offsets = got.get(partition, [])
         want = expected.get(partition, [])
         dupes = len(offsets) - len(set(offsets))
-        assert not dupes, f"partition {partition}: {dupes} events arrived twice"
+        assert not dupes, f"{who}partition {partition}: {dupes} events arrived twice"
         missing = sorted(set(want) - set(offsets))
-        assert not missing, f"partition {partition}: {len(missing)} missing, e.g. {missing[:5]}"
+        assert not missing, (
+            f"{who}partition {partition}: {len(missing)} missing, e.g. {missing[:5]}"
+        )
         extra = sorted(set(offsets) - set(want))
-        assert not extra, f"partition {partition}: unexpected {extra[:5]}"
-        assert offsets == sorted(offsets), f"partition {partition}: out of order"
+        assert not extra, f"{who}partition {partition}: unexpected {extra[:5]}"
+        assert offsets == sorted(offsets), f"{who}partition {partition}: out of order"
 
 
 async def frames(

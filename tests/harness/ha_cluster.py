@@ -23,7 +23,12 @@ from redis.asyncio.cluster import RedisCluster
 from shared.contract import RedisKeys, position_of
 from shared.redis_client import make_redis
 from shared.settings import RedisSettings
-from tests.sse_client import Frame, assert_cursors_never_go_back, frames
+from tests.sse_client import (
+    Frame,
+    assert_cursors_never_go_back,
+    assert_per_partition_exactly_once,
+    frames,
+)
 
 from .backends import Backends, SentinelGroup
 from .cluster import Cluster, crm_event
@@ -279,7 +284,7 @@ class CursorClient:
         never goes back and stands right after its own event."""
         assert not self.resets, f"{self.name}: {len(self.resets)} reset(s): {self.resets[:2]}"
         try:
-            assert_per_partition_exactly_once_named(self.name, self.deliveries, expected)
+            assert_per_partition_exactly_once(self.deliveries, expected, self.name)
         except AssertionError:
             print(f"{self.name}:", *self.history, sep="\n  ")
             raise
@@ -289,26 +294,6 @@ class CursorClient:
                 f"{self.name}: the id of partition {partition} offset {offset} is not the "
                 "position after it"
             )
-
-
-def assert_per_partition_exactly_once_named(
-    name: str, deliveries: list[tuple[int, int]], expected: dict[int, list[int]]
-) -> None:
-    got: dict[int, list[int]] = defaultdict(list)
-    for partition, offset in deliveries:
-        got[partition].append(offset)
-    for partition in set(got) | set(expected):
-        offsets = got.get(partition, [])
-        want = expected.get(partition, [])
-        dupes = len(offsets) - len(set(offsets))
-        assert not dupes, f"{name}: partition {partition}: {dupes} events arrived twice"
-        missing = sorted(set(want) - set(offsets))
-        assert not missing, (
-            f"{name}: partition {partition}: {len(missing)} missing, e.g. {missing[:5]}"
-        )
-        extra = sorted(set(offsets) - set(want))
-        assert not extra, f"{name}: partition {partition}: unexpected {extra[:5]}"
-        assert offsets == sorted(offsets), f"{name}: partition {partition}: out of order"
 
 
 # -- Redis -------------------------------------------------------------------------------------

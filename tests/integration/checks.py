@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
 from tests.sse_client import Frame, assert_cursors_never_go_back
 
 
@@ -34,3 +37,14 @@ def assert_exactly_once_in_order(frames: list[Frame], expected_seqs: set[int]) -
         assert offsets == sorted(offsets), f"partition {partition} out of order"
     for key, key_seqs in by_key.items():
         assert key_seqs == sorted(key_seqs), f"key {key} out of order"
+
+
+async def metric(session: aiohttp.ClientSession, url: str, name: str, **labels: str) -> float:
+    """The value of one sample of the Prometheus page at ``url`` (0 when it is absent)."""
+    async with session.get(url) as resp:
+        text = await resp.text()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0

@@ -4,9 +4,10 @@ private ingest/edge/nginx processes per test module."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from tests.harness.backends import Backends, ClusterGroup, provide
@@ -26,6 +27,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/integration" in str(item.path):
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    """An HTTP client for one test (modules with other needs define their own)."""
+    async with aiohttp.ClientSession() as s:
+        yield s
 
 
 @pytest.fixture(scope="session")

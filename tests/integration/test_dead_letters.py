@@ -3,16 +3,16 @@ topic/partition/offset/reason/detail/value, counted by reason, and the pipeline 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from shared.contract import RedisKeys
 from tests.harness.backends import Backends
 from tests.harness.cluster import Cluster, crm_event
+from tests.integration.checks import metric
 from tests.sse_client import Collector
 from tests.waiting import eventually
 
@@ -33,22 +33,6 @@ def small_events(
     )
     with c.running():
         yield c
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
-
-
-async def metric(session: aiohttp.ClientSession, url: str, name: str, **labels: str) -> float:
-    async with session.get(url) as resp:
-        text = await resp.text()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    return 0.0
 
 
 async def test_invalid_records_become_dead_letters_and_the_pipeline_goes_on(

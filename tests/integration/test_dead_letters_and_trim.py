@@ -5,36 +5,18 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from shared.contract import FIELD_PREV, position_of
 from shared.cursor import Cursor, decode_cursor
 from tests.harness.cluster import Cluster, crm_event
-from tests.integration.checks import assert_exactly_once_in_order
+from tests.integration.checks import assert_exactly_once_in_order, metric
 from tests.sse_client import Collector, assert_cursors_never_go_back
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.timeout(240)
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
-
-
-async def metric(session: aiohttp.ClientSession, url: str, name: str, **labels: str) -> float:
-    async with session.get(url) as resp:
-        text = await resp.text()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    return 0.0
 
 
 async def test_trimmed_position_gets_reset_then_the_retained_events(

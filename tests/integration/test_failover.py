@@ -11,8 +11,11 @@ acknowledged. Ingest finds each partition's Redis state behind what it applied
 (``rolled_back``) and refills from Kafka with the same entry ids. Clients that had already seen
 the lost events are *ahead* of the new primary, which is not a reset.
 
+The same run on a Redis Cluster (``cluster-*``): a master killed while its replica lags, a
+planned ``CLUSTER FAILOVER``, and one partition's slot migrated to another master.
+
 ``make test`` runs one seed of each variant; ``make failover`` (``CRM_EVENTS_FAILOVER_SEEDS=3``)
-runs three seeds of the main variant and prints the table. Sizes:
+runs three seeds of the primary and master kills and prints the table. Sizes:
 ``CRM_EVENTS_FAILOVER_EVENTS`` (20,000), ``CRM_EVENTS_FAILOVER_RATE`` (1,500/s),
 ``CRM_EVENTS_FAILOVER_SEED`` (the first seed).
 """
