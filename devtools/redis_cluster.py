@@ -18,11 +18,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import redis
-from redis.backoff import NoBackoff
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 from redis.exceptions import RedisError
-from redis.retry import Retry
 
 from devtools import redis_ha
 
@@ -251,30 +248,9 @@ class ClusterView:
         return sum(n.slot_count for n in self.nodes if n.is_master)
 
 
-def _client(address: Address, timeout_s: float) -> redis.Redis:
-    return redis.Redis(
-        host=address[0],
-        port=address[1],
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        retry=Retry(NoBackoff(), 0),
-    )
-
-
-def _ask(address: Address, *command: str | int | bytes, timeout_s: float = QUERY_TIMEOUT_S) -> Any:
-    client = _client(address, timeout_s)
-    try:
-        # Separate words: redis-py then applies no response callback, the raw answer comes back.
-        return client.execute_command(*command)  # type: ignore[no-untyped-call]
-    except (RedisError, OSError):
-        return None
-    finally:
-        client.close()
-
-
 def _run(address: Address, *command: str | int | bytes, timeout_s: float = QUERY_TIMEOUT_S) -> Any:
-    """Like :func:`_ask`, but an error is a :class:`ClusterError` naming the node."""
-    client = _client(address, timeout_s)
+    """Like :func:`redis_ha.ask`, but an error is a :class:`ClusterError` naming the node."""
+    client = redis_ha.client(address, timeout_s)
     try:
         return client.execute_command(*command)  # type: ignore[no-untyped-call]
     except (RedisError, OSError) as exc:
@@ -290,7 +266,7 @@ def _text(value: Any) -> str:
 
 def cluster_nodes(address: Address, timeout_s: float = QUERY_TIMEOUT_S) -> ClusterView | None:
     """``CLUSTER NODES`` of the node at ``address``; None when it does not answer."""
-    answer = _ask(address, "CLUSTER", "NODES", timeout_s=timeout_s)
+    answer = redis_ha.ask(address, "CLUSTER", "NODES", timeout_s=timeout_s)
     if answer is None:
         return None
     nodes = parse_nodes(_text(answer))
@@ -315,7 +291,7 @@ def first_view(addresses: Iterable[Address]) -> ClusterView | None:
 
 def cluster_info(address: Address, timeout_s: float = QUERY_TIMEOUT_S) -> dict[str, str] | None:
     """``CLUSTER INFO`` as a dict of strings; None when the node does not answer."""
-    answer = _ask(address, "CLUSTER", "INFO", timeout_s=timeout_s)
+    answer = redis_ha.ask(address, "CLUSTER", "INFO", timeout_s=timeout_s)
     if answer is None:
         return None
     info = {}
@@ -536,7 +512,7 @@ def migrate_slot(
     for master in view.masters():
         if master.id not in (source.id, target.id):
             # The others learn it by gossip too; telling them saves a round of MOVED.
-            _ask(master.address, "CLUSTER", "SETSLOT", slot, "NODE", target.id)
+            redis_ha.ask(master.address, "CLUSTER", "SETSLOT", slot, "NODE", target.id)
     return src
 
 

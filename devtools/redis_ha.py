@@ -112,7 +112,8 @@ def existing_myid(conf: Path) -> str | None:
     return found.group(1) if found else None
 
 
-def _client(address: Address, timeout_s: float) -> redis.Redis:
+def client(address: Address, timeout_s: float) -> redis.Redis:
+    """A short-lived client of one server for a query: no retry, bounded waits."""
     return redis.Redis(
         host=address[0],
         port=address[1],
@@ -122,14 +123,16 @@ def _client(address: Address, timeout_s: float) -> redis.Redis:
     )
 
 
-def _ask(address: Address, *command: str, timeout_s: float = QUERY_TIMEOUT_S) -> Any:
-    client = _client(address, timeout_s)
+def ask(address: Address, *command: str | int | bytes, timeout_s: float = QUERY_TIMEOUT_S) -> Any:
+    """One command's raw answer (given as separate words, redis-py applies no response
+    callback); None when the server does not answer or answers an error."""
+    c = client(address, timeout_s)
     try:
-        return client.execute_command(*command)  # type: ignore[no-untyped-call]
+        return c.execute_command(*command)  # type: ignore[no-untyped-call]
     except (RedisError, OSError):
         return None
     finally:
-        client.close()
+        c.close()
 
 
 def _text(value: Any) -> str:
@@ -161,7 +164,7 @@ class Role:
 
 def role(address: Address, timeout_s: float = QUERY_TIMEOUT_S) -> Role | None:
     """ROLE of the server at ``address``; None when it does not answer."""
-    answer = _ask(address, "ROLE", timeout_s=timeout_s)
+    answer = ask(address, "ROLE", timeout_s=timeout_s)
     if not answer:
         return None
     kind = _text(answer[0])
@@ -182,7 +185,7 @@ def sentinel_primary(
     sentinel: Address, service: str, timeout_s: float = QUERY_TIMEOUT_S
 ) -> Address | None:
     """``SENTINEL get-master-addr-by-name`` of one Sentinel; None when it does not answer."""
-    answer = _ask(sentinel, "SENTINEL", "get-master-addr-by-name", service, timeout_s=timeout_s)
+    answer = ask(sentinel, "SENTINEL", "get-master-addr-by-name", service, timeout_s=timeout_s)
     if not answer:
         return None
     return _text(answer[0]), int(answer[1])
@@ -193,13 +196,13 @@ def sentinel_view(
 ) -> tuple[int, int] | None:
     """(replicas, other Sentinels) one Sentinel knows of for ``service``; None when it does
     not answer or does not watch it."""
-    client = _client(sentinel, timeout_s)
+    c = client(sentinel, timeout_s)
     try:
-        masters = client.sentinel_masters()
+        masters = c.sentinel_masters()
     except (RedisError, OSError):
         return None
     finally:
-        client.close()
+        c.close()
     state = masters.get(service) if isinstance(masters, dict) else None
     if state is None:
         return None

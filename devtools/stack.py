@@ -75,8 +75,6 @@ import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
-import redis
-
 from devtools import kafka_local, nginx_conf, redis_cluster, redis_ha
 from devtools.monitoring_stack import (
     MonitoringSettings,
@@ -983,18 +981,12 @@ class ClusterTopology:
 def _stored_partitions(addresses: list[tuple[str, int]]) -> int | None:
     """The partition count ingest recorded in the meta hash (the topic's real one, which an
     existing topic may hold apart from CRM_EVENTS_KAFKA_PARTITIONS); None before ingest ran."""
-    keys = RedisKeys(DEFAULT_REDIS_PREFIX)
-    for host, port in addresses:
-        client = redis.Redis(host=host, port=port, socket_timeout=1.0, socket_connect_timeout=1.0)
-        try:
-            raw = client.hget(keys.meta, META_PARTITIONS)
-        except redis.exceptions.MovedError:
-            continue  # another node holds the meta hash's slot
-        except (redis.exceptions.RedisError, OSError):
-            continue
-        finally:
-            client.close()
-        return int(raw) if isinstance(raw, bytes) and raw.isdigit() else None
+    meta = RedisKeys(DEFAULT_REDIS_PREFIX).meta
+    for address in addresses:
+        # Nodes that do not hold the meta hash's slot answer MOVED, which reads as None.
+        raw = redis_ha.ask(address, "HGET", meta, META_PARTITIONS)
+        if isinstance(raw, bytes) and raw.isdigit():
+            return int(raw)
     return None
 
 

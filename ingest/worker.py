@@ -260,6 +260,14 @@ class IngestWorker:
                 log.warning("kafka unavailable, retrying", extra={"error": repr(exc)})
                 await asyncio.sleep(max(self.kafka.wait_s(), CLOSED_RETRY_S))
 
+    async def _redis_down(self, exc: RedisUnavailable, message: str, *, logged: bool) -> None:
+        """One failed Redis step: logged once per outage, counted, then the breaker's wait."""
+        if not logged:
+            log.warning(message, extra={"error": str(exc)})
+        self.redis.failure()
+        self._metrics.backend_errors.labels(backend="redis").inc()
+        await asyncio.sleep(max(self.redis.wait_s(), CLOSED_RETRY_S))
+
     async def _until_redis(self, step: Callable[[], Awaitable[T]]) -> T:
         held = False
         while True:
@@ -270,12 +278,8 @@ class IngestWorker:
             try:
                 result = await step()
             except RedisUnavailable as exc:
-                if not held:
-                    log.warning("redis unavailable; waiting", extra={"error": str(exc)})
+                await self._redis_down(exc, "redis unavailable; waiting", logged=held)
                 held = True
-                self.redis.failure()
-                self._metrics.backend_errors.labels(backend="redis").inc()
-                await asyncio.sleep(max(self.redis.wait_s(), CLOSED_RETRY_S))
                 continue
             self.redis.success()
             return result
@@ -438,12 +442,8 @@ class IngestWorker:
                     )
                 result = await self._writer.apply(batches)
             except RedisUnavailable as exc:
-                if not held:
-                    log.warning("redis unavailable; holding the batch", extra={"error": str(exc)})
+                await self._redis_down(exc, "redis unavailable; holding the batch", logged=held)
                 held = True
-                self.redis.failure()
-                self._metrics.backend_errors.labels(backend="redis").inc()
-                await asyncio.sleep(max(self.redis.wait_s(), CLOSED_RETRY_S))
                 continue
             if held:
                 log.info("redis is back; batch applied")
