@@ -30,6 +30,7 @@ from . import report
 from .backends import private_backends
 from .machine import describe_machine, loadavg, versions
 from .profiles import PROFILES, Profile
+from .scenario_f import scenario_f
 from .scenarios import (
     Bench,
     guard,
@@ -56,7 +57,11 @@ from .tools import (
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     p.add_argument("--profile", choices=sorted(PROFILES), default="quick")
-    p.add_argument("--scenarios", help="comma-separated subset of A,B,C,D,E")
+    p.add_argument(
+        "--scenarios",
+        help="comma-separated subset of A,B,C,D,E,F (F: scaling over Redis Cluster masters, "
+        "ingest workers and edges)",
+    )
     p.add_argument("--servers", help="comma-separated subset of edge,centrifugo")
     p.add_argument("--clients", help="comma-separated client counts for A (overrides profile)")
     p.add_argument(
@@ -172,8 +177,9 @@ async def run(
             "pinning": {
                 "server_core": 0,
                 "other_core": OTHER_CORE,
-                "what": "server under test (edge, naive or Centrifugo; ingest in D) on core 0; "
-                "load generator, publisher, ingest (A-C, E), Kafka, Redis, wrk on core 1; "
+                "what": "server under test (edge, naive or Centrifugo; ingest in D and F1; "
+                "the edges of F2 and F3) on core 0; load generator, publisher, ingest (A-C, E, "
+                "F2, F3), Kafka, Redis (F: every Redis Cluster node), wrk on core 1; "
                 "every process the harness starts runs at nice -10 (root), so that unrelated "
                 "work on a shared machine yields to it",
             },
@@ -190,6 +196,8 @@ async def run(
         results["E"] = await scenario_e(bench, servers)
     if "D" in scenarios:
         results["D"] = await guard("D", scenario_d(bench))
+    if "F" in scenarios:
+        results["F"] = await scenario_f(bench)
     meta = results["meta"]
     meta["duration_s"] = round(time.monotonic() - started, 1)
     meta["loadavg_after"] = loadavg()

@@ -40,6 +40,28 @@ class Profile:
     capacity_p99_ms: float = 1000.0
     """A step whose p99 passes this is not keeping up (its backlog grows)."""
     target_p99_ms: float = 50.0
+    f1_masters: tuple[int, ...] = (1, 2, 3)
+    """F1: Redis Cluster sizes (masters, no replicas)."""
+    f1_workers: tuple[int, ...] = (1, 2, 3)
+    """F1: ingest workers at each size."""
+    f1_backlog: int = 150_000
+    """F1: events each cell works through (written while its workers are paused: at ~100,000
+    events/s it must stay well below the consumers' 10 s session timeout)."""
+    f1_rounds: int = 1
+    """F1: times the grid is measured (up, then down, ...); each cell's figure is the mean."""
+    f2_edges: tuple[int, ...] = (1, 2, 4, 8, 16)
+    """F2: edge counts, after a step with none."""
+    f2_rate: float = 1000.0
+    """F2: events/s published throughout."""
+    f2_window_s: float = 3.0
+    f2_rounds: int = 2
+    """F2: windows per visit of an edge count (each count is visited twice, see
+    ``bench.scenario_f.visit_order``)."""
+    f2_settle_s: float = 2.0
+    """F2: wait after the edges changed, before the window."""
+    f3_edges: int = 4
+    f3_masters: int = 3
+    """F3: scenario C's storm (``c_clients``, ``c_behind``) over this many edges and masters."""
 
 
 # One process cannot hold more sockets than its RLIMIT_NOFILE; where the hard limit is 20,000
@@ -48,7 +70,7 @@ TWENTY_K = 20000
 
 QUICK = Profile(
     name="quick",
-    scenarios=("A", "B", "C", "D", "E"),
+    scenarios=("A", "B", "C", "D", "E", "F"),
     servers=("edge", "centrifugo"),
     a_clients=(1000, 10000),
     naive_clients=(1000,),
@@ -71,7 +93,7 @@ QUICK = Profile(
 
 FULL = Profile(
     name="full",
-    scenarios=("A", "B", "C", "D", "E"),
+    scenarios=("A", "B", "C", "D", "E", "F"),
     servers=("edge", "centrifugo"),
     a_clients=(1000, 5000, 10000, TWENTY_K),
     naive_clients=(1000, 5000, 10000),
@@ -90,6 +112,10 @@ FULL = Profile(
     e_connections=32,
     e_rounds=5,
     connect_rate=2500,
+    f1_backlog=300_000,
+    f1_rounds=2,
+    f2_window_s=5.0,
+    f2_rounds=3,
 )
 
 SMOKE = Profile(
@@ -113,6 +139,15 @@ SMOKE = Profile(
     e_connections=4,
     e_rounds=1,
     connect_rate=0,
+    f1_masters=(1, 2),
+    f1_workers=(1, 2),
+    f1_backlog=20_000,
+    f2_edges=(1, 2),
+    f2_rate=200.0,
+    f2_window_s=1.0,
+    f2_rounds=2,
+    f2_settle_s=1.0,
+    f3_edges=2,
 )
 
 PROFILES = {p.name: p for p in (QUICK, FULL, SMOKE)}

@@ -157,6 +157,15 @@ def side_by_side(results: dict[str, Any]) -> list[str]:
             f"| {_fmt(v)} | no equivalent | — | | ≥ 50,000 | "
             f"{_met(None if v is None else v >= 50000)} |"
         )
+    f1 = (results.get("F") or {}).get("F1") or {}
+    if "ingest_flat_over_masters" in f1:
+        dev = f1.get("ingest_from_first_over_masters")
+        lines.append(
+            f"| F1 ingest, 1 → {max(c['masters'] for c in f1['cells'])} Redis Cluster masters "
+            f"| ingest CPU per event: largest deviation from 1 master, at any worker count "
+            f"| {_pct(dev)} | no equivalent | — | | within ±15 % "
+            f"| {_met(f1.get('ingest_flat_over_masters'))} |"
+        )
     e_e, e_c = _by_server(results.get("E"), "edge"), _by_server(results.get("E"), "centrifugo")
     if e_e or e_c:
         ev, cv = _field(e_e, "requests_per_s"), _field(e_c, "requests_per_s")
@@ -170,6 +179,155 @@ def side_by_side(results: dict[str, Any]) -> list[str]:
             f"| E | p99 latency, ms | {_fmt(_field(e_e, 'p99_ms'), 2)} "
             f"| {_fmt(_field(e_c, 'p99_ms'), 2)} | | | | |"
         )
+    return lines
+
+
+def _pct(v: Any, digits: int = 1) -> str:
+    return "—" if v is None else f"{100 * v:.{digits}f} %"
+
+
+def _values(vals: list[Any], digits: int = 2) -> str:
+    return ", ".join("—" if v is None else f"{v:.{digits}f}" for v in vals)
+
+
+COST_LABEL = {"ingest_us_per_event": "ingest", "redis_us_per_event": "Redis (all masters)"}
+
+
+def f_details(results: dict[str, Any]) -> list[str]:
+    """Scenario F's tables: the F1 grid and its flatness, F2's fan-out steps, F3's storm."""
+    f = results.get("F")
+    if not f:
+        return []
+    lines = ["", "#### F: scaling on this machine (issue 13)", ""]
+    f1 = f.get("F1") or {}
+    if "error" in f1:
+        lines += [f"F1: error: {f1['error'][:300]}", ""]
+    elif f1:
+        rounds = f1.get("rounds", 1)
+        lines += [
+            f"F1, ingest: a fresh {f1['partitions']}-partition topic per cell with "
+            f"{f1['backlog']:,} events, written while the cell's workers (already in the group) "
+            f"were paused; streams capped at {f1['stream_maxlen']:,} entries per partition "
+            f"(trimmed as in production); {f1['placement']}. Events/s and CPU per event "
+            "between 10 % and 90 % of the backlog"
+            + (f"; mean of {rounds} rounds (the grid up, then down)" if rounds > 1 else "")
+            + ".",
+            "",
+            "| Redis masters | ingest workers | events/s | ingest CPU µs/event "
+            "| Redis CPU µs/event (all masters) | Kafka CPU µs/event "
+            "| model: events/s with a core per worker and per master (extrapolated) |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for c in f1.get("cells", []):
+            if "error" in c:
+                lines.append(
+                    f"| {c['masters']} | {c['workers']} | error: {c['error'][:100]} | | | | |"
+                )
+                continue
+            lines.append(
+                f"| {c['masters']} | {c['workers']} | {_fmt(c['events_per_s'])} "
+                f"| {c['ingest_us_per_event']:.2f} | {c['redis_us_per_event']:.2f} "
+                f"| {c['kafka_us_per_event']:.2f} | {_fmt(c.get('model_events_per_s'))} |"
+            )
+        lines += [
+            "",
+            "| CPU per event of | as these grow | with | µs per event | max/min - 1 "
+            "| largest deviation from 1 unit | flat within ±15 %? |",
+            "|---|---|---|---|---:|---:|---|",
+        ]
+        for ln in f1.get("flatness", []):
+            fixed = (
+                f"{ln['workers']} worker(s)"
+                if ln["along"] == "masters"
+                else f"{ln['masters']} master(s)"
+            )
+            units = ln["units"]
+            lines.append(
+                f"| {COST_LABEL.get(ln['cost'], ln['cost'])} | {ln['along']} "
+                f"{units[0]} → {units[-1]} | {fixed} | {_values(ln['values'])} "
+                f"| {_pct(ln['spread'])} | {_pct(ln['from_first'])} | {_met(ln['flat'])} |"
+            )
+    f2 = f.get("F2") or {}
+    if "error" in f2:
+        lines += ["", f"F2: error: {f2['error'][:300]}"]
+    elif f2:
+        order = ", ".join(str(n) for n in f2["order"])
+        lines += [
+            "",
+            f"F2, pub/sub fan-out: the run's single Redis, one ingest, {f2['rate']:,.0f} events/s "
+            f"published one by one over {f2['partitions']} partitions, streams capped at "
+            f"{f2['stream_maxlen']:,}; edges without clients (an edge subscribes to every "
+            f"partition's live channel when it starts); {f2['placement']}. Edge counts in the "
+            f"order {order}, {f2['windows_per_visit']} windows of {f2['window_s']:g} s per "
+            "visit. A step keeps up when every edge shows the newest stored events within "
+            "3 s and never lost its subscription.",
+            "",
+            "| edges | events/s | events per script run | Redis CPU µs/event "
+            "| Redis µs per script run, net of per-event work [± s.e.] "
+            "| increment of one edge, µs per script run [±] | edges' CPU, % of core 0 "
+            "| each edge's CPU µs/event | kept up |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        net, se = f2.get("net_us_per_batch", {}), f2.get("net_us_per_batch_se", {})
+        inc, unc = f2.get("increment_us_per_edge", {}), f2.get("increment_uncertainty_us", {})
+        for st in f2.get("steps", []):
+            n = str(st["edges"])
+            increment = f"{inc[n]:.2f} [± {unc[n]:.2f}]" if n in inc else "—"
+            lines.append(
+                f"| {st['edges']} | {_fmt(st['events_per_s'])} | {_fmt(st['events_per_batch'], 2)} "
+                f"| {st['redis_us_per_event']:.2f} "
+                f"| {_fmt(net.get(n), 1)} [± {_fmt(se.get(n), 1)}] | {increment} "
+                f"| {st['edges_cpu_pct']} | {_fmt(st['edge_us_per_event_each'], 1)} "
+                f"| {'yes' if st['kept_up'] else '**no** ' + ', '.join(st['not_keeping_up'])} |"
+            )
+        flat = f2.get("increment_flatness") or {}
+        resolved = f2.get("resolved_edges") or []
+        below = [n for n in inc if int(n) not in resolved]
+        verdict = (
+            f"judged at {', '.join(str(n) for n in resolved)} edges: "
+            f"{_met(flat.get('flat'))} (largest deviation {_pct(flat.get('from_first'))})"
+            if len(resolved) > 1
+            else "not judged: fewer than two edge counts resolve the increment to ±15 %"
+        )
+        lines += [
+            "",
+            f"Least squares over every window: Redis µs = {f2['base_us_per_batch']:.1f} x "
+            f"script runs + {f2['per_event_us']:.1f} x events + "
+            f"{f2['per_edge_us_per_batch']:.2f} x edges x script runs: each edge adds "
+            f"{f2['per_edge_us_per_event']:.2f} µs per event at this run's "
+            f"{f2['events_per_batch']:.2f} events per script run. Flatness of the increment: "
+            f"{verdict}"
+            + (f"; below this machine's noise at {', '.join(below)} edge(s)" if below else "")
+            + f". No-edge cost at the end against the start: {_pct(f2.get('drift_no_edges'))}.",
+        ]
+    f3 = f.get("F3") or {}
+    c_e = _by_server(results.get("C"), "edge")
+    if "error" in f3:
+        lines += ["", f"F3: error: {f3['error'][:300]}"]
+    elif f3:
+        got = f3.get("all_caught_up_s")
+        c_val = (c_e or {}).get("all_caught_up_s")
+        same = c_e and c_e.get("clients") == f3["clients"] and c_e.get("behind") == f3["behind"]
+        lines += [
+            "",
+            f"F3, catch-up in cluster mode: scenario C's storm over {f3['edges']} edges "
+            f"({', '.join(str(n) for n in f3['clients_per_edge'])} clients) on a "
+            f"{f3['masters']}-master Redis Cluster; {f3['placement']}.",
+            "",
+            "| clients | behind | edges | masters | seconds until all caught up "
+            "| exact (no gap/dup, all at the head) | C: one edge, single Redis, same run "
+            "| ratio F3/C | edges' CPU s | load generators' CPU s |",
+            "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+            f"| {f3['clients']:,} | {f3['behind']:,} | {f3['edges']} | {f3['masters']} "
+            f"| {_fmt(got, 2) if got is not None else 'not all in ' + str(f3['wall_s']) + ' s'} "
+            f"| {'yes' if f3.get('correct') else '**no**'} "
+            f"| {_fmt(c_val, 2) if same else '— (not in this run)'} "
+            f"| {_ratio(got, c_val) if same else '—'} | {f3['server_cpu_s']} "
+            f"| {f3['loadgen_cpu_s']} |",
+        ]
+    note = f.get("model_note")
+    if note:
+        lines += ["", f"{note}."]
     return lines
 
 
@@ -229,6 +387,7 @@ def markdown(results: dict[str, Any], plots: list[Path], out: Path) -> str:
     lines += side_by_side(results)
     lines += ["", "#### A: every rate step", ""]
     lines += a_details(results)
+    lines += f_details(results)
     for key in ("B", "C", "E"):
         rows = results.get(key) or []
         errs = [r for r in rows if "error" in r]

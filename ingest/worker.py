@@ -10,8 +10,8 @@ The three steps overlap without reordering anything that matters:
   batch can never be overtaken by a later one;
 * once N is applied (and, with ``CRM_EVENTS_REDIS_WAIT_REPLICAS``, acknowledged by the
   replicas) its offsets are handed to the committer, which commits in the background (one
-  commit in flight, the newest applied offsets per partition, never an offset whose batch
-  has not been applied; each commit carries the epoch in its metadata);
+  commit in flight, at most ten a second, the newest applied offsets per partition, never an
+  offset whose batch has not been applied; each commit carries the epoch in its metadata);
 * memory stays bounded: at most the batch being applied plus one prepared batch (and
   aiokafka's own fetch buffer). A batch held while Redis is down blocks the next one.
 
@@ -60,7 +60,7 @@ from shared.settings import IngestSettings
 
 from .kafka_config import client_options
 from .metrics import IngestMetrics
-from .records import Prepared, dead_reason, pack, prepare
+from .records import Packed, Prepared, dead_reason, pack, prepare
 from .writer import BatchResult, BatchWriter, PartitionBatch, PartitionResult
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,15 @@ EPOCH_LOOKUP_BACKOFF_S = 0.2
 EPOCH_LOOKUP_BACKOFF_MAX_S = 2.0
 """The group's commits are read for the epoch up to this often before the worker gives up
 this round (and starts over, not ready, through the Kafka circuit breaker)."""
+PREPARE_SLICE = 100
+"""Records prepared between two yields to the event loop (under a millisecond of CPU): the
+batch in flight is written to Redis meanwhile, and health checks and metrics are answered
+even during a batch of ``CRM_EVENTS_INGEST_BATCH_MAX_RECORDS`` = 100,000."""
+COMMIT_INTERVAL_S = 0.1
+"""The shortest time between two offset commits. Each commit is a write to Kafka's offsets
+topic: one after every batch cost the broker about 2 µs of CPU per event under a backlog
+(bench D), for nothing: after a crash, at most this much more is re-read, and the script
+skips it."""
 CLOSE_COMMIT_TIMEOUT_S = 2.0
 """Longest wait for the last commit when partitions are revoked or the consumer stops."""
 
@@ -91,8 +100,16 @@ class _Partition:
     """Start position of a fresh fill (sent while ``expect`` is -1)."""
     generation: int = 0
     """Changes at every seek: records prepared under another generation are dropped."""
+    decided: bool = False
+    """Where to read it from was decided (``_sync`` sought it). Records fetched before that
+    come from wherever the consumer started (the committed offset), which is not what
+    ``expect``/``base`` describe: they are never applied."""
     refill_until: int = -1
     """Records below this offset applied now are re-applied ones (a refill is running)."""
+    prev: int = -1
+    """The pv the next prepared event gets: where Redis's chain of events will stand once
+    the batches prepared so far are applied (-1: not known). Only a guess that saves the
+    script work (see ``pack``): it corrects itself at the next batch with an event."""
 
 
 @dataclass(slots=True)
@@ -102,7 +119,7 @@ class _Group:
     tp: TopicPartition
     generation: int
     records: list[Prepared]
-    blob: bytes
+    packed: Packed
     next_offset: int
 
 
@@ -326,14 +343,19 @@ class IngestWorker:
                     timeout_ms=self._s.poll_timeout_ms, max_records=self._s.batch_max_records
                 )
                 if batches:
-                    # Prepared while the previous batch's scripts run in Redis. Stamped with
-                    # the partitions' generations at once (no await since the fetch): a
-                    # seek after this point makes these records stale.
-                    prepared = self._prepare(batches)
+                    # Stamped with the partitions' generations at once (no await since the
+                    # fetch): a seek after this point makes these records stale.
+                    stamped = self._stamp(batches)
+                    # Prepared while the previous batch's scripts run in Redis: the
+                    # preparation yields between slices, so the task applying that batch
+                    # gets its pipelines written out instead of waiting for the whole
+                    # preparation (that made the two steps take turns: bench D).
+                    prepared = await self._prepare(stamped)
                     if inflight is not None:
                         await inflight  # applied (retried until Redis took it) and accounted
                     inflight = asyncio.create_task(self._apply(prepared, committer))
-                    # Let it send its scripts before this loop goes on preparing the next batch.
+                    # Let it send its scripts now, before this loop takes the next records
+                    # out of aiokafka's buffer (CPU, without a yield).
                     await asyncio.sleep(0)
                 elif inflight is not None and inflight.done():
                     await inflight  # surfaces an unexpected error
@@ -366,28 +388,46 @@ class IngestWorker:
 
     # -- preparing and applying ---------------------------------------------------------------
 
-    def _prepare(self, batches: dict[TopicPartition, list[Any]]) -> list[_Group]:
-        s = self._s
-        max_bytes, type_fields, match_fields = s.event_max_bytes, s.type_fields, s.match_fields
+    def _stamp(
+        self, batches: dict[TopicPartition, list[Any]]
+    ) -> list[tuple[TopicPartition, int, list[Any]]]:
+        """Each assigned partition's records with the partition's generation now."""
         parts = self._parts
-        groups = []
+        stamped = []
         for tp, records in batches.items():
             part = parts.get(tp.partition)
-            if part is None or not records:
-                continue
-            prepared = [
-                prepare(r, max_bytes=max_bytes, type_fields=type_fields, match_fields=match_fields)
-                for r in records
-            ]
-            groups.append(
-                _Group(tp, part.generation, prepared, pack(prepared), records[-1].offset + 1)
-            )
+            if part is not None and part.decided and records:
+                stamped.append((tp, part.generation, records))
+        return stamped
+
+    async def _prepare(self, stamped: list[tuple[TopicPartition, int, list[Any]]]) -> list[_Group]:
+        s = self._s
+        max_bytes, type_fields, match_fields = s.event_max_bytes, s.type_fields, s.match_fields
+        groups = []
+        for tp, generation, records in stamped:
+            prepared: list[Prepared] = []
+            for start in range(0, len(records), PREPARE_SLICE):
+                if start:
+                    await asyncio.sleep(0)
+                prepared.extend(
+                    prepare(
+                        r, max_bytes=max_bytes, type_fields=type_fields, match_fields=match_fields
+                    )
+                    for r in records[start : start + PREPARE_SLICE]
+                )
+            part = self._parts.get(tp.partition)
+            current = part is not None and part.generation == generation
+            packed = pack(prepared, part.prev if part is not None and current else -1)
+            if part is not None and current:
+                part.prev = packed.prev
+            groups.append(_Group(tp, generation, prepared, packed, records[-1].offset + 1))
+            await asyncio.sleep(0)
         return groups
 
     def _current(self, group: _Group) -> bool:
         """The group was read from the partition's current position (no seek since)."""
         part = self._parts.get(group.tp.partition)
-        return part is not None and part.generation == group.generation
+        return part is not None and part.decided and part.generation == group.generation
 
     async def _apply(self, groups: list[_Group], committer: _Committer) -> None:
         sent, expects, result = await self._apply_until_done(groups)
@@ -437,7 +477,7 @@ class IngestWorker:
                     expects[g.tp.partition] = part.expect
                     batches.append(
                         PartitionBatch(
-                            g.tp.partition, g.blob, len(g.records), part.expect, part.base
+                            g.tp.partition, g.packed, len(g.records), part.expect, part.base
                         )
                     )
                 result = await self._writer.apply(batches)
@@ -510,6 +550,10 @@ class IngestWorker:
         for tp in tps:
             self._parts.setdefault(tp.partition, _Partition())
             self._metrics.export_partition(tp.partition)
+        # Paused (and undecided) before the first await: aiokafka may already hand out
+        # records fetched from the committed offset while the listener runs, and applied
+        # as a fresh fill from 0 they would make the stream look complete with a hole in it.
+        self._hold(tps)
         try:
             await self._sync(tps, None)
         except (RedisUnavailable, KafkaError, IllegalStateError, TimeoutError) as exc:
@@ -523,14 +567,24 @@ class IngestWorker:
     def _defer(self, tps: Iterable[TopicPartition]) -> None:
         """Pause partitions whose position could not be decided: nothing is fetched for
         them until ``_settle`` decides it."""
+        listed = list(tps)
+        self._hold(listed)
+        self._unsynced.update(listed)
+
+    def _hold(self, tps: Iterable[TopicPartition]) -> None:
+        """Undecided and paused: nothing of these partitions is fetched or applied until
+        ``_sync`` seeks them."""
         consumer = self._consumer
+        held = []
         for tp in tps:
             part = self._parts.setdefault(tp.partition, _Partition())
             part.generation = next(self._generations)
-            self._unsynced.add(tp)
-        if consumer is not None:
+            part.prev = -1
+            part.decided = False
+            held.append(tp)
+        if consumer is not None and held:
             with contextlib.suppress(IllegalStateError):
-                consumer.pause(*[tp for tp in self._unsynced if tp in consumer.assignment()])
+                consumer.pause(*[tp for tp in held if tp in consumer.assignment()])
 
     async def _settle(self) -> None:
         """Between batches: decide paused partitions' positions, and check suspects."""
@@ -671,20 +725,22 @@ class IngestWorker:
             reason: str | None
             if state is None:
                 position = max(start, c - maxlen)
-                part.expect, part.base = -1, position
+                part.expect, part.base, part.prev = -1, position, position
                 reason = cause or "assigned"
                 counted = cause is not None or position < reached
             else:
                 position = min(c, state.applied + 1)
-                part.expect, part.base = state.applied, state.base
+                part.expect, part.base, part.prev = state.applied, state.base, state.last
                 reason = cause or ("rolled_back" if state.applied + 1 < c else None)
                 counted = reason is not None
             consumer.seek(tp, position)
             part.generation = next(self._generations)
+            part.decided = True
             self._suspects.discard(tp)
-            if tp in self._unsynced:
-                self._unsynced.discard(tp)
-                consumer.resume(tp)
+            self._unsynced.discard(tp)
+            # Paused by ``_hold`` while undecided (resuming a partition that is not paused
+            # changes nothing).
+            consumer.resume(tp)
             if self._committer is not None:
                 self._committer.drop_held(tp)
             if counted and reason is not None:
@@ -900,6 +956,7 @@ class _Committer:
                 # One odd failure must not stop every later commit; later commits carry
                 # newer offsets, and a lost one only costs a re-read the script skips.
                 log.exception("offset commit failed unexpectedly")
+            await asyncio.sleep(COMMIT_INTERVAL_S)
 
     def check(self) -> None:
         """Raise what ended the background task, if it ended (it never should)."""

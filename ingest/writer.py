@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
@@ -47,13 +47,13 @@ from shared.redis_nodes import (
     raise_redirects,
 )
 
-from .records import Prepared, group, pack
+from .records import Packed, Prepared, group, pack
 
 SCRIPT_NAME: Final = "apply_partition.lua"
 _SCRIPT = files("shared").joinpath(SCRIPT_NAME).read_text(encoding="utf-8")
 _SHA = hashlib.sha1(_SCRIPT.encode()).hexdigest()
 _FIELD_NAMES: Final = (*EVENT_FIELDS, *DEAD_FIELDS, *STATE_FIELDS)
-"""ARGV[9..22]: the script takes its field names from the contract."""
+"""ARGV[10..23]: the script takes its field names from the contract."""
 
 _SWAP_EPOCH: Final = """
 local held = redis.call('HGET', KEYS[1], ARGV[1])
@@ -66,6 +66,8 @@ return {held, redis.call('HGET', KEYS[1], ARGV[4]) or ''}
 """Compare-and-set of the meta hash's epoch; answers the epoch held after it and the
 partition count the meta hash records."""
 
+T = TypeVar("T")
+
 Status = Literal["ok", "lost", "rolled_back"]
 STATUSES: Final[tuple[Status, ...]] = ("ok", "lost", "rolled_back")
 
@@ -75,7 +77,7 @@ class PartitionBatch:
     """One partition's records of a batch, packed, with what ingest believes Redis holds."""
 
     partition: int
-    blob: bytes
+    packed: Packed
     count: int
     expect: int
     """The applied offset ingest believes this Redis has; -1 for a fresh fill."""
@@ -92,6 +94,8 @@ class PartitionResult:
     applied: int
     """The partition's applied offset after the call (for ``rolled_back``: what Redis has;
     -1 for ``lost``)."""
+    last: int = -1
+    """For ``ok``: the position after the partition's last event (the next event's pv)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +144,8 @@ class BatchWriter:
             batch.expect,
             batch.base,
             batch.count,
-            batch.blob,
+            batch.packed.blob,
+            batch.packed.lines,
             *_FIELD_NAMES,
             self._publish,
         ]
@@ -171,10 +176,16 @@ class BatchWriter:
             for batch in pending:
                 client = self._nodes.client_for(partition_slot(batch.partition))
                 groups.setdefault(id(client), (client, []))[1].append(batch)
-            outcomes = await asyncio.gather(
-                *(self._apply_on(client, group) for client, group in groups.values()),
-                return_exceptions=True,
-            )
+            if len(groups) == 1:
+                # Awaited in place rather than through gather, whose task would only start
+                # at the event loop's next turn: the scripts leave at once.
+                ((client, group),) = groups.values()
+                outcomes: list[Any] = [await _settled(self._apply_on(client, group))]
+            else:
+                outcomes = await asyncio.gather(
+                    *(self._apply_on(client, group) for client, group in groups.values()),
+                    return_exceptions=True,
+                )
             pending = []
             failure: BaseException | None = None
             for (_, members), outcome in zip(groups.values(), outcomes, strict=True):
@@ -250,24 +261,34 @@ class BatchWriter:
         return list(await pipe.execute(raise_on_error=False))
 
     async def apply_records(
-        self, partition: int, records: Iterable[Prepared], *, expect: int = -1, base: int = 0
+        self,
+        partition: int,
+        records: Iterable[Prepared],
+        *,
+        expect: int = -1,
+        base: int = 0,
+        prev: int = -1,
     ) -> PartitionResult:
-        """One partition's records in one call (tests, tools)."""
+        """One partition's records in one call (tests, tools); ``prev`` as ``pack`` takes it."""
         listed = list(records)
         if any(p[0] != partition for p in listed):
             raise ValueError("every record must be of the given partition")
-        batch = PartitionBatch(partition, pack(listed), len(listed), expect, base)
+        batch = PartitionBatch(partition, pack(listed, prev), len(listed), expect, base)
         result = await self.apply([batch])
         return result.partitions[partition]
 
     async def apply_grouped(
-        self, records: Iterable[Prepared], expect: dict[int, int] | None = None
+        self,
+        records: Iterable[Prepared],
+        expect: dict[int, int] | None = None,
+        prev: dict[int, int] | None = None,
     ) -> dict[int, PartitionResult]:
         """Records of any partitions, grouped (tests, tools); ``expect`` per partition,
-        -1 (fresh fill from position 0) when not given."""
+        -1 (fresh fill from position 0) when not given; ``prev`` as ``pack`` takes it."""
         expect = expect or {}
+        prev = prev or {}
         batches = [
-            PartitionBatch(p, pack(rs), len(rs), expect.get(p, -1), 0)
+            PartitionBatch(p, pack(rs, prev.get(p, -1)), len(rs), expect.get(p, -1), 0)
             for p, rs in group(records).items()
         ]
         return (await self.apply(batches)).partitions
@@ -504,12 +525,22 @@ def _no_script(value: Any) -> bool:
     )
 
 
+async def _settled(call: Awaitable[T]) -> T | Exception:
+    """What ``gather(..., return_exceptions=True)`` gives for one call."""
+    try:
+        return await call
+    except Exception as exc:  # noqa: BLE001 - sorted by the caller, as gather's results are
+        return exc
+
+
 def _result(raw: Any) -> PartitionResult:
-    status_raw, written, duplicates, dead, applied = raw
+    status_raw, written, duplicates, dead, applied, last = raw
     status = status_raw.decode() if isinstance(status_raw, bytes) else str(status_raw)
     if status not in STATUSES:
         raise RedisUnavailable(f"the script answered an unknown status {status!r}")
-    return PartitionResult(status, int(written), int(duplicates), int(dead), int(applied))
+    return PartitionResult(
+        status, int(written), int(duplicates), int(dead), int(applied), int(last)
+    )
 
 
 def _replicas(raw: Any) -> int:

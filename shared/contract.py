@@ -60,6 +60,7 @@ __all__ = [
     "FIELD_TYPE",
     "LEGACY_KEY_SUFFIXES",
     "LIVE_FIELD_COUNT",
+    "LIVE_LINE",
     "MAX_OFFSET",
     "META_EPOCH",
     "META_FIELDS",
@@ -316,11 +317,16 @@ class LiveLine(NamedTuple):
         return self.offset + 1
 
 
+LIVE_LINE: Final = b"%d %d %b %b %b %b"
+"""offset, pv, type, Kafka timestamp ms (digits), match token, envelope: ingest formats the
+lines with this (ingest/records.py pack) and the script publishes them or remakes a head."""
+
+
 def encode_live_line(
     offset: int, prev: int, type_: bytes, ts_ms: int, match: bytes, envelope: bytes
 ) -> bytes:
-    """One live line (what the script builds in Lua; used by tests and documentation)."""
-    return b"%d %d %s %d %s %s" % (offset, prev, type_, ts_ms, match, envelope)
+    """One live line."""
+    return LIVE_LINE % (offset, prev, type_, b"%d" % ts_ms, match, envelope)
 
 
 def encode_live_payload(lines: Iterable[bytes]) -> bytes:

@@ -155,9 +155,12 @@ def spliceable(value: bytes) -> bool:
     )
 
 
+_NULL_KEY = b'"key":null'
+
+
 def _key_fragment(key: bytes | None) -> bytes:
     if key is None:
-        return b'"key":null'
+        return _NULL_KEY
     try:
         text = key.decode("utf-8")
     except UnicodeDecodeError:
@@ -168,12 +171,35 @@ def _key_fragment(key: bytes | None) -> bytes:
 def encode_event(
     value: bytes | None, **record: Unpack[RecordFields]
 ) -> tuple[bytes, bytes, bytes] | Dead:
+    """``(type, envelope, match token)`` as bytes, or a dead letter (see ``encode_record``)."""
+    return encode_record(
+        value,
+        record["key"],
+        record["partition"],
+        record["offset"],
+        record["timestamp_ms"],
+        record["max_bytes"],
+        record["type_fields"],
+        record.get("match_fields", ()),
+    )
+
+
+def encode_record(
+    value: bytes | None,
+    key: bytes | None,
+    partition: int,
+    offset: int,
+    timestamp_ms: int,
+    max_bytes: int,
+    type_fields: tuple[str, ...],
+    match_fields: tuple[str, ...],
+) -> tuple[bytes, bytes, bytes] | Dead:
     """The hot path of ingest: ``(type, envelope, match token)`` as bytes, or a dead letter.
+    Positional, as ingest calls it once per record.
 
     Splices the value when it may (see the module docstring), else falls back to the
     standard-library path, which gives exactly the same verdicts as before."""
-    type_fields, match_fields = record["type_fields"], record.get("match_fields", ())
-    if value and len(value) <= record["max_bytes"] and spliceable(value):
+    if value and len(value) <= max_bytes and spliceable(value):
         try:
             obj = orjson.loads(value)
         except orjson.JSONDecodeError:
@@ -184,24 +210,33 @@ def encode_event(
                 if name in obj:
                     event_type = obj[name]
                     break
-            if (
-                type(event_type) is str
-                and TYPE_RE.fullmatch(event_type)
-                # orjson turns integers beyond 64 bits into floats; the standard library keeps
-                # them exact, and a match token must not depend on the path taken.
-                and not any(type(obj.get(name)) is float for name in match_fields)
-            ):
-                type_bytes = event_type.encode()
-                data = _HEAD % (
-                    type_bytes,
-                    _key_fragment(record["key"]),
-                    record["partition"],
-                    record["offset"],
-                    record["timestamp_ms"],
-                    value,
-                )
-                return type_bytes, data, match_token(obj, match_fields)
-    outcome = decode_with_stdlib(value, **record)
+            if type(event_type) is str and TYPE_RE.fullmatch(event_type):
+                for name in match_fields:
+                    # orjson turns integers beyond 64 bits into floats; the standard library
+                    # keeps them exact, and a match token must not depend on the path taken.
+                    if type(obj.get(name)) is float:
+                        break
+                else:
+                    type_bytes = event_type.encode()
+                    data = _HEAD % (
+                        type_bytes,
+                        _NULL_KEY if key is None else _key_fragment(key),
+                        partition,
+                        offset,
+                        timestamp_ms,
+                        value,
+                    )
+                    return type_bytes, data, match_token(obj, match_fields)
+    outcome = decode_with_stdlib(
+        value,
+        key=key,
+        partition=partition,
+        offset=offset,
+        timestamp_ms=timestamp_ms,
+        max_bytes=max_bytes,
+        type_fields=type_fields,
+        match_fields=match_fields,
+    )
     if isinstance(outcome, Dead):
         return outcome
     return outcome.type.encode(), outcome.data, outcome.match

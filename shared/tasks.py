@@ -31,6 +31,9 @@ Sleep = Callable[[float], Awaitable[None]]
 
 BACKOFF_INITIAL_S = 0.5
 BACKOFF_MAX_S = 30.0
+STOP_CANCELS = 10
+STOP_CANCEL_WAIT_S = 1.0
+"""A stopping task gets this many cancels, this long apart (see ``Supervised._cancel``)."""
 STABLE_AFTER_S = 60.0
 """A task that ran this long before crashing starts its backoff over (an isolated crash
 restarts quickly; a crash loop slows down to ``BACKOFF_MAX_S``)."""
@@ -107,20 +110,8 @@ class Supervised:
                 me = asyncio.current_task()
                 if task is not None and (me is None or me.cancelling() or not task.done()):
                     # Our own stop (the shield keeps the task alive for exactly this): cancel
-                    # the task, wait for its cleanup, and propagate. A cleanup that fails
-                    # (e.g. closing a client whose server is down) is logged, not raised: the
-                    # stop goes on either way.
-                    task.cancel()
-                    try:
-                        await task
-                    except asyncio.CancelledError:
-                        pass
-                    except Exception as exc:
-                        log.error(
-                            "background task failed while stopping",
-                            exc_info=exc,
-                            extra={"task": self.name, "error": f"{type(exc).__name__}: {exc}"},
-                        )
+                    # the task, wait for its cleanup, and propagate.
+                    await self._cancel(task)
                     raise
                 # The task was cancelled by someone else while we were not: it ended.
                 self.last_error = "cancelled"
@@ -152,6 +143,42 @@ class Supervised:
             )
             await self._sleep(wait)
             delay = min(delay * 2, self._max)
+
+    async def _cancel(self, task: asyncio.Task[None]) -> None:
+        """Cancel the task and wait for its cleanup. On Python 3.11 a cancel that arrives
+        just as an ``asyncio.wait_for`` inside the task completes (redis-py sends commands
+        under one) is swallowed and the task runs on: it is cancelled again, a bounded
+        number of times, so that a stop (SIGTERM) always ends."""
+        for attempt in range(1, STOP_CANCELS + 1):
+            task.cancel()
+            try:
+                await asyncio.wait([task], timeout=STOP_CANCEL_WAIT_S)
+            except asyncio.CancelledError:
+                # This stop is itself cancelled: as ``await task`` would, pass the cancel on
+                # and let the task's cleanup end before propagating.
+                task.cancel()
+                await asyncio.wait([task], timeout=STOP_CANCEL_WAIT_S)
+                raise
+            if task.done():
+                break
+            log.warning(
+                "background task ignored a cancel; cancelling again",
+                extra={"task": self.name, "attempt": attempt},
+            )
+        else:
+            log.error(
+                "background task did not stop; leaving it behind",
+                extra={"task": self.name, "cancels": STOP_CANCELS},
+            )
+            return
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # A cleanup that fails (e.g. closing a client whose server is down) is logged,
+            # not raised: the stop goes on either way.
+            log.error(
+                "background task failed while stopping",
+                exc_info=exc,
+                extra={"task": self.name, "error": f"{type(exc).__name__}: {exc}"},
+            )
 
 
 class Supervisor:

@@ -10,13 +10,15 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.harness.backends import Backends, ClusterGroup, provide
+from tests.harness.backends import Backends, ClusterGroup, SentinelGroup, provide
 from tests.harness.cluster import Cluster
+from tests.harness.ha_cluster import HACluster
 
-REDIS_MODES = ("single", "cluster")
-"""The Redis modes the shared suites run in (pipeline, access, dead letters): one Redis, and a
-Redis Cluster of 3 masters with a replica each. Sentinel mode is one Redis seen through
-Sentinels: its own tests are test_sentinel.py and the failover runs of test_failover.py."""
+REDIS_MODES = ("single", "sentinel", "cluster")
+"""The Redis modes the shared suites run in (pipeline, resume, history, access, dead letters):
+one Redis; a primary with a replica seen through three Sentinels (``redis+sentinel://``); a
+Redis Cluster of 3 masters with a replica each. None of them is failed over here: failovers
+are in test_sentinel.py, test_failover.py and test_cluster_backend.py."""
 
 # test_rebalance.py runs only on request (`make rebalance`): it once hung while an in-process
 # worker stopped mid-rebalance, and a hang must not block the whole suite.
@@ -50,14 +52,30 @@ def redis_cluster_group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cl
         yield group
 
 
+@pytest.fixture(scope="session")
+def redis_sentinel_group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelGroup]:
+    """One Redis primary with a replica and three Sentinels for the whole session, started the
+    first time a suite asks for Sentinel mode; every deployment on it has its own key prefix.
+    Nothing here fails it over, so a primary slow to answer on a busy machine must not look
+    down: a longer ``down-after`` than the failover tests' group."""
+    with SentinelGroup(
+        Path(tmp_path_factory.mktemp("redis-sentinel")), down_after_ms=10_000
+    ) as group:
+        yield group
+
+
 def backends_in_mode(request: pytest.FixtureRequest, backends: Backends, mode: str) -> Backends:
     """The shared Kafka with the Redis of ``mode``."""
     if mode == "single":
         return backends
-    if mode != "cluster":
+    group: SentinelGroup | ClusterGroup
+    if mode == "sentinel":
+        group = request.getfixturevalue("redis_sentinel_group")
+    elif mode == "cluster":
+        group = request.getfixturevalue("redis_cluster_group")
+    else:
         raise ValueError(f"unknown Redis mode {mode!r}")
-    group: ClusterGroup = request.getfixturevalue("redis_cluster_group")
-    return Backends(backends.kafka_bootstrap, group.url, "cluster")
+    return Backends(backends.kafka_bootstrap, group.url, mode)
 
 
 @pytest.fixture(scope="module", params=REDIS_MODES)
@@ -80,7 +98,7 @@ def small_cluster(
 ) -> Iterator[Cluster]:
     """A deployment with a short replay stream and a small event size limit (in each Redis
     mode)."""
-    small = Cluster(
+    small = HACluster(
         Path(tmp_path_factory.mktemp("small")),
         redis_backends,
         env={

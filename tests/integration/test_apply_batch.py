@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import random
 import uuid
 from collections.abc import AsyncIterator
 
@@ -19,6 +20,8 @@ from ingest.writer import BatchWriter, PartitionBatch
 from shared.contract import (
     EVENT_FIELDS,
     RedisKeys,
+    encode_live_line,
+    encode_live_payload,
     entry_id,
     parse_event_fields,
     parse_live_line,
@@ -297,10 +300,104 @@ async def test_wait_without_replicas_reports_fewer_acks(redis: Redis, keys: Redi
     if int(info.get("connected_slaves", 0)):
         pytest.fail("the shared test Redis is expected to have no replica")
     writer = BatchWriter(redis, keys, TOPIC, 1000, 100, wait_replicas=1, wait_timeout_ms=20)
-    blob = pack(events(0, [0]))
-    result = await writer.apply([PartitionBatch(0, blob, 1, -1, 0)])
+    packed = pack(events(0, [0]))
+    result = await writer.apply([PartitionBatch(0, packed, 1, -1, 0)])
     assert result.partitions[0].status == "ok"
     assert (result.acked, result.replicas) == (False, 0)
     assert await writer.wait_acked() is False
     plain = BatchWriter(redis, keys, TOPIC, 1000, 100)
     assert (await plain.apply([PartitionBatch(0, pack(events(0, [1])), 1, 0, 0)])).acked
+
+
+async def test_the_payload_is_the_written_entries_whatever_pv_ingest_assumed(
+    redis: Redis, keys: RedisKeys
+) -> None:
+    """Ingest sends the live lines ready, with the pv it expects; the script publishes them
+    as they stand only while Redis's chain agrees. Whatever the guess (right, stale, unknown)
+    and whatever else happens in the call (redelivered records, ids the stream refuses after
+    a lost state, dead letters anywhere, offset holes), every published message is exactly
+    the entries that call wrote, as live lines."""
+    rng = random.Random(1302)
+    writer = BatchWriter(redis, keys, TOPIC, 100_000, 1000)
+    pubsub = redis.pubsub()
+    await pubsub.subscribe(keys.live(0))
+    await pubsub.get_message(timeout=2)
+    kafka = [o for o in range(3000) if rng.random() > 0.1]  # holes, as transaction markers
+    expect, at, chain = -1, 0, 0
+    published = 0
+    for _ in range(120):
+        if rng.random() < 0.1:
+            # The state is lost while the stream stays: a fresh fill re-reads records the
+            # stream already holds (refused ids, counted as duplicates).
+            await redis.delete(keys.state(0))
+            expect, at = -1, max(0, at - rng.randint(1, 30))
+        start = max(0, at - (rng.randint(1, 20) if rng.random() < 0.3 else 0))  # redelivery
+        chunk = kafka[start : start + rng.randint(1, 40)]
+        if not chunk:
+            break
+        records = batch(
+            [record(0, o, b"{nope" if rng.random() < 0.15 else event(o)) for o in chunk]
+        )
+        guess = rng.choice([chain, chain, -1, chain + rng.randint(1, 5)])
+        before = {i for i, _ in await redis.xrange(keys.stream(0))}
+        result = await writer.apply_records(
+            0, records, expect=expect, base=kafka[start], prev=guess
+        )
+        assert result.status == "ok"
+        rows = [(i, f) for i, f in await redis.xrange(keys.stream(0)) if i not in before]
+        assert result.written == len(rows)
+        if rows:
+            message = None
+            async with asyncio.timeout(5):
+                while message is None:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+            assert message["data"] == encode_live_payload(
+                encode_live_line(
+                    position_of(i) - 1, int(f[b"pv"]), f[b"t"], int(f[b"ts"]), f[b"m"], f[b"d"]
+                )
+                for i, f in rows
+            )
+            published += 1
+        expect, at = result.applied, kafka.index(chunk[-1]) + 1
+        got = await state(redis, keys, 0)
+        assert got is not None and result.last == got[1]
+        chain = result.last
+    assert published > 50
+    assert await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2) is None
+    await pubsub.aclose()
+
+
+async def test_one_call_with_many_records_still_keeps_the_stream_near_its_cap(
+    redis: Redis, keys: RedisKeys
+) -> None:
+    # The stream is trimmed once per call: that trim must remove everything beyond the cap,
+    # however much the call wrote (an approximate trim removes at most 100 nodes by default).
+    writer = BatchWriter(redis, keys, TOPIC, 1000, 100)
+    expect = -1
+    for start in range(0, 50_000, 25_000):
+        result = await writer.apply_records(
+            0, events(0, range(start, start + 25_000)), expect=expect
+        )
+        assert result.written == 25_000
+        expect = result.applied
+        assert 1000 <= await redis.xlen(keys.stream(0)) < 1000 + 200
+
+
+async def test_records_out_of_offset_order_publish_only_what_was_written(
+    redis: Redis, keys: RedisKeys
+) -> None:
+    # Kafka never gives them; a caller that does must still get a payload that is exactly
+    # the entries written (the second record at offset 5 is a duplicate).
+    pubsub = redis.pubsub()
+    await pubsub.subscribe(keys.live(0))
+    await pubsub.get_message(timeout=2)
+    writer = BatchWriter(redis, keys, TOPIC, 1000, 100)
+    records = [*events(0, [5]), *events(0, [5]), *events(0, [6])]
+    result = await writer.apply_records(0, records, expect=-1, base=5, prev=5)
+    assert (result.written, result.duplicates) == (2, 1)
+    message = None
+    async with asyncio.timeout(5):
+        while message is None:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+    assert [parse_live_line(x).offset for x in split_live_payload(message["data"])] == [5, 6]
+    await pubsub.aclose()

@@ -12,6 +12,7 @@ import pytest
 from shared.contract import RedisKeys
 from tests.harness.backends import Backends
 from tests.harness.cluster import Cluster, crm_event
+from tests.harness.ha_cluster import HACluster
 from tests.integration.checks import metric
 from tests.sse_client import Collector
 from tests.waiting import eventually
@@ -24,7 +25,7 @@ def small_events(
     redis_backends: Backends, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Cluster]:
     """One edge, no load balancer, a small event size limit (in each Redis mode)."""
-    c = Cluster(
+    c = HACluster(
         Path(tmp_path_factory.mktemp("dead")),
         redis_backends,
         edges=1,

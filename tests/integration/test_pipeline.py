@@ -1,8 +1,9 @@
 """Kafka -> ingest -> Redis -> edges -> load balancer, end to end on the real services.
 
-Every test here runs three times: behind nginx and behind HAProxy on one Redis, and behind
-nginx on a Redis Cluster (the module's deployment is parametrised), so delivery, resume,
-history and errors are checked through each load balancer and each Redis mode.
+Every test here runs four times: behind nginx and behind HAProxy on one Redis, behind HAProxy
+on a Redis seen through Sentinels and behind nginx on a Redis Cluster (the module's deployment
+is parametrised), so delivery, resume, history and errors are checked through each load
+balancer and in each Redis mode.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ pytestmark = pytest.mark.timeout(240)
 
 SETUPS = [
     *((lb, "single") for lb in LOAD_BALANCERS),
-    # The Redis Cluster's sharded pub/sub and routing behind one of the load balancers (which
-    # one is not the Redis mode's concern).
+    # The other Redis modes behind one load balancer each (which one is not the Redis mode's
+    # concern): the Sentinels' primary, and the Redis Cluster's sharded pub/sub and routing.
+    ("haproxy", "sentinel"),
     ("nginx", "cluster"),
 ]
 

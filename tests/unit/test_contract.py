@@ -384,9 +384,10 @@ def test_the_script_names_no_field_and_takes_the_contracts_in_order() -> None:
     for name in (*EVENT_FIELDS, *DEAD_FIELDS, *STATE_FIELDS):
         assert f"'{name}'" not in code and f'"{name}"' not in code, name
     taken = re.search(r"local f_type, f_ts, f_match, f_prev, f_data = (.*)", code)
-    assert taken is not None and taken.group(1) == "ARGV[9], ARGV[10], ARGV[11], ARGV[12], ARGV[13]"
+    assert taken is not None
+    assert taken.group(1) == "ARGV[10], ARGV[11], ARGV[12], ARGV[13], ARGV[14]"
     taken = re.search(r"local s_applied, s_last, s_base = (.*)", code)
-    assert taken is not None and taken.group(1) == "ARGV[20], ARGV[21], ARGV[22]"
+    assert taken is not None and taken.group(1) == "ARGV[21], ARGV[22], ARGV[23]"
     from ingest.writer import _FIELD_NAMES
 
     assert (*EVENT_FIELDS, *DEAD_FIELDS, *STATE_FIELDS) == _FIELD_NAMES

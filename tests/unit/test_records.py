@@ -7,6 +7,7 @@ import pytest
 from ingest.records import (
     DEAD,
     EVENT,
+    Packed,
     Prepared,
     RawRecord,
     dead_reason,
@@ -15,6 +16,7 @@ from ingest.records import (
     prepare,
     unpack,
 )
+from shared.contract import encode_live_line, encode_live_payload
 from shared.events import DeadReason, Envelope, decode_record, parse_match
 from shared.settings import DEFAULT_TYPE_FIELDS
 
@@ -120,20 +122,51 @@ def test_pack_then_unpack_gives_one_partitions_records_back() -> None:
 
 
 def test_pack_layout_is_what_the_script_reads() -> None:
-    # '>c1i8I4I4I4I4' in Lua: kind, offset, four lengths; then the fields. One blob holds
-    # one partition's records, so the partition is not repeated per record.
-    blob = pack([(3, 2**33 + 1, EVENT, b"T", b"17", b"{}", b"-")])
+    # '>c1i8i8I4I4I4I4I4' in Lua: kind, offset, pv, five lengths. An event's text is its
+    # live line; a dead letter's follows its head. One blob holds one partition's records,
+    # so the partition is not repeated per record.
+    packed = pack(
+        [
+            (3, 2**33 + 1, EVENT, b"T", b"17", b"{}", b"-"),
+            (3, 2**33 + 2, DEAD, b"not_json", b"why", b"raw", b""),
+            (3, 2**33 + 3, EVENT, b"U", b"18", b"{ }", b"a=1"),
+        ],
+        prev=5,
+    )
 
-    assert blob == (
-        b"e" + (2**33 + 1).to_bytes(8, "big")
-        + (1).to_bytes(4, "big") + (2).to_bytes(4, "big") + (2).to_bytes(4, "big")
-        + (1).to_bytes(4, "big") + b"T17{}-"
+    def u32(*ns: int) -> bytes:
+        return b"".join(n.to_bytes(4, "big") for n in ns)
+
+    def i64(n: int) -> bytes:
+        return n.to_bytes(8, "big", signed=True)
+
+    assert packed.blob == (
+        b"e" + i64(2**33 + 1) + i64(5) + u32(len(b"8589934593 5 "), 1, 2, 1, 2)
+        + b"d" + i64(2**33 + 2) + i64(0) + u32(0, 8, 3, 3, 0) + b"not_jsonwhyraw"
+        + b"e" + i64(2**33 + 3) + i64(2**33 + 2) + u32(len(b"8589934595 8589934594 "), 1, 2, 3, 3)
     )  # fmt: skip
+    # The lines are what the script publishes as they stand: the live line format.
+    assert packed.lines == encode_live_payload(
+        [
+            encode_live_line(2**33 + 1, 5, b"T", 17, b"-", b"{}"),
+            encode_live_line(2**33 + 3, 2**33 + 2, b"U", 18, b"a=1", b"{ }"),
+        ]
+    )
+    # The pv chain: each event's pv is the position after the one before (dead letters do
+    # not move it), and ``prev`` after the records is where the next batch starts.
+    assert packed.prev == 2**33 + 4
+
+
+def test_pack_without_events_keeps_the_chain_where_it_was() -> None:
+    packed = pack([(0, 7, DEAD, b"empty", b"why", b"", b"")], prev=3)
+
+    assert packed.lines == b""
+    assert packed.prev == 3
 
 
 def test_pack_of_nothing_is_empty() -> None:
-    assert pack([]) == b""
-    assert unpack(b"", 0) == []
+    assert pack([]) == Packed(b"", b"", -1)
+    assert unpack(Packed(b"", b"", -1), 0) == []
 
 
 def test_pack_accepts_any_iterable() -> None:

@@ -344,3 +344,60 @@ async def test_a_crash_is_counted_when_seen_even_if_stopped_during_the_backoff()
     assert restarts(registry, "worker") == 1
     await sup.stop()
     assert restarts(registry, "worker") == 1
+
+
+async def test_stop_cancels_again_a_task_that_swallowed_the_cancel(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As Python 3.11's wait_for does when the cancel lands just as what it awaited completes
+    # (redis-py sends commands under one): the task goes on as if nothing happened.
+    monkeypatch.setattr("shared.tasks.STOP_CANCEL_WAIT_S", 0.05)
+    sup = Supervisor(CollectorRegistry())
+    started = asyncio.Event()
+    swallowed: list[int] = []
+
+    async def work() -> None:
+        started.set()
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                if swallowed:
+                    raise
+                swallowed.append(1)
+
+    task = sup.add("stubborn", work)
+    sup.start()
+    await asyncio.wait_for(started.wait(), 2)
+    with caplog.at_level(logging.WARNING, logger="shared.tasks"):
+        await asyncio.wait_for(sup.stop(), 5)
+    assert swallowed == [1] and not task.healthy and task.crashes == 0
+    assert "background task ignored a cancel; cancelling again" in caplog.text
+
+
+async def test_stop_ends_even_if_a_task_never_stops(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("shared.tasks.STOP_CANCEL_WAIT_S", 0.02)
+    monkeypatch.setattr("shared.tasks.STOP_CANCELS", 3)
+    sup = Supervisor(CollectorRegistry())
+    started = asyncio.Event()
+    release = asyncio.Event()
+    ignored: list[int] = []
+
+    async def work() -> None:
+        started.set()
+        while not release.is_set():
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                ignored.append(1)
+
+    sup.add("immortal", work)
+    sup.start()
+    await asyncio.wait_for(started.wait(), 2)
+    with caplog.at_level(logging.WARNING, logger="shared.tasks"):
+        await asyncio.wait_for(sup.stop(), 5)
+    assert len(ignored) == 3
+    assert "background task did not stop; leaving it behind" in caplog.text
+    release.set()
