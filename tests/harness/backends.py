@@ -30,6 +30,7 @@ from redis.asyncio import Redis
 from devtools import redis_cluster, redis_ha
 from devtools.probes import RedisReady
 from devtools.supervisor import ProcessSpec, ProcState, Supervisor
+from shared.settings import RedisSettings
 
 HOST = "127.0.0.1"
 
@@ -47,6 +48,14 @@ class Backends:
     @property
     def redis_port(self) -> int:
         return urlsplit(self.redis_url).port or 6379
+
+
+def redis_mode(backends: Backends) -> str:
+    """``single``, ``sentinel`` or ``cluster``: what the backends' Redis URL names."""
+    settings = RedisSettings(url=backends.redis_url)
+    if settings.cluster is not None:
+        return "cluster"
+    return "single" if settings.sentinel is None else "sentinel"
 
 
 def _docker_reachable() -> bool:

@@ -214,10 +214,12 @@ class Cluster:
 
     def redis(self) -> Redis | RedisCluster:
         """A client for the test's own reads: redis-py's ``RedisCluster`` on a Redis Cluster
-        (a third-party router, not the product's), otherwise a plain client."""
-        target = RedisSettings(url=self.backends.redis_url).cluster
+        (a third-party router, not the product's), otherwise a client of the one server the
+        URL names (through the Sentinels for a ``redis+sentinel://`` URL)."""
+        settings = RedisSettings(url=self.backends.redis_url, prefix=self.prefix, timeout_s=5.0)
+        target = settings.cluster
         if target is None:
-            return Redis.from_url(self.backends.redis_url)
+            return make_redis(settings, "test:check")
         return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in target.seeds])
 
     async def redis_servers(self) -> list[Redis]:

@@ -18,11 +18,8 @@ from typing import Any
 import aiohttp
 from aiokafka import AIOKafkaProducer
 from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
 
 from shared.contract import RedisKeys, position_of
-from shared.redis_client import make_redis
-from shared.settings import RedisSettings
 from tests.sse_client import (
     Frame,
     assert_cursors_never_go_back,
@@ -48,13 +45,6 @@ class HACluster(Cluster):
     @property
     def keys(self) -> RedisKeys:
         return RedisKeys(self.prefix)
-
-    def redis(self) -> Redis | RedisCluster:
-        settings = RedisSettings(url=self.backends.redis_url, prefix=self.prefix, timeout_s=5.0)
-        if settings.cluster is not None:
-            # redis-py's own cluster router, which follows failovers and migrations.
-            return super().redis()
-        return make_redis(settings, "test:check")
 
     async def ingest_metric(self, name: str, i: int = 1, **labels: str) -> float:
         """The sum of one metric's samples on ``ingest<i>``'s /metrics that carry ``labels``

@@ -10,7 +10,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.harness.backends import Backends, ClusterGroup, SentinelGroup, provide
+from tests.harness.backends import Backends, ClusterGroup, SentinelGroup, provide, redis_mode
 from tests.harness.cluster import Cluster
 from tests.harness.ha_cluster import HACluster
 
@@ -67,6 +67,11 @@ def redis_sentinel_group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S
 def backends_in_mode(request: pytest.FixtureRequest, backends: Backends, mode: str) -> Backends:
     """The shared Kafka with the Redis of ``mode``."""
     if mode == "single":
+        # The environment's Redis (CRM_EVENTS_TEST_REDIS_URL or the stack's): a Sentinel or
+        # Cluster URL there would run another mode under the name "single".
+        found = redis_mode(backends)
+        if found != "single":
+            raise ValueError(f"the test Redis URL is a {found} URL; single mode needs one server")
         return backends
     group: SentinelGroup | ClusterGroup
     if mode == "sentinel":

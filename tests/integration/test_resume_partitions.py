@@ -37,7 +37,7 @@ from shared.redis_client import make_redis
 from shared.redis_nodes import Nodes, make_nodes
 from shared.security_settings import LimitSettings
 from shared.settings import EdgeSettings, RedisSettings
-from tests.harness.backends import Backends
+from tests.harness.backends import Backends, redis_mode
 from tests.sse_client import Collector, Frame, assert_cursors_never_go_back
 from tests.sse_client import frames as read_frames
 from tests.waiting import eventually
@@ -263,7 +263,7 @@ async def test_filtered_clients_resuming_near_the_oldest_entries_under_trimming(
     0.6 s; filtered clients resume a little after the oldest retained entry of each partition,
     20 times (5 in the Sentinel and Cluster modes). Each gets the exact events or a reset
     first: 0 silent losses."""
-    trials = TRIALS[redis_backends.origin if redis_backends.origin in TRIALS else "single"]
+    trials = TRIALS[redis_mode(redis_backends)]
     keys = RedisKeys(f"crm-test-{uuid.uuid4().hex[:10]}")
     producer = Producer(nodes, redis, keys, partitions=PARTITIONS, maxlen=MAXLEN)
     await producer.start()
