@@ -38,13 +38,12 @@ import aiohttp
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from devtools.supervisor import ProcessSpec
 from shared.contract import RedisKeys, position_of
 from tests.harness.backends import Backends, ClusterGroup
 from tests.harness.cluster import Cluster
 
 from .backends import PARTITIONS
-from .scenarios import Bench, _offsets, call, guard, preload
+from .scenarios import Bench, _offsets, call, guard, placed, preload
 from .servers import BENCH_EDGE_ENV, NOFILE, Target, make_event
 from .tools import OTHER_CORE, SERVER_CORE, BenchError, listener_pid, pinned, say
 
@@ -184,22 +183,6 @@ def cpu_s(pid: int | None) -> float:
 
 def cpu_sum(pids: Iterable[int | None]) -> float:
     return sum(cpu_s(p) for p in pids)
-
-
-def _placed(
-    bench: Bench, cluster: Cluster, name: str, core: int, nofile: int | None = None
-) -> ProcessSpec:
-    """One of ``cluster``'s processes pinned to ``core``, with --server-pythonpath applied
-    as in D."""
-    spec = cluster.spec(name)
-    env = dict(spec.env)
-    cwd = spec.cwd
-    if bench.server_pythonpath:
-        env["PYTHONPATH"] = bench.server_pythonpath
-        # ``python -m`` puts the working directory first on sys.path (see CrmTarget._cwd).
-        cluster.run_dir.mkdir(parents=True, exist_ok=True)
-        cwd = cluster.run_dir
-    return dataclasses.replace(spec, argv=pinned(spec.argv, core, nofile), env=env, cwd=cwd)
 
 
 @contextlib.asynccontextmanager
@@ -404,7 +387,7 @@ async def f1_cell(
     await admin.create_topics(
         [NewTopic(cluster.topic, num_partitions=F1_PARTITIONS, replication_factor=1)]
     )
-    specs = [_placed(bench, cluster, f"ingest{i}", SERVER_CORE) for i in range(1, workers + 1)]
+    specs = [placed(bench, cluster, f"ingest{i}", SERVER_CORE) for i in range(1, workers + 1)]
     redis = cluster.redis()
     keys = cluster.keys
     masters_pids = master_pids(group)
@@ -832,7 +815,7 @@ async def scenario_f2(bench: Bench) -> dict[str, Any]:
     visits: list[dict[str, Any]] = []
     started: list[str] = []
     try:
-        await call(cluster.sup.start, _placed(bench, cluster, "ingest1", OTHER_CORE))
+        await call(cluster.sup.start, placed(bench, cluster, "ingest1", OTHER_CORE))
         ingest_pid = cluster.sup.pid("ingest1")
         await publisher.start()
         # Until every stream has filled up and is trimmed as it grows (the steady state).
@@ -843,7 +826,7 @@ async def scenario_f2(bench: Bench) -> dict[str, Any]:
             for n in order:
                 while len(started) < n:
                     name = f"edge{len(started) + 1}"
-                    await call(cluster.sup.start, _placed(bench, cluster, name, SERVER_CORE))
+                    await call(cluster.sup.start, placed(bench, cluster, name, SERVER_CORE))
                     started.append(name)
                 while len(started) > n:
                     await call(cluster.sup.stop, started.pop(), 10.0)
@@ -949,9 +932,9 @@ async def scenario_f3(bench: Bench) -> dict[str, Any]:
             bootstrap_servers=bench.backends.kafka_bootstrap, acks=1, linger_ms=0
         )
         try:
-            await call(cluster.sup.start, _placed(bench, cluster, "ingest1", OTHER_CORE))
+            await call(cluster.sup.start, placed(bench, cluster, "ingest1", OTHER_CORE))
             for i in range(1, edges + 1):
-                spec = _placed(bench, cluster, f"edge{i}", SERVER_CORE, NOFILE)
+                spec = placed(bench, cluster, f"edge{i}", SERVER_CORE, NOFILE)
                 await call(cluster.sup.start, spec)
             edge_pids = [cluster.sup.pid(f"edge{i}") for i in range(1, edges + 1)]
             await producer.start()

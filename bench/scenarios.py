@@ -776,6 +776,21 @@ async def preload(bootstrap: str, topic: str, count: int, size: int) -> float:
     return count / (time.monotonic() - t0)
 
 
+def placed(
+    bench: Bench, cluster: Cluster, name: str, core: int, nofile: int | None = None
+) -> ProcessSpec:
+    """One of ``cluster``'s processes pinned to ``core``, with --server-pythonpath applied."""
+    spec = cluster.spec(name)
+    env = dict(spec.env)
+    cwd = spec.cwd
+    if bench.server_pythonpath:
+        env["PYTHONPATH"] = bench.server_pythonpath
+        # ``python -m`` puts the working directory first on sys.path (see CrmTarget._cwd).
+        cluster.run_dir.mkdir(parents=True, exist_ok=True)
+        cwd = cluster.run_dir
+    return dataclasses.replace(spec, argv=pinned(spec.argv, core, nofile), env=env, cwd=cwd)
+
+
 async def scenario_d(bench: Bench) -> dict[str, Any]:
     prof = bench.profile
     backlog = prof.d_backlog
@@ -799,17 +814,7 @@ async def scenario_d(bench: Bench) -> dict[str, Any]:
         bench.backends.kafka_bootstrap, cluster.topic, backlog, prof.event_size
     )
     say(f"D: preloaded at {preload_rate:,.0f} events/s; starting one ingest on the server core")
-    spec = cluster.spec("ingest1")
-    env = dict(spec.env)
-    if bench.server_pythonpath:
-        env["PYTHONPATH"] = bench.server_pythonpath
-    spec = dataclasses.replace(
-        spec,
-        argv=pinned(spec.argv, SERVER_CORE),
-        env=env,
-        # ``python -m`` puts the working directory first on sys.path (see CrmTarget._cwd).
-        cwd=cluster.run_dir if bench.server_pythonpath else None,
-    )
+    spec = placed(bench, cluster, "ingest1", SERVER_CORE)
     redis = cluster.redis()
     keys = RedisKeys(cluster.prefix)
     samples: list[tuple[float, int]] = []

@@ -415,10 +415,12 @@ class IngestWorker:
                     )
                     for r in records[start : start + PREPARE_SLICE]
                 )
+            # The pv chain goes on from the partition's guess only if no seek came between.
             part = self._parts.get(tp.partition)
-            current = part is not None and part.generation == generation
-            packed = pack(prepared, part.prev if part is not None and current else -1)
-            if part is not None and current:
+            if part is not None and part.generation != generation:
+                part = None
+            packed = pack(prepared, -1 if part is None else part.prev)
+            if part is not None:
                 part.prev = packed.prev
             groups.append(_Group(tp, generation, prepared, packed, records[-1].offset + 1))
             await asyncio.sleep(0)

@@ -95,7 +95,7 @@ for _ = 1, n do
     local m = ts + l2 + 1
     local e = m + l3 + 1
     lp = e + l4 + 1
-    local written_here = false
+    local written_here, pv_here = false, last
     if offset > applied then
       local added = redis.pcall('XADD', stream, fmt('%d-0', offset + 1),
         f_type, sub(lines, t, ts - 2), f_ts, sub(lines, ts, m - 2),
@@ -113,32 +113,27 @@ for _ = 1, n do
         written = written + 1
         written_here = true
       end
-      local pv_here = last
       last = offset + 1
       applied = offset
-      if written_here and exact and pv == pv_here then
-        first = first or line
-        stop = lp - 2
-      elseif written_here then
-        if exact then
-          if first then parts[1] = sub(lines, first, line - 1) end
-          exact = false
-        end
-        if pv == pv_here then
-          parts[#parts + 1] = sub(lines, line, lp - 1)
-        else
-          parts[#parts + 1] = fmt('%d %d ', offset, pv_here)
-          parts[#parts + 1] = sub(lines, t, lp - 1)
-        end
-      end
     else
       duplicates = duplicates + 1
     end
-    if not written_here and exact and first then
-      -- Only records out of offset order (never from Kafka) leave a line out after written
-      -- ones; the stretch would then publish it, so the pieces take over.
-      parts[1] = sub(lines, first, line - 1)
+    local as_it_stands = written_here and pv == pv_here
+    if exact and not as_it_stands and (written_here or first) then
+      -- This line cannot join the stretch: a head to remake, or (only with records out of
+      -- offset order, never from Kafka) a line left out after written ones. The stretch so
+      -- far becomes the first piece.
+      if first then parts[1] = sub(lines, first, line - 1) end
       exact = false
+    end
+    if as_it_stands and exact then
+      first = first or line
+      stop = lp - 2
+    elseif as_it_stands then
+      parts[#parts + 1] = sub(lines, line, lp - 1)
+    elseif written_here then
+      parts[#parts + 1] = fmt('%d %d ', offset, pv_here)
+      parts[#parts + 1] = sub(lines, t, lp - 1)
     end
   else
     local e2 = at + l1 + l2
@@ -157,12 +152,6 @@ for _ = 1, n do
   end
 end
 
-if written > 0 then
-  -- One trim per call rather than one per XADD: the same approximate cap, checked once.
-  -- LIMIT 0 lifts the default bound on what one approximate trim removes (100 nodes' worth),
-  -- which a call writing more than that would otherwise leave behind every time.
-  redis.call('XTRIM', stream, 'MAXLEN', '~', maxlen, 'LIMIT', 0)
-end
 if fresh then
   redis.call('HSET', state, s_applied, fmt('%d', applied), s_last, fmt('%d', last),
     s_base, fmt('%d', base))
@@ -170,6 +159,10 @@ elseif applied ~= started then
   redis.call('HSET', state, s_applied, fmt('%d', applied), s_last, fmt('%d', last))
 end
 if written > 0 then
+  -- One trim per call rather than one per XADD: the same approximate cap, checked once.
+  -- LIMIT 0 lifts the default bound on what one approximate trim removes (100 nodes' worth),
+  -- which a call writing more than that would otherwise leave behind every time.
+  redis.call('XTRIM', stream, 'MAXLEN', '~', maxlen, 'LIMIT', 0)
   local payload
   if exact then
     if first == 1 and stop == #lines then

@@ -11,9 +11,11 @@ import json
 import random
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
 
 from ingest.records import Prepared, RawRecord, pack, prepare
 from ingest.writer import BatchWriter, PartitionBatch
@@ -75,6 +77,15 @@ async def entries(redis: Redis, keys: RedisKeys, p: int) -> list[tuple[bytes, in
 async def state(redis: Redis, keys: RedisKeys, p: int) -> tuple[int, int, int] | None:
     parsed = parse_state(await redis.hgetall(keys.state(p)))
     return None if parsed is None else (parsed.applied, parsed.last, parsed.base)
+
+
+async def next_message(pubsub: PubSub) -> dict[str, Any]:
+    """The next published message (not a subscribe confirmation), within 5 s."""
+    async with asyncio.timeout(5):
+        while True:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+            if message is not None:
+                return message
 
 
 async def test_ids_come_from_offsets_and_a_redelivery_is_a_no_op(
@@ -347,10 +358,7 @@ async def test_the_payload_is_the_written_entries_whatever_pv_ingest_assumed(
         rows = [(i, f) for i, f in await redis.xrange(keys.stream(0)) if i not in before]
         assert result.written == len(rows)
         if rows:
-            message = None
-            async with asyncio.timeout(5):
-                while message is None:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+            message = await next_message(pubsub)
             assert message["data"] == encode_live_payload(
                 encode_live_line(
                     position_of(i) - 1, int(f[b"pv"]), f[b"t"], int(f[b"ts"]), f[b"m"], f[b"d"]
@@ -395,9 +403,6 @@ async def test_records_out_of_offset_order_publish_only_what_was_written(
     records = [*events(0, [5]), *events(0, [5]), *events(0, [6])]
     result = await writer.apply_records(0, records, expect=-1, base=5, prev=5)
     assert (result.written, result.duplicates) == (2, 1)
-    message = None
-    async with asyncio.timeout(5):
-        while message is None:
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+    message = await next_message(pubsub)
     assert [parse_live_line(x).offset for x in split_live_payload(message["data"])] == [5, 6]
     await pubsub.aclose()

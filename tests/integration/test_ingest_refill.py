@@ -142,6 +142,17 @@ async def committed_all(d: Deployment) -> bool:
     return all(got.get(p, (-1, ""))[0] == last + 1 for p, last in d.last.items())
 
 
+async def produce_applied_and_committed(
+    ing: Ingest, d: Deployment, redis: Redis, seqs: range
+) -> None:
+    """Once ``ing`` is ready: produce ``seqs``, and wait until Redis holds them and their
+    offsets are committed."""
+    await eventually(lambda: ing.worker.ready, 60, "ingest ready")
+    await d.produce(seqs)
+    await eventually(lambda: caught_up(redis, d), 30, "the events in Redis")
+    await eventually(lambda: committed_all(d), 30, "the offsets committed")
+
+
 @pytest.fixture
 def private(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Supervisor, ProcessSpec]]:
     sup, spec = private_redis(Path(tmp_path_factory.mktemp("redis-refill")), appendonly=False)
@@ -221,10 +232,7 @@ async def test_a_new_worker_on_a_wiped_redis_takes_the_epoch_from_kafka(
     redis = Redis.from_url(url)
     try:
         async with ingest(d, "ingest-before") as ing:
-            await eventually(lambda: ing.worker.ready, 60, "ingest ready")
-            await d.produce(range(40))
-            await eventually(lambda: caught_up(redis, d), 30, "the events in Redis")
-            await eventually(lambda: committed_all(d), 30, "the offsets committed")
+            await produce_applied_and_committed(ing, d, redis, range(40))
             epoch = await redis.hget(d.keys.meta, META_EPOCH)
         assert epoch is not None
         assert {parse_commit_metadata(m) for _, m in (await d.committed()).values()} == {
@@ -441,10 +449,7 @@ async def test_records_fetched_before_a_partition_is_decided_are_not_applied(
     redis = Redis.from_url(backends.redis_url)
     try:
         async with ingest(d, "ingest-before") as ing:
-            await eventually(lambda: ing.worker.ready, 60, "ingest ready")
-            await d.produce(range(1000))
-            await eventually(lambda: caught_up(redis, d), 30, "the events in Redis")
-            await eventually(lambda: committed_all(d), 30, "the offsets committed")
+            await produce_applied_and_committed(ing, d, redis, range(1000))
         # Redis loses the partition while no worker runs; more events arrive.
         await redis.delete(*d.keys.partition_keys(0))
         await d.produce(range(1000, 1500))
