@@ -10,8 +10,8 @@ STACK := $(BIN)/crm-events-stack
 .PHONY: help install up down status lint unit test chaos browser token wheel bench bench-full
 
 help:
-	@echo "make install   Debian packages, .venv, Kafka jars (idempotent, fast when done)"
-	@echo "make up        start the local stack (Kafka, Redis, ingest, edges, nginx, producer)"
+	@echo "make install   Debian packages, .venv, Kafka jars, chart tools (idempotent, fast when done)"
+	@echo "make up        start the local stack (Kafka, Redis, ingest, edges, nginx, producer, watchdog)"
 	@echo "make down      stop what 'make up' started"
 	@echo "make status    table of the stack's parts"
 	@echo "make token     a development JWT for the local stack (every type, 24 h)"

@@ -14,6 +14,7 @@ Layout under the run directory::
 
     prometheus/prometheus.yml          rendered config (JSON, which is YAML)
     prometheus/targets/<job>.json      file_sd targets, rewritten on every start
+    prometheus/rules/*.yml             the mixin's rules for this stack's job names, ditto
     prometheus/data/                   TSDB
     alertmanager/alertmanager.yml      monitoring/alertmanager/alertmanager.yml, secret paths local
     alertmanager/secrets/              placeholder secret files (kept if you replace them)
@@ -21,7 +22,8 @@ Layout under the run directory::
 
 Also a command line, ``python -m devtools.monitoring_stack``:
 
-* ``render`` writes both configurations for the current CRM_EVENTS_* settings and prints where;
+* ``render`` writes both configurations and the rules for the current CRM_EVENTS_* settings
+  and prints where;
 * ``kafka-lag`` shows a consumer group's committed offsets, end offsets and lag per partition
   (what ``kafka-consumer-groups.sh --describe`` shows; the local Kafka has no tools jar).
 
@@ -34,7 +36,15 @@ CRM_EVENTS_PROMETHEUS_PORT        9090      Prometheus web/API port (127.0.0.1)
 CRM_EVENTS_ALERTMANAGER_PORT      9093      Alertmanager web/API port (127.0.0.1)
 CRM_EVENTS_SCRAPE_INTERVAL        15s       scrape interval of the local Prometheus
 CRM_EVENTS_EVALUATION_INTERVAL    15s       rule evaluation interval of the local Prometheus
+CRM_EVENTS_REMOTE_WRITE_URL       (none)    send every sample (scraped and recorded) on to a
+                                            long-term store's remote-write endpoint (Thanos
+                                            Receive, Mimir, a Prometheus with
+                                            --web.enable-remote-write-receiver)
 ================================  ========  ==================================================
+
+The rules are not read from ``monitoring/prometheus/rules/``: they are rendered on every start
+from the mixin's source (``monitoring/mixin/``, see devtools/mixin.py) for the job names this
+Prometheus scrapes under, into ``prometheus/rules/``.
 """
 
 from __future__ import annotations
@@ -55,6 +65,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import TopicPartition
 
+from devtools.mixin import MixinError, Selectors, render_to
 from devtools.probes import HttpReady
 from devtools.supervisor import ProcessSpec
 
@@ -111,6 +122,7 @@ _PLACEHOLDERS = {
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 
+_URL_RE = re.compile(r"^https?://[^\s/?#]+(/[^\s]*)?$")
 _DURATION_RE = re.compile(r"^([0-9]+(ms|s|m|h|d|w|y))+$")
 _FOR_RE = re.compile(r"^(?P<indent>\s+)for:\s*\S+\s*$", re.MULTILINE)
 
@@ -142,14 +154,32 @@ class MonitoringSettings:
     alertmanager_port: int = DEFAULT_ALERTMANAGER_PORT
     scrape_interval: str = DEFAULT_INTERVAL
     evaluation_interval: str = DEFAULT_INTERVAL
-    #: Folder whose ``*.yml`` are the rule files (the live test passes a copy with short ``for:``).
-    rules_dir: Path = RULES_DIR
+    #: Folder whose ``*.yml`` are the rule files; None: the mixin's rules rendered for
+    #: ``edge_job``/``ingest_job`` into ``prometheus/rules`` on every start (the live test
+    #: passes a copy with short ``for:`` instead).
+    rules_dir: Path | None = None
+    #: The scrape jobs' names (the ``job`` label of every series the rules select).
+    edge_job: str = EDGE_JOB
+    ingest_job: str = INGEST_JOB
+    #: Remote-write endpoint every sample is also sent to; empty: none.
+    remote_write_url: str = ""
     alertmanager_template: Path = ALERTMANAGER_CONFIG
     host: str = HOST
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "run_dir", Path(self.run_dir).resolve())
-        object.__setattr__(self, "rules_dir", Path(self.rules_dir).resolve())
+        if self.rules_dir is not None:
+            object.__setattr__(self, "rules_dir", Path(self.rules_dir).resolve())
+        if self.remote_write_url and not _URL_RE.match(self.remote_write_url):
+            raise MonitoringSettingsError(
+                "CRM_EVENTS_REMOTE_WRITE_URL: expected an http:// or https:// URL such as "
+                f"http://receiver:19291/api/v1/receive, got {self.remote_write_url!r}"
+            )
+        # Fails here, naming the job, rather than at Prometheus's start.
+        try:
+            Selectors.for_jobs(self.edge_job, self.ingest_job)
+        except MixinError as exc:
+            raise MonitoringSettingsError(str(exc)) from None
         object.__setattr__(self, "edge_targets", tuple(self.edge_targets))
         object.__setattr__(self, "ingest_targets", tuple(self.ingest_targets))
         for var, value in (
@@ -199,6 +229,7 @@ class MonitoringSettings:
             scrape_interval=env.get("CRM_EVENTS_SCRAPE_INTERVAL", "").strip() or DEFAULT_INTERVAL,
             evaluation_interval=env.get("CRM_EVENTS_EVALUATION_INTERVAL", "").strip()
             or DEFAULT_INTERVAL,
+            remote_write_url=env.get("CRM_EVENTS_REMOTE_WRITE_URL", "").strip(),
         )
 
     # -- paths and addresses -------------------------------------------------------------------
@@ -210,6 +241,16 @@ class MonitoringSettings:
     @property
     def prometheus_config_file(self) -> Path:
         return self.prometheus_home / "prometheus.yml"
+
+    @property
+    def rule_files_dir(self) -> Path:
+        """Where Prometheus reads its ``*.yml`` rule files from."""
+        return self.rules_dir if self.rules_dir is not None else self.prometheus_home / "rules"
+
+    @property
+    def selectors(self) -> Selectors:
+        """The mixin's selectors for this Prometheus's job names."""
+        return Selectors.for_jobs(self.edge_job, self.ingest_job)
 
     @property
     def alertmanager_home(self) -> Path:
@@ -259,26 +300,31 @@ def prometheus_config(settings: MonitoringSettings) -> dict[str, Any]:
 
     # A scrape may not take longer than the interval it runs at.
     timeout = "10s" if settings.scrape_interval == DEFAULT_INTERVAL else settings.scrape_interval
-    return {
+    config: dict[str, Any] = {
         "global": {
             "scrape_interval": settings.scrape_interval,
             "scrape_timeout": timeout,
             "evaluation_interval": settings.evaluation_interval,
             "external_labels": {"deployment": "crm-events-local"},
         },
-        "rule_files": [str(settings.rules_dir / "*.yml")],
+        "rule_files": [str(settings.rule_files_dir / "*.yml")],
         "alerting": {
             "alertmanagers": [{"static_configs": [{"targets": [settings.alertmanager_address]}]}]
         },
         "scrape_configs": [
-            job(EDGE_JOB),
-            job(INGEST_JOB),
+            job(settings.edge_job),
+            job(settings.ingest_job),
             {
                 "job_name": "prometheus",
                 "static_configs": [{"targets": [settings.prometheus_address]}],
             },
         ],
     }
+    if settings.remote_write_url:
+        # Recorded series go too: a long-term store can then answer the dashboards' queries
+        # of recording rules without evaluating them again.
+        config["remote_write"] = [{"url": settings.remote_write_url, "name": "long-term"}]
+    return config
 
 
 def _write(path: Path, text: str) -> None:
@@ -291,7 +337,10 @@ def _write(path: Path, text: str) -> None:
 
 def render_prometheus(settings: MonitoringSettings) -> Path:
     """Write the config and the file_sd target files; returns the config's path."""
-    for name, targets in ((EDGE_JOB, settings.edge_targets), (INGEST_JOB, settings.ingest_targets)):
+    for name, targets in (
+        (settings.edge_job, settings.edge_targets),
+        (settings.ingest_job, settings.ingest_targets),
+    ):
         _write(
             settings.prometheus_home / "targets" / f"{name}.json",
             json.dumps([{"targets": list(targets), "labels": {}}], indent=2) + "\n",
@@ -345,8 +394,10 @@ def prometheus_spec(settings: MonitoringSettings) -> ProcessSpec:
 
 
 def _prepare_prometheus(settings: MonitoringSettings) -> None:
-    if not any(settings.rules_dir.glob("*.yml")):
-        raise ValueError(f"no rule files (*.yml) in {settings.rules_dir}")
+    if settings.rules_dir is None:
+        render_to(settings.prometheus_home, settings.selectors, only="rules", prune=True)
+    if not any(settings.rule_files_dir.glob("*.yml")):
+        raise ValueError(f"no rule files (*.yml) in {settings.rule_files_dir}")
     render_prometheus(settings)
 
 
@@ -548,7 +599,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "render":
             mon = MonitoringSettings.for_stack(_stack_settings_from_env(), os.environ)
-            print(render_prometheus(mon))
+            _prepare_prometheus(mon)
+            print(mon.prometheus_config_file)
+            print(mon.rule_files_dir)
             print(render_alertmanager(mon))
             return 0
         bootstrap = args.bootstrap or f"{HOST}:{os.environ.get('CRM_EVENTS_KAFKA_PORT', '9092')}"

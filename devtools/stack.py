@@ -2,10 +2,20 @@
 
 Parts, in start order: ``kafka``, ``redis`` (with CRM_EVENTS_REDIS_MODE=sentinel also
 ``redis-replica``, ``sentinel1`` … ``sentinelN``; with CRM_EVENTS_REDIS_MODE=cluster instead
-``redis-node1`` … ``redis-nodeN``), ``ingest``, ``edge1`` … ``edgeN``, ``nginx``, ``producer``.
-Each is a :class:`~devtools.supervisor.ProcessSpec` built from :class:`StackSettings`; a
+``redis-node1`` … ``redis-nodeN``), ``ingest``, ``edge1`` … ``edgeN``, ``nginx``,
+``alertmanager``, ``prometheus``, ``producer``, ``watchdog``. Each is a
+:class:`~devtools.supervisor.ProcessSpec` built from :class:`StackSettings`; a
 :class:`~devtools.supervisor.Supervisor` on the run directory starts and stops them through
-pidfiles, so ``down`` stops exactly what ``up`` started.
+pidfiles, so ``down`` stops exactly what ``up`` started (the watchdog first).
+
+The ``watchdog`` part (:mod:`devtools.watchdog`) restarts a part that died (a crash,
+``crm-events-stack kill``) within about a second, never one that ``stop`` or ``down`` stopped
+or that ``pause`` paused, backs off from a part whose restarts fail (it cannot start, or dies
+again within 30 s) and gives up on it after five failed restarts in a row. ``status`` shows its
+restart counts; ``logs/watchdog.log`` has a line per restart with the reason. ``up`` replaces a
+running watchdog that watches other parts or settings (an earlier ``up`` with other
+CRM_EVENTS_* variables). ``restart PART...`` restarts parts one at a time (stop, start,
+ready): ``crm-events-stack restart edge1 edge2`` is a rolling restart of the edges.
 
 Library use (test harness, benchmarks)::
 
@@ -65,6 +75,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -72,10 +83,11 @@ import re
 import secrets
 import shutil
 import sys
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
-from devtools import kafka_local, nginx_conf, redis_cluster, redis_ha
+from devtools import kafka_local, nginx_conf, redis_cluster, redis_ha, watchdog
 from devtools.monitoring_stack import (
     MonitoringSettings,
     MonitoringSettingsError,
@@ -133,6 +145,7 @@ __all__ = [
     "redis_spec",
     "sentinel_conf_text",
     "sentinel_spec",
+    "watchdog_spec",
 ]
 
 log = logging.getLogger(__name__)
@@ -475,6 +488,7 @@ class StackSettings:
             "alertmanager",
             "prometheus",
             "producer",
+            watchdog.NAME,
         ]
 
 
@@ -845,6 +859,26 @@ def producer_spec(settings: StackSettings, *, count: int = 0) -> ProcessSpec:
     )
 
 
+def watchdog_spec(settings: StackSettings) -> ProcessSpec:
+    """``crm-events-stack watchdog``: last to start (it then finds every part running), first
+    to stop (nothing is restarted while ``down`` stops the rest)."""
+    return ProcessSpec(
+        name=watchdog.NAME,
+        argv=[*_python_entry("crm-events-stack", "devtools.stack"), "watchdog"],
+        # It restarts parts with the specs it builds from its own environment: the one `up` ran
+        # in (inherited), in the same working directory (cwd None: relative paths in the
+        # settings resolve alike), with the run directory spelled out.
+        env={"CRM_EVENTS_RUN_DIR": str(settings.run_dir)},
+        ready=watchdog.WatchdogReady(
+            settings.run_dir, functools.partial(Supervisor(settings.run_dir).pid, watchdog.NAME)
+        ),
+        ready_timeout_s=SERVICE_READY_TIMEOUT_S,
+        # Longer than the watchdog's own wait for a spawn in progress: `down` never SIGKILLs
+        # it between a spawn and its pidfile.
+        stop_timeout_s=watchdog.SPAWN_WAIT_S + 10.0,
+    )
+
+
 def build_specs(settings: StackSettings, env: Mapping[str, str] | None = None) -> list[ProcessSpec]:
     """Every part, in start order."""
     mon = MonitoringSettings.for_stack(settings, os.environ if env is None else env)
@@ -859,6 +893,7 @@ def build_specs(settings: StackSettings, env: Mapping[str, str] | None = None) -
         nginx_spec(settings),
         *monitoring_specs(mon),
         producer_spec(settings),
+        watchdog_spec(settings),
     ]
 
 
@@ -873,6 +908,20 @@ class PartStatus:
     #: None when the part has no readiness check or is not running.
     ready: bool | None
     port: int | None
+    #: Restarts the watchdog made; None when it has no record of the part.
+    restarts: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RestartResult:
+    name: str
+    old_pid: int | None
+    """None when the part was not running (then it is only started)."""
+    new_pid: int
+    stopped_s: float
+    """From the stop signal until the old process was gone (its drain)."""
+    ready_s: float
+    """From then until the new process was ready."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1024,11 +1073,41 @@ class Stack:
         self._record_redis_mode()
         results = []
         for spec in specs:
+            if spec.name == watchdog.NAME:
+                self._retire_other_watchdog(spec)
             result = self.supervisor.start(spec)
             if report is not None:
                 report(result)
             results.append(result)
         return results
+
+    def watchdog_fingerprint(self, spec: ProcessSpec | None = None) -> str:
+        """The :func:`~devtools.watchdog.fingerprint` of the watchdog this command would start:
+        it runs in this environment with the spec's variables laid over it (as every part)."""
+        spec = spec or self.specs[watchdog.NAME]
+        return watchdog.fingerprint(
+            list(self.specs.values()), {**os.environ, **spec.env}, Path.cwd()
+        )
+
+    def _retire_other_watchdog(self, spec: ProcessSpec) -> None:
+        """Stop a running watchdog that restarts parts with other parts or settings than this
+        command's (an earlier `up` with another CRM_EVENTS_EDGE_PORTS, producer rate, …), so
+        that the start that follows starts one with this command's."""
+        running = self.supervisor.pid(watchdog.NAME)
+        if running is None:
+            return
+        found = self.watchdog_state()
+        if (
+            found is not None
+            and found.pid == running
+            and found.fingerprint == self.watchdog_fingerprint(spec)
+        ):
+            return
+        log.warning(
+            "the running watchdog watches other parts or settings than this command's: "
+            "replacing it (its restart counts carry over)"
+        )
+        self.supervisor.stop(watchdog.NAME, spec.stop_timeout_s, spec.stop_signal)
 
     def stop(self, parts: Iterable[str] | None = None) -> list[str]:
         """Stop the named parts (default: every part with a pidfile, including parts this
@@ -1053,7 +1132,34 @@ class Stack:
     def down(self) -> list[str]:
         stopped = self.stop(None)
         (self.settings.run_dir / REDIS_MODE_FILE).unlink(missing_ok=True)
+        # The restart counts are per `up`; logs/watchdog.log keeps every restart.
+        watchdog.state_file(self.settings.run_dir).unlink(missing_ok=True)
         return stopped
+
+    def restart(
+        self,
+        parts: Iterable[str],
+        *,
+        report: Callable[[RestartResult], None] | None = None,
+    ) -> list[RestartResult]:
+        """Restart the named parts one at a time, in start order: stop (the part's stop
+        signal, so an edge drains its streams), start, wait until ready, then the next; a
+        rolling restart. A part that was not running is only started."""
+        specs = self.select(parts)
+        # As `start` does: a part restarted in another Redis mode would point elsewhere.
+        self._record_redis_mode()
+        results = []
+        for spec in specs:
+            old_pid = self.supervisor.pid(spec.name)
+            t0 = time.monotonic()
+            self.supervisor.stop(spec.name, spec.stop_timeout_s, spec.stop_signal)
+            t1 = time.monotonic()
+            started = self.supervisor.start(spec)
+            result = RestartResult(spec.name, old_pid, started.pid, t1 - t0, time.monotonic() - t1)
+            if report is not None:
+                report(result)
+            results.append(result)
+        return results
 
     def _record_redis_mode(self) -> None:
         """Remember the mode for later commands; refuse to mix modes in one running stack (the
@@ -1094,16 +1200,43 @@ class Stack:
         )
 
     def status(self, parts: Iterable[str] | None = None) -> list[PartStatus]:
+        counts = self.watchdog_state()
         rows = []
         for spec in self.select(parts):
             state = self.supervisor.state(spec.name)
             ready: bool | None = None
             if state is ProcState.RUNNING and spec.ready is not None:
                 ready = spec.ready()
+            report = None if counts is None else counts.parts.get(spec.name)
             rows.append(
-                PartStatus(spec.name, self.supervisor.pid(spec.name), state, ready, spec.port)
+                PartStatus(
+                    spec.name,
+                    self.supervisor.pid(spec.name),
+                    state,
+                    ready,
+                    spec.port,
+                    None if report is None else report.restarts,
+                )
             )
         return rows
+
+    def watchdog_state(self) -> watchdog.WatchdogState | None:
+        return watchdog.read_state(self.settings.run_dir)
+
+    def watchdog_line(self) -> str | None:
+        """What ``status`` says under the table about the watchdog; None before any ``up``."""
+        found = self.watchdog_state()
+        alive = self.supervisor.is_running(watchdog.NAME)
+        if alive and found is not None:
+            return found.summary()
+        if alive:
+            return "watchdog: starting"
+        if not any(self.supervisor.is_running(n) for n in self.supervisor.known()):
+            return None
+        line = "watchdog: not running, so a part that dies stays dead ('make up' starts it)"
+        if found is not None and found.total:
+            line += f"; before it stopped, {found.summary().removeprefix('watchdog: ')}"
+        return line
 
     def urls(self) -> list[tuple[str, str]]:
         s = self.settings
@@ -1133,6 +1266,7 @@ class Stack:
             ("prometheus", self.monitoring.prometheus_url),
             ("alertmanager", self.monitoring.alertmanager_url),
             ("logs", str(self.supervisor.log_dir)),
+            ("watchdog", "restarts a part that dies; make status counts the restarts"),
         ]
         if os.environ.get("CRM_EVENTS_AUTH_MODE", "jwt").strip().lower() != "off":
             token = dev_token(s)
@@ -1154,13 +1288,25 @@ def _print_result(result: StartResult) -> None:
     print(f"[stack] {result.name:<13} {what} (pid {result.pid}){when}", flush=True)
 
 
+def _print_restarted(result: RestartResult) -> None:
+    if result.old_pid is None:
+        what = f"was not running; started (pid {result.new_pid})"
+    else:
+        what = (
+            f"restarted: pid {result.old_pid} stopped in {result.stopped_s:.2f} s, "
+            f"pid {result.new_pid} ready {result.ready_s:.2f} s later"
+        )
+    print(f"[stack] {result.name:<13} {what}", flush=True)
+
+
 def _print_status(rows: Sequence[PartStatus]) -> None:
-    print(f"{'PART':<14} {'PID':>8}  {'STATE':<8} {'READY':<6} PORT")
+    print(f"{'PART':<14} {'PID':>8}  {'STATE':<8} {'READY':<6} {'PORT':<6} RESTARTS")
     for r in rows:
         ready = "-" if r.ready is None else ("yes" if r.ready else "no")
         pid = "-" if r.pid is None else str(r.pid)
         port = "-" if r.port is None else str(r.port)
-        print(f"{r.name:<14} {pid:>8}  {r.state.value:<8} {ready:<6} {port}")
+        restarts = "-" if r.restarts is None else str(r.restarts)
+        print(f"{r.name:<14} {pid:>8}  {r.state.value:<8} {ready:<6} {port:<6} {restarts}")
 
 
 def _build_parser() -> cli.Parser:
@@ -1180,13 +1326,26 @@ def _build_parser() -> cli.Parser:
     st.add_argument("parts", nargs="*", metavar="PART")
     for name, text in (
         ("start", "start the named parts (in start order) and wait until ready"),
-        ("stop", "stop the named parts (SIGTERM, then SIGKILL after a timeout)"),
-        ("kill", "SIGKILL the named parts (they show as dead; 'up' restarts them)"),
-        ("pause", "SIGSTOP the named parts"),
+        (
+            "stop",
+            "stop the named parts (SIGTERM, then SIGKILL after a timeout); the watchdog "
+            "leaves them stopped",
+        ),
+        (
+            "restart",
+            "restart the named parts one at a time: stop, start, wait until ready "
+            "(restart edge1 edge2: a rolling restart)",
+        ),
+        ("kill", "SIGKILL the named parts (a fault: the watchdog restarts them)"),
+        ("pause", "SIGSTOP the named parts (the watchdog leaves them paused)"),
         ("resume", "SIGCONT the named parts"),
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("parts", nargs="+", metavar="PART")
+    sub.add_parser(
+        "watchdog",
+        help="run the watchdog in the foreground ('up' starts it as the part 'watchdog')",
+    )
     tok = sub.add_parser("token", help="print a development JWT signed with the stack's secret")
     tok.add_argument("--types", default="*", help="comma-separated event types (default: all)")
     tok.add_argument("--tenant", default=None, help="restrict to events with this TenantId")
@@ -1223,6 +1382,10 @@ def _run(args: argparse.Namespace, stack: Stack) -> int:
     if cmd == "status":
         rows = stack.status(args.parts or None)
         _print_status(rows)
+        line = None if args.parts else stack.watchdog_line()
+        if line is not None:
+            print()
+            print(line)
         topology = stack.redis_topology()
         if topology is not None and not args.parts:
             print()
@@ -1233,10 +1396,16 @@ def _run(args: argparse.Namespace, stack: Stack) -> int:
     if cmd == "start":
         stack.start(args.parts, report=_print_result)
         return 0
+    if cmd == "restart":
+        stack.restart(args.parts, report=_print_restarted)
+        return 0
+    if cmd == "watchdog":
+        watchdog.configure_logging()
+        return watchdog.run(sup, list(stack.specs.values()), stack.settings.run_dir)
     if cmd == "stop":
         stopped = stack.stop(args.parts)
         for name in [s.name for s in reversed(stack.select(args.parts))]:
-            print(f"[stack] {name:<9} {'stopped' if name in stopped else 'was not running'}")
+            print(f"[stack] {name:<13} {'stopped' if name in stopped else 'was not running'}")
         return 0
     signals: dict[str, Callable[[str], int]] = {
         "kill": sup.kill9,
@@ -1247,7 +1416,7 @@ def _run(args: argparse.Namespace, stack: Stack) -> int:
     for spec in stack.select(args.parts):
         try:
             pid = signals[cmd](spec.name)
-            print(f"[stack] {spec.name:<9} {cmd} sent (pid {pid})")
+            print(f"[stack] {spec.name:<13} {cmd} sent (pid {pid})")
         except NotRunningError as exc:
             print(f"crm-events-stack: {exc}", file=sys.stderr)
             rc = 1

@@ -11,12 +11,22 @@ run its own set of processes in a temporary directory next to the developer's st
     sup.resume("edge1")
     sup.stop("edge1")            # SIGTERM, wait, then SIGKILL
 
-Layout under the run directory: ``pids/<name>.pid`` and ``logs/<name>.log``.
+Layout under the run directory: ``pids/<name>.pid``, ``pids/<name>.lock`` and
+``logs/<name>.log``.
 
 Each process is started in a new session, so it outlives the command that started it and owns
 a process group of its own; signals go to that group, which also reaches any workers it forked
 (nginx). A pidfile records the process's start time as well as its pid: a pid the kernel has
 since given to another program is never signalled.
+
+Several commands may act on one part at once (``crm-events-stack start`` while the watchdog
+restarts the part, ``stop`` while it does): each start and stop decides and records under an
+exclusive lock on the part's ``.lock`` file, so a part is never spawned twice, and a stop marks
+the pidfile ``stopping`` before it signals, so that a watchdog tells a part stopped on purpose
+(:attr:`ProcState.STOPPING`, then :attr:`ProcState.STOPPED`) from one that died
+(:attr:`ProcState.DEAD`; :meth:`Supervisor.revive` starts only the latter). A command that
+waits longer than :data:`LOCK_TIMEOUT_S` for that lock gives up with :class:`BusyError`, naming
+the process that holds it.
 """
 
 from __future__ import annotations
@@ -25,18 +35,22 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
+import fcntl
 import json
 import os
 import signal
 import socket
 import subprocess
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
 __all__ = [
+    "LOCK_TIMEOUT_S",
     "POLL_INTERVAL_S",
+    "BusyError",
     "NotRunningError",
     "ProcState",
     "ProcessSpec",
@@ -53,6 +67,11 @@ DEFAULT_READY_TIMEOUT_S = 60.0
 DEFAULT_STOP_TIMEOUT_S = 10.0
 LOG_TAIL_LINES = 20
 PORT_RELEASE_S = 2.0
+#: How long a start or stop waits for another command's hold on the part's lock. Holders keep
+#: it for a spawn (port check, ``prepare``: seconds) or a signal (instant); a longer hold is a
+#: paused or hung holder (``pause watchdog`` during a restart), which waiting would not end.
+LOCK_TIMEOUT_S = 60.0
+LOCK_POLL_S = 0.02
 _HAVE_PROC = Path("/proc/self/stat").exists()
 
 #: A readiness probe: one quick attempt, True when the process can do its job now. Probes must
@@ -65,7 +84,8 @@ class SupervisorError(Exception):
 
     SupervisorError
     ├── StartError        the process exited, or was not ready before its deadline
-    └── NotRunningError   a signal was asked for a part that is not running
+    ├── NotRunningError   a signal was asked for a part that is not running
+    └── BusyError         another command held the part's lock for too long
     """
 
 
@@ -77,11 +97,20 @@ class NotRunningError(SupervisorError):
     pass
 
 
+class BusyError(SupervisorError):
+    pass
+
+
 class ProcState(enum.Enum):
     RUNNING = "running"
     PAUSED = "paused"
     #: A pidfile exists but its process is gone (crashed, killed, or the machine restarted).
     DEAD = "dead"
+    #: The process is gone because a stop ended it: its pidfile, marked ``stopping``, is about
+    #: to be removed, or stays because that stop was interrupted (Ctrl-C, the command killed).
+    #: Stopped on purpose, like STOPPED; the next ``start`` or ``stop`` clears it.
+    STOPPING = "stopping"
+    #: No pidfile.
     STOPPED = "stopped"
 
 
@@ -131,6 +160,10 @@ class _PidRecord:
     pid: int
     start_ticks: int | None
     argv: tuple[str, ...]
+    #: A stop is under way: the process is going away on purpose.
+    stopping: bool = False
+    #: A signal sent as a fault (``kill9``), so a watchdog can say why the part died.
+    fault: str | None = None
 
 
 def deadline_in(seconds: float) -> float:
@@ -160,6 +193,33 @@ def _proc_stat(pid: int) -> tuple[str, int] | None:
     return fields[0], int(fields[19])
 
 
+def _send(pid: int, sig: signal.Signals) -> None:
+    """``sig`` to the process group ``pid`` leads (start_new_session made it a leader, and
+    workers it forked are in the group), else to the process; nothing if it is gone."""
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def _flock_holder(path: Path) -> int | None:
+    """A process holding a flock on ``path``, from /proc/locks (None when unknown)."""
+    try:
+        ino = path.stat().st_ino
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        # "1: FLOCK  ADVISORY  WRITE 4242 08:01:1234 0 EOF" (a "->" marks a waiter).
+        fields = line.split()
+        if "->" in fields or len(fields) < 6 or fields[1] != "FLOCK":
+            continue
+        if fields[5].rsplit(":", 1)[-1] == str(ino) and fields[4].isdigit():
+            return int(fields[4])
+    return None
+
+
 def _port_taken(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.5)
@@ -177,6 +237,10 @@ class Supervisor:
         # Popen objects of children spawned by this instance, so that a long-lived caller (the
         # test harness) reaps them instead of collecting zombies.
         self._children: dict[str, subprocess.Popen[bytes]] = {}
+        # (pid, return code) of the last child of each name this instance reaped.
+        self._exit_codes: dict[str, tuple[int, int]] = {}
+        # A watchdog's threads spawn and reap at once: the two dicts change together.
+        self._children_lock = threading.Lock()
 
     # -- paths and records ---------------------------------------------------------------------
 
@@ -199,6 +263,8 @@ class Supervisor:
                 pid=int(data["pid"]),
                 start_ticks=None if data.get("start_ticks") is None else int(data["start_ticks"]),
                 argv=tuple(str(a) for a in data.get("argv", ())),
+                stopping=data.get("stopping") is True,
+                fault=None if data.get("fault") is None else str(data["fault"]),
             )
         except FileNotFoundError:
             return None
@@ -209,22 +275,74 @@ class Supervisor:
     def _write_record(self, name: str, rec: _PidRecord) -> None:
         self.pid_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.pidfile(name).with_suffix(".pid.tmp")
-        tmp.write_text(
-            json.dumps({"pid": rec.pid, "start_ticks": rec.start_ticks, "argv": list(rec.argv)})
-            + "\n"
-        )
+        # "pid" first: scripts/install.sh looks for '"pid": <n>,' in pidfiles.
+        data: dict[str, object] = {
+            "pid": rec.pid,
+            "start_ticks": rec.start_ticks,
+            "argv": list(rec.argv),
+        }
+        if rec.stopping:
+            data["stopping"] = True
+        if rec.fault is not None:
+            data["fault"] = rec.fault
+        tmp.write_text(json.dumps(data) + "\n")
         tmp.replace(self.pidfile(name))
+
+    @contextlib.contextmanager
+    def _part_lock(self, name: str) -> Iterator[None]:
+        """Exclusive, across processes and threads (each holder opens the file anew), for the
+        short steps that decide and record a start or a stop of ``name``. Raises
+        :class:`BusyError` after :data:`LOCK_TIMEOUT_S` rather than hang behind a stuck
+        holder."""
+        self.pid_dir.mkdir(parents=True, exist_ok=True)
+        path = self.pid_dir / f"{name}.lock"
+        timeout_s = LOCK_TIMEOUT_S
+        with path.open("a") as fh:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        holder = _flock_holder(path)
+                        who = "another process" if holder is None else f"process {holder}"
+                        raise BusyError(
+                            f"{name}: {who} has held {path} for over {timeout_s:.0f} s (a "
+                            "paused watchdog, or a start stuck preparing?); resume or stop it, "
+                            "then try again"
+                        ) from None
+                    time.sleep(LOCK_POLL_S)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     def _reap(self, name: str, pid: int) -> None:
         child = self._children.get(name)
         if child is not None and child.pid == pid:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                child.wait(timeout=0)
-            if child.returncode is not None:
-                del self._children[name]
+            self._poll_child(name, child)
             return
         with contextlib.suppress(ChildProcessError, OSError):
             os.waitpid(pid, os.WNOHANG)
+
+    def _poll_child(self, name: str, child: subprocess.Popen[bytes]) -> None:
+        if child.poll() is None:
+            return
+        with self._children_lock:
+            self._exit_codes[name] = (child.pid, child.returncode)
+            # Only this child: a restart may have spawned the next one meanwhile.
+            if self._children.get(name) is child:
+                del self._children[name]
+
+    def reap_children(self) -> None:
+        """Collect every child of this instance that has exited, so that none lingers as a
+        zombie (a part this instance spawned and another command stopped: nothing here
+        looks at its pid again). Their exit statuses stay for :meth:`exit_status`."""
+        with self._children_lock:
+            children = list(self._children.items())
+        for name, child in children:
+            self._poll_child(name, child)
 
     def _live_state(self, name: str, rec: _PidRecord) -> ProcState:
         if rec.pid <= 0:
@@ -243,7 +361,16 @@ class Supervisor:
         rec = self._read_record(name)
         if rec is None:
             return ProcState.STOPPED
-        return self._live_state(name, rec)
+        live = self._live_state(name, rec)
+        # One read of the pidfile for both facts: a watchdog must never see this part DEAD
+        # between the process's exit and the stop removing its pidfile.
+        return ProcState.STOPPING if live is ProcState.DEAD and rec.stopping else live
+
+    def recorded_pid(self, name: str) -> int | None:
+        """The pid in the part's pidfile, alive or not; None without a pidfile. Tells whose
+        process died: the one a watchdog restarted, or one someone started after it."""
+        rec = self._read_record(name)
+        return None if rec is None else rec.pid
 
     def pid(self, name: str) -> int | None:
         """The pid of the part when it is alive (running or paused), else None."""
@@ -255,6 +382,21 @@ class Supervisor:
     def is_running(self, name: str) -> bool:
         """Alive, paused included: a paused process still holds its ports and its pidfile."""
         return self.pid(name) is not None
+
+    def exit_status(self, name: str) -> int | None:
+        """How the part's recorded process ended, when this instance spawned it and it has
+        ended: its return code (negative: the signal that killed it). None otherwise (alive,
+        or started by another command, whose exit status went to that command or to init)."""
+        rec = self._read_record(name)
+        if rec is None or self._live_state(name, rec) is not ProcState.DEAD:
+            return None
+        ended = self._exit_codes.get(name)
+        return ended[1] if ended is not None and ended[0] == rec.pid else None
+
+    def fault(self, name: str) -> str | None:
+        """The signal :meth:`kill9` sent to the part's recorded process, if it did."""
+        rec = self._read_record(name)
+        return None if rec is None else rec.fault
 
     def log_tail(self, name: str, lines: int = LOG_TAIL_LINES) -> str:
         try:
@@ -279,14 +421,62 @@ class Supervisor:
         now); in the last two cases the error carries the tail of the part's log.
         """
         t0 = time.monotonic()
-        pid = self.pid(spec.name)
-        if pid is not None:
-            if not wait:
-                return StartResult(spec.name, pid, spawned=False, ready_after_s=None)
+        with self._part_lock(spec.name):
+            pid = self.pid(spec.name)
+            if pid is None:
+                self.pidfile(spec.name).unlink(missing_ok=True)
+                pid = self._launch(spec)
+                spawned = True
+            else:
+                spawned = False
+        if not wait:
+            return StartResult(spec.name, pid, spawned=spawned, ready_after_s=None)
+        if not spawned:
             self.wait_ready(spec, deadline)
             return StartResult(spec.name, pid, False, time.monotonic() - t0)
+        ready_after = self.finish_start(spec, deadline)
+        return StartResult(spec.name, pid, spawned=True, ready_after_s=ready_after)
 
-        self.pidfile(spec.name).unlink(missing_ok=True)
+    def revive(self, spec: ProcessSpec) -> int | None:
+        """Spawn ``spec`` again if it died on its own: its pidfile is there, its process is
+        gone, and no stop is under way. Returns the new pid, or None when the part is in any
+        other state (stopped or being stopped on purpose, alive, started meanwhile by someone
+        else). Does not wait: :meth:`finish_start` does.
+
+        Unlike :meth:`start`, a failure (port held, ``prepare`` failed) keeps the stale
+        pidfile, so the part still shows as dead and a watchdog tries again later.
+        """
+        with self._part_lock(spec.name):
+            rec = self._read_record(spec.name)
+            if rec is None or rec.stopping:
+                return None
+            if rec.pid <= 0:
+                # Whether a process of it still runs is unknown: a second copy is worse than none.
+                raise StartError(
+                    f"{spec.name}: its pidfile {self.pidfile(spec.name)} cannot be read; "
+                    f"'crm-events-stack stop {spec.name}' or 'start {spec.name}' replaces it"
+                )
+            if self._live_state(spec.name, rec) is not ProcState.DEAD:
+                return None
+            return self._launch(spec)
+
+    def finish_start(self, spec: ProcessSpec, deadline: float | None = None) -> float:
+        """After a spawn: wait until ready (``deadline`` as in :meth:`start`), then run
+        ``after_ready``. Returns the seconds until ready; raises :class:`StartError`."""
+        t0 = time.monotonic()
+        self.wait_ready(
+            spec, deadline if deadline is not None else deadline_in(spec.ready_timeout_s)
+        )
+        ready_after = time.monotonic() - t0
+        if spec.after_ready is not None:
+            try:
+                spec.after_ready()
+            except (OSError, ValueError, RuntimeError) as exc:
+                raise StartError(f"{spec.name}: post-start step failed: {exc}") from exc
+        return ready_after
+
+    def _launch(self, spec: ProcessSpec) -> int:
+        """Port check, ``prepare``, spawn. Called with the part's lock held."""
         if spec.port is not None and not self._port_frees(spec.port):
             raise StartError(
                 f"{spec.name}: port {spec.port} is already in use by a process not started "
@@ -299,21 +489,7 @@ class Supervisor:
                 raise
             except (OSError, ValueError, subprocess.SubprocessError) as exc:
                 raise StartError(f"{spec.name}: preparing to start failed: {exc}") from exc
-
-        pid = self._spawn(spec)
-        t_spawn = time.monotonic()
-        if not wait:
-            return StartResult(spec.name, pid, spawned=True, ready_after_s=None)
-        self.wait_ready(
-            spec, deadline if deadline is not None else deadline_in(spec.ready_timeout_s)
-        )
-        ready_after = time.monotonic() - t_spawn
-        if spec.after_ready is not None:
-            try:
-                spec.after_ready()
-            except (OSError, ValueError, RuntimeError) as exc:
-                raise StartError(f"{spec.name}: post-start step failed: {exc}") from exc
-        return StartResult(spec.name, pid, spawned=True, ready_after_s=ready_after)
+        return self._spawn(spec)
 
     @staticmethod
     def _port_frees(port: int) -> bool:
@@ -326,33 +502,50 @@ class Supervisor:
         return True
 
     def _spawn(self, spec: ProcessSpec) -> int:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ) if spec.inherit_env else {}
         env.update(spec.env)
         stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        with self.logfile(spec.name).open("ab") as log:
-            log.write(f"=== {stamp} start: {' '.join(spec.argv)}\n".encode())
-            log.flush()
-            try:
-                child = subprocess.Popen(
-                    list(spec.argv),
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    cwd=spec.cwd,
-                    env=env,
-                    start_new_session=True,
-                )
-            except OSError as exc:
-                raise StartError(f"{spec.name}: cannot run {spec.argv[0]!r}: {exc}") from exc
-        self._children[spec.name] = child
+        try:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            with self.logfile(spec.name).open("ab") as log:
+                log.write(f"=== {stamp} start: {' '.join(spec.argv)}\n".encode())
+                log.flush()
+                try:
+                    child = subprocess.Popen(
+                        list(spec.argv),
+                        stdin=subprocess.DEVNULL,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        cwd=spec.cwd,
+                        env=env,
+                        start_new_session=True,
+                    )
+                except OSError as exc:
+                    raise StartError(f"{spec.name}: cannot run {spec.argv[0]!r}: {exc}") from exc
+        except OSError as exc:  # the log (disk full, permissions); Popen's are StartError
+            raise StartError(f"{spec.name}: cannot write {self.logfile(spec.name)}: {exc}") from exc
         stat = _proc_stat(child.pid)
-        self._write_record(
-            spec.name,
-            _PidRecord(
-                pid=child.pid, start_ticks=None if stat is None else stat[1], argv=tuple(spec.argv)
-            ),
-        )
+        try:
+            self._write_record(
+                spec.name,
+                _PidRecord(
+                    pid=child.pid,
+                    start_ticks=None if stat is None else stat[1],
+                    argv=tuple(spec.argv),
+                ),
+            )
+        except OSError as exc:
+            # Without its pidfile nothing could ever stop it (and a watchdog would spawn
+            # another): it goes at once.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+            raise StartError(
+                f"{spec.name}: cannot write {self.pidfile(spec.name)}: {exc}; "
+                "the process just started was killed"
+            ) from exc
+        with self._children_lock:
+            self._children[spec.name] = child
         return child.pid
 
     def check_ready(self, spec: ProcessSpec) -> bool:
@@ -374,6 +567,8 @@ class Supervisor:
             st = self.state(spec.name)
             if st is ProcState.PAUSED:
                 raise StartError(f"{spec.name}: is paused; resume it first")
+            if st in (ProcState.STOPPING, ProcState.STOPPED):
+                raise StartError(f"{spec.name}: was stopped before it was ready")
             if st is not ProcState.RUNNING:
                 raise StartError(self._failure(spec.name, "exited before it was ready"))
             if spec.ready is None or spec.ready():
@@ -398,13 +593,9 @@ class Supervisor:
 
     def _signal(self, name: str, sig: signal.Signals) -> int:
         rec = self._read_record(name)
-        if rec is None or self._live_state(name, rec) in (ProcState.DEAD, ProcState.STOPPED):
+        if rec is None or self._live_state(name, rec) is ProcState.DEAD:
             raise NotRunningError(f"{name}: not running")
-        # start_new_session made the process the leader of its own group.
-        try:
-            os.killpg(rec.pid, sig)
-        except ProcessLookupError:
-            os.kill(rec.pid, sig)
+        _send(rec.pid, sig)
         return rec.pid
 
     def stop(
@@ -415,22 +606,24 @@ class Supervisor:
     ) -> bool:
         """Stop ``name``: ``sig``, wait up to ``timeout_s``, then SIGKILL. Removes the pidfile.
 
-        Returns False when it was not running (a stale pidfile is just removed).
+        Returns False when it was not running (a stale pidfile is just removed). The pidfile
+        is marked ``stopping`` first, so a watchdog leaves the part alone.
         """
-        rec = self._read_record(name)
-        if rec is None:
-            return False
-        if self._live_state(name, rec) is ProcState.DEAD:
-            self.pidfile(name).unlink(missing_ok=True)
-            return False
-        try:
-            self._signal(name, sig)
-        except NotRunningError:
-            self.pidfile(name).unlink(missing_ok=True)
-            return False
-        # A stopped process keeps a SIGTERM pending until it is continued.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(rec.pid, signal.SIGCONT)
+        with self._part_lock(name):
+            rec = self._read_record(name)
+            if rec is None:
+                return False
+            if self._live_state(name, rec) is ProcState.DEAD:
+                self.pidfile(name).unlink(missing_ok=True)
+                return False
+            rec = dataclasses.replace(rec, stopping=True)
+            self._write_record(name, rec)
+            # Signalled under the lock, the process just checked: no start can have put
+            # another process in the pidfile by now.
+            _send(rec.pid, sig)
+            # A stopped process keeps a SIGTERM pending until it is continued.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(rec.pid, signal.SIGCONT)
         deadline = time.monotonic() + timeout_s
         while self._live_state(name, rec) is not ProcState.DEAD:
             if time.monotonic() >= deadline:
@@ -439,8 +632,16 @@ class Supervisor:
                 self._wait_dead(name, rec, 5.0)
                 break
             time.sleep(POLL_INTERVAL_S)
-        self.pidfile(name).unlink(missing_ok=True)
+        self._forget(name, rec)
         return True
+
+    def _forget(self, name: str, rec: _PidRecord) -> None:
+        """Remove the pidfile if it still records ``rec``'s process: a start that came in
+        after that process ended has written its own, which stays."""
+        with self._part_lock(name):
+            now = self._read_record(name)
+            if now is not None and now.pid == rec.pid:
+                self.pidfile(name).unlink(missing_ok=True)
 
     def _wait_dead(self, name: str, rec: _PidRecord, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -449,12 +650,18 @@ class Supervisor:
 
     def kill9(self, name: str) -> int:
         """SIGKILL the process group, wait until it is gone; the pidfile stays (the part shows
-        as dead, and the next start replaces it). Returns the pid."""
-        rec = self._read_record(name)
-        pid = self._signal(name, signal.SIGKILL)
-        if rec is not None:
-            self._wait_dead(name, rec, 5.0)
-        return pid
+        as dead, a watchdog restarts it, and the next start replaces it). Returns the pid."""
+        with self._part_lock(name):
+            rec = self._read_record(name)
+            if rec is None or self._live_state(name, rec) is ProcState.DEAD:
+                raise NotRunningError(f"{name}: not running")
+            # Recorded first, so that whoever sees the part dead knows why; signalled under
+            # the lock, so that it is this process that dies.
+            rec = dataclasses.replace(rec, fault=signal.SIGKILL.name)
+            self._write_record(name, rec)
+            _send(rec.pid, signal.SIGKILL)
+        self._wait_dead(name, rec, 5.0)
+        return rec.pid
 
     def pause(self, name: str) -> int:
         """SIGSTOP the process group: it keeps its sockets open but answers nothing."""

@@ -178,8 +178,12 @@ def issue_token(
     ttl_s: float = 3600,
     subject: str = "developer",
     now: float | None = None,
+    audience: str | None = None,
+    issuer: str | None = None,
 ) -> str:
-    """An HS256 token, for the local stack's development token and for tests."""
+    """An HS256 token, for the local stack's development token and for tests. ``audience``
+    and ``issuer`` become ``aud`` and ``iss``: an edge with CRM_EVENTS_JWT_AUDIENCE or
+    CRM_EVENTS_JWT_ISSUER set refuses a token without them."""
     issued = now if now is not None else time.time()
     claims: dict[str, Any] = {
         "sub": subject,
@@ -189,4 +193,8 @@ def issue_token(
     }
     if match:
         claims["crm_match"] = match
+    if audience is not None:
+        claims["aud"] = audience
+    if issuer is not None:
+        claims["iss"] = issuer
     return jwt.encode(claims, secret, algorithm="HS256")

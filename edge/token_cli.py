@@ -27,6 +27,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tenant", default=None, help="only events with this TenantId")
     parser.add_argument("--ttl", type=float, default=3600.0, help="lifetime in seconds")
     parser.add_argument("--subject", default="operator", help="the sub claim (default: operator)")
+    parser.add_argument(
+        "--audience",
+        default=None,
+        help="the aud claim: required when the edges set CRM_EVENTS_JWT_AUDIENCE",
+    )
+    parser.add_argument(
+        "--issuer",
+        default=None,
+        help="the iss claim: required when the edges set CRM_EVENTS_JWT_ISSUER",
+    )
     args = parser.parse(argv)
     if args.secret_file is None:
         parser.error("the following arguments are required: --secret-file")
@@ -35,6 +45,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # nothing anyone meant, and a NaN, infinite or non-positive lifetime is no lifetime.
     if args.tenant is not None and not args.tenant.strip():
         parser.error("argument --tenant: must not be empty (omit it for every tenant)")
+    for option, value in (("--audience", args.audience), ("--issuer", args.issuer)):
+        # An empty claim matches no edge's setting: a token no edge would take.
+        if value is not None and not value.strip():
+            parser.error(f"argument {option}: must not be empty (omit it)")
     types = [t.strip() for t in args.types.split(",")]
     if not all(types):
         parser.error(f"argument --types: empty event type in {args.types!r}")
@@ -49,7 +63,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     match = {"TenantId": args.tenant} if args.tenant is not None else None
-    print(issue_token(secret, types=types, match=match, ttl_s=args.ttl, subject=args.subject))
+    print(
+        issue_token(
+            secret,
+            types=types,
+            match=match,
+            ttl_s=args.ttl,
+            subject=args.subject,
+            audience=args.audience,
+            issuer=args.issuer,
+        )
+    )
     return 0
 
 

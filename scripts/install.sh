@@ -12,6 +12,8 @@
 #      crm-events-producer), also editable; they are not part of the crm-events wheel.
 #   3. The Kafka broker jars from Maven Central (deploy/kafka/kafka-pom.xml) into
 #      <run dir>/kafka/libs.
+#   4. helm and kubeconform (Go module proxy, pinned versions; needs Go >= 1.26) and offline
+#      kubeconform schemas for the chart's tests into <run dir>/chart-tools.
 #
 # Idempotent: each step keeps a stamp and is skipped while its input is unchanged, so a second
 # run takes a second or two. Settings: CRM_EVENTS_RUN_DIR (default <checkout>/run),
@@ -169,6 +171,121 @@ if [[ ! -f $libs_stamp || $(cat "$libs_stamp") != "$want_libs" ]]; then
     say "Kafka jars ready: $(find "$KAFKA_LIBS" -name '*.jar' | wc -l) jars in $KAFKA_LIBS"
 else
     say "Kafka jars are up to date"
+fi
+
+# --- 4. Kubernetes chart tools ----------------------------------------------------------------
+# helm and kubeconform for the chart's tests (tests/chart), built by the Go toolchain from the Go
+# module proxy at pinned versions into <run dir>/chart-tools/bin, and offline JSON schemas for
+# kubeconform in <run dir>/chart-tools/schemas: kubeconform's default schemas live on GitHub,
+# which the tests must not need. Their sources are Go modules too: Kubernetes' OpenAPI document
+# (k8s.io/kubernetes, api/openapi-spec/swagger.json, in an 18 MB module zip) and the CRDs of the kinds the chart renders besides
+# Kubernetes' own (prometheus-operator's and KEDA's modules, 4 and 3 MB), converted by
+# deploy/helm/kubeconform_schemas.py. Needs Go >= 1.26 (both tools' go.mod); without it the
+# chart tests report themselves skipped.
+
+CHART_TOOLS="$RUN_DIR/chart-tools"
+HELM_MODULE=helm.sh/helm/v3/cmd/helm@v3.22.0
+# helm's default Kubernetes version, as its own release build sets it (its Makefile: the minor
+# of k8s.io/client-go in its go.mod, v0.37 for v3.22.0); without it helm assumes 1.20.
+HELM_K8S_MINOR=37
+KUBECONFORM_MODULE=github.com/yannh/kubeconform/cmd/kubeconform@v0.8.0
+K8S_SCHEMA_MODULE=k8s.io/kubernetes@v1.34.3
+PROMETHEUS_OPERATOR_MODULE=github.com/prometheus-operator/prometheus-operator@v0.85.0
+KEDA_MODULE=github.com/kedacore/keda/v2@v2.21.0
+SCHEMA_TOOL="$ROOT/deploy/helm/kubeconform_schemas.py"
+# Two parts, each stamped with what it was made from and replaced whole when that changes.
+bin_stamp="$CHART_TOOLS/bin/.crm-events-chart-tools"
+want_bin=$(printf '%s\n' "$HELM_MODULE" "$HELM_K8S_MINOR" "$KUBECONFORM_MODULE")
+schemas_stamp="$CHART_TOOLS/schemas/.crm-events-chart-tools"
+want_schemas=$(printf '%s\n' "$K8S_SCHEMA_MODULE" "$PROMETHEUS_OPERATOR_MODULE" "$KEDA_MODULE" \
+    "$(sha "$SCHEMA_TOOL")")
+
+stamped() { [[ -f $1 && $(cat "$1") == "$2" ]]; }
+
+go_ok() {
+    command -v go >/dev/null || return 1
+    local v major rest minor
+    v=$(go env GOVERSION 2>/dev/null) || return 1
+    v=${v#go}
+    major=${v%%.*}
+    rest=${v#*.}
+    minor=${rest%%.*}
+    [[ $major =~ ^[0-9]+$ && $minor =~ ^[0-9]+$ ]] || return 1
+    ((major > 1 || (major == 1 && minor >= 26)))
+}
+
+# The Dir a `go mod download -json` reports (the unpacked module).
+module_dir() { "$VENV/bin/python" -c 'import json, sys; print(json.load(sys.stdin)["Dir"])'; }
+
+# Builds one part into a fresh directory beside it ($1: bin or schemas, $2: its stamp text,
+# then the command, which gets the directory as its last argument); replaces it on success.
+make_part() {
+    local part=$1 want=$2 dir
+    shift 2
+    mkdir -p "$CHART_TOOLS"
+    dir="$(mktemp -d "$CHART_TOOLS/$part.tmp.XXXXXX")"
+    if ! "$@" "$dir"; then
+        rm -rf "$dir"
+        die "building the chart tools' $part failed (see the output above)"
+    fi
+    printf '%s' "$want" > "$dir/.crm-events-chart-tools"
+    rm -rf "${CHART_TOOLS:?}/$part"
+    mv "$dir" "$CHART_TOOLS/$part"
+}
+
+# GOTOOLCHAIN=local: never fetch another Go. Run outside any module (cd), so that no go.mod
+# applies. The modules go to Go's own module cache: a later build on this machine (a new run
+# directory, another version) downloads nothing again.
+build_tools() (
+    cd "$1"
+    export GOTOOLCHAIN=local GOFLAGS= GOBIN="$1"
+    go install -trimpath -ldflags "-s -w \
+        -X helm.sh/helm/v3/internal/version.version=${HELM_MODULE#*@} \
+        -X helm.sh/helm/v3/internal/version.gitTreeState=clean \
+        -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 \
+        -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$HELM_K8S_MINOR \
+        -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 \
+        -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$HELM_K8S_MINOR" "$HELM_MODULE"
+    go install -trimpath -ldflags "-s -w -X main.version=${KUBECONFORM_MODULE#*@}" \
+        "$KUBECONFORM_MODULE"
+)
+
+# The schema sources go to a module cache of their own, removed afterwards (the Kubernetes
+# module unpacks to ~110 MB; -modcacherw lets it be removed); only the schemas are kept.
+build_schemas() (
+    local modcache k8s operator keda crds
+    modcache="$(mktemp -d "$CHART_TOOLS/modcache.tmp.XXXXXX")"
+    trap 'rm -rf "$modcache"' EXIT
+    cd "$modcache"
+    export GOTOOLCHAIN=local GOFLAGS=-modcacherw GOMODCACHE="$modcache"
+    k8s=$(go mod download -json "$K8S_SCHEMA_MODULE" | module_dir)
+    operator=$(go mod download -json "$PROMETHEUS_OPERATOR_MODULE" | module_dir)
+    keda=$(go mod download -json "$KEDA_MODULE" | module_dir)
+    crds="$operator/example/prometheus-operator-crd/monitoring.coreos.com"
+    "$VENV/bin/python" "$SCHEMA_TOOL" --out "$1" \
+        --kubernetes-version "${K8S_SCHEMA_MODULE#*@}" \
+        --swagger "$k8s/api/openapi-spec/swagger.json" \
+        --crd "${crds}_servicemonitors.yaml" --crd "${crds}_prometheusrules.yaml" \
+        --crd "${crds}_prometheuses.yaml" \
+        --crd "$keda/config/crd/bases/keda.sh_scaledobjects.yaml" \
+        --crd "$keda/config/crd/bases/keda.sh_triggerauthentications.yaml"
+)
+
+if stamped "$bin_stamp" "$want_bin" && stamped "$schemas_stamp" "$want_schemas"; then
+    say "chart tools are up to date"
+elif ! go_ok; then
+    say "note: Go >= 1.26 is not installed: the chart tests (tests/chart) cannot run"
+else
+    if ! stamped "$bin_stamp" "$want_bin"; then
+        say "building helm and kubeconform from the Go module proxy (first time: a few minutes)..."
+        make_part bin "$want_bin" build_tools
+    fi
+    if ! stamped "$schemas_stamp" "$want_schemas"; then
+        say "making kubeconform's schemas (Kubernetes ${K8S_SCHEMA_MODULE#*@}, and the chart's CRDs)..."
+        make_part schemas "$want_schemas" build_schemas
+    fi
+    say "chart tools ready: helm $("$CHART_TOOLS/bin/helm" version --short)," \
+        "kubeconform $("$CHART_TOOLS/bin/kubeconform" -v)"
 fi
 
 say "done"

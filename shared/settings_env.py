@@ -99,10 +99,19 @@ class Env:
 
 
 def mask_url(url: str) -> str:
-    """The URL with any password replaced, for logs and ``repr``."""
+    """The URL with any password replaced, for logs and ``repr``: the one in its user info
+    and a ``password=`` query parameter (redis-py takes one from either)."""
     parts = urlsplit(url)
-    if parts.password is None:
+    netloc, query = parts.netloc, parts.query
+    if parts.password is not None:
+        netloc = f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}"
+    if query:
+        query = "&".join(
+            f"{field.partition('=')[0]}=***"
+            if field.partition("=")[0].lower() == "password" and field.partition("=")[2]
+            else field
+            for field in query.split("&")
+        )
+    if (netloc, query) == (parts.netloc, parts.query):
         return url
-    user = parts.username or ""
-    netloc = f"{user}:***@{parts.netloc.rpartition('@')[2]}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))

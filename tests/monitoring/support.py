@@ -91,6 +91,13 @@ SERVICE_METRICS = EDGE_METRICS | INGEST_METRICS
 #: Label values of the per-partition counters (a child for each partition and reason).
 REFILL_REASONS = frozenset({"lost", "rolled_back", "assigned"})
 PARTITION_RESET_REASONS = frozenset({"trimmed", "not_retained", "topic_changed", "old_format"})
+#: Recording rules that stay empty until Prometheus holds 8 days of data: the anomaly
+#: detection's predictions from the same hour of past weeks and what is computed from them.
+NEEDS_HISTORY = frozenset(
+    f"{signal}{suffix}"
+    for signal in ("job:crm_events_messages:flow_rate5m", "job:crm_events_sse_clients:sum")
+    for suffix in ("_prediction", "_error", "_error_stddev1w", "_zscore")
+)
 #: Series Prometheus itself makes.
 PROMETHEUS_SERIES = {"up", "ALERTS", "ALERTS_FOR_STATE"}
 

@@ -171,6 +171,13 @@ def _alert(
     }
 
 
+def _job_alert(name: str, severity: str, job: str) -> dict[str, Any]:
+    """An alert of a whole job (no instance label), as the burn-rate and lag alerts are."""
+    alert = _alert(name, severity, job=job, instance="")
+    del alert["labels"]["instance"]
+    return alert
+
+
 def _wait_states(url: str, expected: dict[tuple[str, str], str], timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     seen: dict[tuple[str, str], str] = {}
@@ -221,18 +228,13 @@ def test_fast_burn_inhibits_slow_burn_and_stuck_consumer_inhibits_lag(
 ) -> None:
     url = alertmanager.alertmanager_url
 
-    def job_alert(name: str, severity: str, job: str) -> dict[str, Any]:
-        alert = _alert(name, severity, job=job, instance="")
-        del alert["labels"]["instance"]
-        return alert
-
     _post_alerts(
         url,
         [
-            job_alert("CrmEventsLatencySLOFastBurn", "critical", "crm-events-edge"),
-            job_alert("CrmEventsLatencySLOSlowBurn", "warning", "crm-events-edge"),
-            job_alert("CrmEventsConsumerStuck", "critical", "crm-events-ingest"),
-            job_alert("CrmEventsConsumerLagGrowing", "warning", "crm-events-ingest"),
+            _job_alert("CrmEventsLatencySLOFastBurn", "critical", "crm-events-edge"),
+            _job_alert("CrmEventsLatencySLOSlowBurn", "warning", "crm-events-edge"),
+            _job_alert("CrmEventsConsumerStuck", "critical", "crm-events-ingest"),
+            _job_alert("CrmEventsConsumerLagGrowing", "warning", "crm-events-ingest"),
         ],
     )
     _wait_states(
@@ -242,5 +244,28 @@ def test_fast_burn_inhibits_slow_burn_and_stuck_consumer_inhibits_lag(
             ("CrmEventsLatencySLOSlowBurn", ""): "suppressed",
             ("CrmEventsConsumerStuck", ""): "active",
             ("CrmEventsConsumerLagGrowing", ""): "suppressed",
+        },
+    )
+
+
+def test_no_messages_inhibits_the_traffic_anomaly_only(alertmanager: MonitoringSettings) -> None:
+    """No events at all is already alerted: the traffic anomaly it implies is held back, while an
+    anomaly of the connected clients still notifies."""
+    url = alertmanager.alertmanager_url
+
+    _post_alerts(
+        url,
+        [
+            _job_alert("CrmEventsNoMessages", "warning", "crm-events-ingest"),
+            _job_alert("CrmEventsTrafficAnomaly", "warning", "crm-events-ingest"),
+            _job_alert("CrmEventsClientsAnomaly", "warning", "crm-events-edge"),
+        ],
+    )
+    _wait_states(
+        url,
+        {
+            ("CrmEventsNoMessages", ""): "active",
+            ("CrmEventsTrafficAnomaly", ""): "suppressed",
+            ("CrmEventsClientsAnomaly", ""): "active",
         },
     )

@@ -11,7 +11,13 @@ Redis; tests/harness/cluster.py). It shows that
 * the metrics the rules and panels read are the ones the processes really export, with the
   label values the rules expect (refill and reset reasons, a series for every partition);
 * the first fill of a fresh deployment does not fire CrmEventsRedisRefill, and wiping a
-  partition's keys in Redis fires it for that partition, with what the runbook names.
+  partition's keys in Redis fires it for that partition, with what the runbook names;
+* the rules and the dashboard are the mixin's (devtools/mixin.py) rendered for job names other
+  than the defaults (``live-edge``, ``live-ingest``): every rule and panel above works through
+  the configured selectors, none through a hard-coded job;
+* remote write: a second Prometheus, a receiver (``--web.enable-remote-write-receiver``) as a
+  long-term store stands in for Thanos Receive, gets the scraped series and the recording
+  rules' results, and answers queries of them.
 
 Every wait polls the Prometheus (or Alertmanager) HTTP API against a deadline.
 """
@@ -19,6 +25,7 @@ Every wait polls the Prometheus (or Alertmanager) HTTP API against a deadline.
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -30,6 +37,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from devtools.mixin import render_to
 from devtools.monitoring_stack import (
     MonitoringSettings,
     describe_consumer_group,
@@ -37,8 +45,8 @@ from devtools.monitoring_stack import (
     monitoring_specs,
     shorten_for,
 )
-from devtools.probes import run_coroutine_blocking
-from devtools.supervisor import Supervisor
+from devtools.probes import HttpReady, run_coroutine_blocking
+from devtools.supervisor import ProcessSpec, Supervisor
 from shared.contract import RedisKeys
 from tests.harness.backends import Backends
 from tests.harness.cluster import Cluster, crm_event, free_port
@@ -46,17 +54,15 @@ from tests.sse_client import Collector
 from tests.waiting import eventually
 
 from .support import (
-    EDGE_JOB,
+    DASHBOARD,
     EDGE_METRICS,
-    INGEST_JOB,
     INGEST_METRICS,
+    NEEDS_HISTORY,
     PARTITION_RESET_REASONS,
     PROMETHEUS_SERIES,
     REFILL_REASONS,
-    RULES_DIR,
     alert_rules,
     binary,
-    load_dashboard,
     metric_names,
     panel_queries,
     record_names,
@@ -71,6 +77,9 @@ SHORT_FOR = "5s"
 #: Grafana's $__rate_interval for a 1 s scrape is 4 s; one more scrape of slack.
 RATE_INTERVAL = "5s"
 EVENTS = 20
+#: Job names unlike the defaults: the mixin is rendered for these.
+EDGE_JOB = "live-edge"
+INGEST_JOB = "live-ingest"
 
 #: Dashboard panels whose query may rightly be empty on a healthy deployment, and where the
 #: test shows them with data instead.
@@ -84,6 +93,10 @@ EMPTY_WHEN_HEALTHY = {
 class Live:
     cluster: Cluster
     mon: MonitoringSettings
+    #: The mixin's dashboard rendered for this deployment's selectors.
+    dashboard: dict[str, Any]
+    #: The remote-write receiver's base URL.
+    receiver_url: str
 
     def instance(self, name: str) -> str:
         if name.startswith("edge"):
@@ -109,6 +122,29 @@ def cluster(backends: Backends, tmp_path_factory: pytest.TempPathFactory) -> Ite
         yield c
 
 
+def receiver_spec(prometheus_bin: str, home: Path, port: int) -> ProcessSpec:
+    """A Prometheus that scrapes nothing and takes remote writes: the long-term store."""
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "receiver.yml"
+    config.write_text("global:\n  scrape_interval: 1m\n")
+    url = f"http://127.0.0.1:{port}"
+    return ProcessSpec(
+        name="receiver",
+        argv=[
+            prometheus_bin,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={home / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--web.enable-remote-write-receiver",
+        ],
+        cwd=home,
+        ready=HttpReady(f"{url}/-/ready"),
+        ready_timeout_s=30,
+        stop_timeout_s=10,
+        port=port,
+    )
+
+
 @pytest.fixture(scope="module")
 def live(
     cluster: Cluster,
@@ -117,7 +153,7 @@ def live(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Live]:
     run_dir = tmp_path_factory.mktemp("live-monitoring")
-    shorten_for(RULES_DIR, run_dir / "rules", SHORT_FOR)
+    receiver_port = free_port()
     mon = MonitoringSettings(
         run_dir,
         edge_targets=tuple(f"127.0.0.1:{p}" for p in cluster.edge_ports),
@@ -127,15 +163,24 @@ def live(
         scrape_interval=SCRAPE,
         evaluation_interval=SCRAPE,
         rules_dir=run_dir / "rules",
+        edge_job=EDGE_JOB,
+        ingest_job=INGEST_JOB,
+        remote_write_url=f"http://127.0.0.1:{receiver_port}/api/v1/write",
     )
+    # The mixin for this deployment's job names; then every alert's for: shortened.
+    render_to(run_dir / "mixin", mon.selectors)
+    shorten_for(run_dir / "mixin" / "rules", run_dir / "rules", SHORT_FOR)
+    dashboard = json.loads((run_dir / "mixin" / "dashboards" / DASHBOARD.name).read_text())
     sup = Supervisor(run_dir)
     try:
+        sup.start(receiver_spec(prometheus_bin, run_dir / "receiver", receiver_port))
         for spec in monitoring_specs(mon):
             sup.start(spec)
-        yield Live(cluster, mon)
+        yield Live(cluster, mon, dashboard, f"http://127.0.0.1:{receiver_port}")
     finally:
         sup.stop("prometheus")
         sup.stop("alertmanager")
+        sup.stop("receiver")
 
 
 async def _generate_traffic(cluster: Cluster) -> None:
@@ -241,7 +286,11 @@ async def test_every_recording_rule_returns_data(
     missing: list[str] = []
 
     async def all_recorded() -> bool:
-        missing[:] = [r for r in record_names() if not await query(session, live, r)]
+        missing[:] = [
+            r
+            for r in record_names()
+            if r not in NEEDS_HISTORY and not await query(session, live, r)
+        ]
         return not missing
 
     try:
@@ -257,15 +306,56 @@ async def test_every_recording_rule_returns_data(
     assert float(dead["value"][1]) > 0
     reasons = await query(session, live, "job_reason:crm_events_dead_letters:rate5m")
     assert {r["metric"]["reason"] for r in reasons} == {"not_json"}
-    (edges,) = await query(session, live, 'job:crm_events_messages:rate5m{job="crm-events-edge"}')
+    (edges,) = await query(session, live, f'job:crm_events_messages:rate5m{{job="{EDGE_JOB}"}}')
     assert float(edges["value"][1]) > 0
+
+
+async def test_remote_write_reaches_the_long_term_receiver(
+    traffic: Live, session: aiohttp.ClientSession
+) -> None:
+    """The receiver holds what the local Prometheus scraped and recorded, with the external
+    label that tells deployments apart, and answers queries over both."""
+    live = traffic
+    receiver = live.receiver_url
+
+    async def ask(expr: str) -> list[dict[str, Any]]:
+        data = await api(session, f"{receiver}/api/v1/query", query=expr)
+        result: list[dict[str, Any]] = data["result"]
+        return result
+
+    edges = {live.instance("edge1"), live.instance("edge2")}
+
+    async def scraped_arrived() -> list[dict[str, Any]] | None:
+        rows = await ask(f'crm_events_sse_connections_total{{job="{EDGE_JOB}"}}')
+        return rows if {r["metric"]["instance"] for r in rows} >= edges else None
+
+    rows = await eventually(scraped_arrived, 45, "the edges' scraped series at the receiver")
+    assert {r["metric"].get("deployment") for r in rows} == {"crm-events-local"}
+    assert all(float(r["value"][1]) >= 1 for r in rows), rows
+
+    async def recorded_arrived() -> list[dict[str, Any]] | None:
+        rows = await ask(f'job:crm_events_messages:rate5m{{job="{EDGE_JOB}"}} > 0')
+        return rows or None
+
+    (recorded,) = await eventually(recorded_arrived, 45, "a recorded series at the receiver")
+    assert recorded["metric"]["deployment"] == "crm-events-local"
+    # The receiver evaluates nothing itself: the series came over remote write.
+    rules = (await api(session, f"{receiver}/api/v1/rules"))["groups"]
+    assert rules == []
+    # And a query over a range of it works, as a long-term store's dashboards would run it.
+    data = await api(
+        session,
+        f"{receiver}/api/v1/query",
+        query=f'max_over_time(job:crm_events_messages:rate5m{{job="{EDGE_JOB}"}}[5m])',
+    )
+    assert float(data["result"][0]["value"][1]) > 0
 
 
 async def test_every_dashboard_query_returns_data(
     traffic: Live, session: aiohttp.ClientSession
 ) -> None:
     live = traffic
-    queries = panel_queries(load_dashboard())
+    queries = panel_queries(live.dashboard)
     titles = {q.title for q in queries}
     assert set(EMPTY_WHEN_HEALTHY) <= titles, "an exception names a panel that is gone"
     expected = [q for q in queries if q.title not in EMPTY_WHEN_HEALTHY]
@@ -287,7 +377,7 @@ async def test_every_dashboard_query_returns_data(
         raise AssertionError(f"{exc}; still empty: {empty}") from None
 
     # The instance variable: label_values(up{...}, instance) lists every process.
-    var = next(v for v in load_dashboard()["templating"]["list"] if v["name"] == "instance")
+    var = next(v for v in live.dashboard["templating"]["list"] if v["name"] == "instance")
     selector = var["query"].removeprefix("label_values(").removesuffix(", instance)")
     values = await api(
         session, f"{live.mon.prometheus_url}/api/v1/label/instance/values", **{"match[]": selector}
@@ -324,7 +414,7 @@ async def test_service_down_fires_for_the_stopped_edge_only(
         assert alert["annotations"]["runbook_url"].endswith("#crmeventsservicedown")
 
         # The dashboard's "Active alerts" panel shows it.
-        (active,) = [q for q in panel_queries(load_dashboard()) if q.title == "Active alerts"]
+        (active,) = [q for q in panel_queries(live.dashboard) if q.title == "Active alerts"]
         rows = await query(session, live, substitute(active.expr))
         assert any(
             r["metric"]["alertname"] == "CrmEventsServiceDown" and r["metric"]["instance"] == edge1
@@ -403,7 +493,7 @@ def test_rules_and_panels_read_metrics_the_processes_export(traffic: Live) -> No
     used: set[str] = set()
     for rule in alert_rules() + recording_rules():
         used |= metric_names(rule["expr"])
-    for q in panel_queries(load_dashboard()):
+    for q in panel_queries(traffic.dashboard):
         used |= metric_names(substitute(q.expr))
     missing = used - edge - ingest - PROMETHEUS_SERIES - set(record_names())
     assert not missing, f"read but not exported: {sorted(missing)}"
@@ -524,7 +614,7 @@ async def test_redis_refill_fires_for_the_wiped_partitions_only(
         rows = await query(
             session,
             live,
-            'sum by (partition) (crm_events_refilled_records_total{job="crm-events-ingest"}) > 0',
+            f'sum by (partition) (crm_events_refilled_records_total{{job="{INGEST_JOB}"}}) > 0',
         )
         return {r["metric"]["partition"] for r in rows} >= had
 

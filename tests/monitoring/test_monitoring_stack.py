@@ -4,6 +4,7 @@ valid and match the compose ones, and the process specs really start both daemon
 from __future__ import annotations
 
 import json
+import shutil
 import time
 import urllib.request
 from pathlib import Path
@@ -25,7 +26,6 @@ from devtools.monitoring_stack import (
     prometheus_config,
     prometheus_spec,
     render_alertmanager,
-    render_prometheus,
     shorten_for,
 )
 from devtools.stack import StackSettings
@@ -83,6 +83,8 @@ def test_for_stack_uses_the_stack_ports_and_the_environment(tmp_path: Path) -> N
         ({"CRM_EVENTS_PROMETHEUS_PORT": "x"}, "CRM_EVENTS_PROMETHEUS_PORT"),
         ({"CRM_EVENTS_ALERTMANAGER_PORT": "70000"}, "CRM_EVENTS_ALERTMANAGER_PORT"),
         ({"CRM_EVENTS_ALERTMANAGER_PORT": "9090"}, "CRM_EVENTS_ALERTMANAGER_PORT"),
+        ({"CRM_EVENTS_REMOTE_WRITE_URL": "thanos:19291"}, "CRM_EVENTS_REMOTE_WRITE_URL"),
+        ({"CRM_EVENTS_REMOTE_WRITE_URL": "ftp://x/y"}, "CRM_EVENTS_REMOTE_WRITE_URL"),
     ],
 )
 def test_bad_settings_name_the_variable(tmp_path: Path, env: dict[str, str], variable: str) -> None:
@@ -91,12 +93,24 @@ def test_bad_settings_name_the_variable(tmp_path: Path, env: dict[str, str], var
         MonitoringSettings.for_stack(stack, env)
 
 
+def _prepare(mon: MonitoringSettings) -> Path:
+    """What starting the Prometheus part writes: its config, targets and rules."""
+    spec = prometheus_spec(mon)
+    assert spec.prepare is not None
+    spec.prepare()
+    return mon.prometheus_config_file
+
+
 def test_rendered_prometheus_config_is_valid(promtool: str, tmp_path: Path) -> None:
     mon = settings(tmp_path, scrape_interval="1s", evaluation_interval="2s")
-    path = render_prometheus(mon)
+    path = _prepare(mon)
     result = run([promtool, "check", "config", "--lint=all", "--lint-fatal", str(path)])
     assert result.returncode == 0, describe(result)
-    assert "SUCCESS: 2 rule files found" in result.stdout
+    assert f"SUCCESS: {len(rule_files())} rule files found" in result.stdout
+    # The rules are the mixin's for the stack's job names: the defaults, as committed.
+    for committed in rule_files():
+        assert (mon.rule_files_dir / committed.name).read_text() == committed.read_text()
+    assert "remote_write" not in load_yaml(path)
     config = load_yaml(path)
     assert config["global"]["scrape_interval"] == "1s"
     assert config["global"]["evaluation_interval"] == "2s"
@@ -118,11 +132,62 @@ def test_local_and_compose_configs_have_the_same_jobs_and_rules(tmp_path: Path) 
     assert jobs(local) == jobs(compose)
     assert compose["global"]["scrape_interval"] == compose["global"]["evaluation_interval"] == "15s"
     assert [Path(p).name for p in local["rule_files"]] == ["*.yml"]
-    assert Path(local["rule_files"][0]).parent == RULES_DIR
+    assert Path(local["rule_files"][0]).parent == tmp_path.resolve() / "prometheus" / "rules"
     assert compose["rule_files"] == ["rules/*.yml"]
     for job in ("crm-events-edge", "crm-events-ingest"):
         sd = load_yaml(PROMETHEUS_DIR / "targets" / f"{job}.yml")
         assert sd[0]["targets"], job
+
+
+def test_remote_write_and_job_names_are_configurable(promtool: str, tmp_path: Path) -> None:
+    """CRM_EVENTS_REMOTE_WRITE_URL adds a remote_write; other job names get rules rendered for
+    them (no default job left in any expression); the config stays valid for promtool."""
+    stack = StackSettings(run_dir=tmp_path)
+    url = "http://127.0.0.1:19291/api/v1/receive"
+    env = {"CRM_EVENTS_REMOTE_WRITE_URL": url}
+    base = MonitoringSettings.for_stack(stack, env)
+    assert base.remote_write_url == url
+    mon = MonitoringSettings(
+        **{**base.__dict__, "edge_job": "k8s-edge", "ingest_job": "k8s-ingest"}
+    )
+    path = _prepare(mon)
+    config = load_yaml(path)
+    assert config["remote_write"] == [{"url": url, "name": "long-term"}]
+    assert {j["job_name"] for j in config["scrape_configs"]} == {
+        "k8s-edge",
+        "k8s-ingest",
+        "prometheus",
+    }
+    result = run([promtool, "check", "config", "--lint=all", "--lint-fatal", str(path)])
+    assert result.returncode == 0, describe(result)
+    rendered = "".join(p.read_text() for p in sorted(mon.rule_files_dir.glob("*.yml")))
+    assert 'job="k8s-edge"' in rendered and 'job="k8s-ingest"' in rendered
+    assert 'job=~"k8s-edge|k8s-ingest"' in rendered
+    assert 'crm-events-edge"' not in rendered and 'crm-events-ingest"' not in rendered
+    with pytest.raises(MonitoringSettingsError, match="edge job"):
+        MonitoringSettings(**{**base.__dict__, "edge_job": "edge|x"})
+
+
+def test_compose_remote_write_block_works_once_uncommented(promtool: str, tmp_path: Path) -> None:
+    """The compose config ships remote_write commented out (no receiver in compose); the block
+    a user uncomments is valid and is the only change."""
+    compose = PROMETHEUS_DIR / "prometheus.yml"
+    lines = compose.read_text().splitlines()
+    start = lines.index("# remote_write:")
+    block = [start]
+    while lines[block[-1] + 1].startswith("#   "):
+        block.append(block[-1] + 1)
+    for i in block:
+        lines[i] = lines[i][2:]
+    copy = tmp_path / "prometheus.yml"
+    copy.write_text("\n".join(lines) + "\n")
+    for sub in ("rules", "targets"):
+        shutil.copytree(PROMETHEUS_DIR / sub, tmp_path / sub)
+    result = run([promtool, "check", "config", "--lint=all", "--lint-fatal", str(copy)])
+    assert result.returncode == 0, describe(result)
+    uncommented = load_yaml(copy)
+    assert uncommented["remote_write"][0]["url"].endswith("/api/v1/receive")
+    assert {k: v for k, v in uncommented.items() if k != "remote_write"} == load_yaml(compose)
 
 
 def test_rendered_alertmanager_keeps_replaced_secrets(tmp_path: Path) -> None:
@@ -141,7 +206,9 @@ def test_shorten_for_rewrites_every_alert_and_stays_valid(promtool: str, tmp_pat
     assert text.count("for: 3s") == len(alert_rules())
     result = run([promtool, "check", "rules", "--lint=all", "--lint-fatal", *map(str, written)])
     assert result.returncode == 0, describe(result)
-    assert f"{len(recording_rules())} rules found" in result.stdout
+    for path in written:
+        count = sum(len(g["rules"]) for g in load_yaml(path)["groups"])
+        assert f"Checking {path}\n  SUCCESS: {count} rules found" in result.stdout, path.name
     with pytest.raises(ValueError, match="duration"):
         shorten_for(RULES_DIR, tmp_path / "x", "soon")
 
@@ -210,8 +277,10 @@ def test_cli_render_writes_both_configs(
     out = capsys.readouterr().out.split()
     assert out == [
         str(tmp_path.resolve() / "prometheus" / "prometheus.yml"),
+        str(tmp_path.resolve() / "prometheus" / "rules"),
         str(tmp_path.resolve() / "alertmanager" / "alertmanager.yml"),
     ]
+    assert sorted(p.name for p in Path(out[1]).glob("*.yml")) == [p.name for p in rule_files()]
     assert load_yaml(Path(out[0]))["global"]["scrape_interval"] == "5s"
 
 

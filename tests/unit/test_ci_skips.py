@@ -127,11 +127,12 @@ def test_every_allowlisted_reason_is_a_skip_the_suite_has() -> None:
 
 def test_ci_run_turns_the_policy_on_when_the_runner_does_not(tmp_path: Path) -> None:
     """.ci/run is the project's own CI: the skip policy applies there even on a runner that
-    sets no CI variable, and a runner's own value is kept."""
+    sets no CI variable, and a runner's own value is kept. `make test` there leaves out only
+    the unit tests `make unit` ran just before, keeping a runner's own pytest options."""
     stub = tmp_path / "make"
-    stub.write_text('#!/bin/sh\necho "make $1 CI=${CI-unset}"\n')
+    stub.write_text('#!/bin/sh\necho "make $1 CI=${CI-unset} ADDOPTS=${PYTEST_ADDOPTS-}"\n')
     stub.chmod(0o755)
-    base = {k: v for k, v in os.environ.items() if k != "CI"}
+    base = {k: v for k, v in os.environ.items() if k not in ("CI", "PYTEST_ADDOPTS")}
     base["PATH"] = f"{tmp_path}{os.pathsep}{base.get('PATH', '')}"
     for ci, expected in ((None, "true"), ("1", "1")):
         env = base if ci is None else {**base, "CI": ci}
@@ -140,6 +141,14 @@ def test_ci_run_turns_the_policy_on_when_the_runner_does_not(tmp_path: Path) -> 
         )
         assert result.returncode == 0, result.stderr
         assert result.stdout.splitlines() == [
-            f"make unit CI={expected}",
-            f"make test CI={expected}",
+            f"make unit CI={expected} ADDOPTS=",
+            f"make test CI={expected} ADDOPTS=--ignore=tests/unit",
         ]
+    result = subprocess.run(
+        [str(REPO / ".ci" / "run")],
+        env={**base, "PYTEST_ADDOPTS": "-x"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.stdout.splitlines()[-1] == "make test CI=true ADDOPTS=-x --ignore=tests/unit"

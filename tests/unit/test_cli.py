@@ -19,8 +19,10 @@ import pytest
 from devtools import producer, stack
 from edge import __main__ as edge_main
 from edge import token_cli
+from edge.auth import Authenticator
 from ingest import __main__ as ingest_main
 from shared.cli import load
+from shared.httpkit import ApiError
 from shared.settings import EdgeSettings, IngestSettings
 
 
@@ -353,6 +355,8 @@ def secret_file(tmp_path: Path) -> Path:
         pytest.param(["--types", ","], "--types", id="types-comma"),
         pytest.param(["--types", ""], "--types", id="types-empty"),
         pytest.param(["--types", "a,,b"], "--types", id="types-empty-item"),
+        pytest.param(["--audience", ""], "--audience", id="audience-empty"),
+        pytest.param(["--issuer", " "], "--issuer", id="issuer-blank"),
     ],
 )
 def test_token_refuses_a_claim_it_cannot_issue_as_asked(
@@ -381,3 +385,25 @@ def test_token_carries_the_tenant_types_and_lifetime_asked_for(
     assert claims["crm_match"] == {"TenantId": "acme"}
     assert claims["crm_types"] == ["a", "b"]
     assert claims["exp"] - claims["iat"] == 60
+
+
+def test_token_with_audience_and_issuer_is_taken_by_an_edge_that_requires_them(
+    secret_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An edge with CRM_EVENTS_JWT_AUDIENCE/ISSUER set refuses a token without aud/iss; the
+    options make one it takes (the Helm chart's NOTES print them)."""
+    env = {
+        "CRM_EVENTS_JWT_SECRET_FILE": str(secret_file),
+        "CRM_EVENTS_JWT_AUDIENCE": "crm-events",
+        "CRM_EVENTS_JWT_ISSUER": "https://auth.example.com/",
+    }
+    auth = Authenticator(EdgeSettings.from_env(env).auth)
+    argv = ["--secret-file", str(secret_file), "--types", "DealWon"]
+    assert token_cli.main(argv) == 0
+    plain = capsys.readouterr().out.strip()
+    with pytest.raises(ApiError):
+        auth.verify(plain)
+    extra = ["--audience", "crm-events", "--issuer", "https://auth.example.com/"]
+    assert token_cli.main([*argv, *extra]) == 0
+    grant = auth.verify(capsys.readouterr().out.strip())
+    assert grant.types == frozenset({b"DealWon"})

@@ -106,6 +106,27 @@ def test_a_sentinel_url_is_read_from_the_environment_and_masked_in_repr() -> Non
     )
 
 
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        ("redis://h:6379/0?password=hunter2", "redis://h:6379/0?password=***"),
+        (
+            "redis://u:pw@h:6379/0?db=1&Password=x&socket_timeout=2",
+            "redis://u:***@h:6379/0?db=1&Password=***&socket_timeout=2",
+        ),
+        ("redis://h:6379/0?password=", "redis://h:6379/0?password="),
+        ("redis://h:6379/0?passwords=x", "redis://h:6379/0?passwords=x"),
+        ("redis://h:6379/0", "redis://h:6379/0"),
+    ],
+)
+def test_a_password_in_the_query_is_masked_too(url: str, masked: str) -> None:
+    """redis-py takes a password from the query as well as from the user info; neither may
+    reach a log line."""
+    assert mask_url(url) == masked
+    got = EdgeSettings.from_env({"CRM_EVENTS_REDIS_URL": url, "CRM_EVENTS_AUTH_MODE": "off"})
+    assert "hunter2" not in repr(got)
+
+
 def test_a_direct_url_has_no_sentinel_target() -> None:
     assert RedisSettings(url="redis://h:6379/0").sentinel is None
 
