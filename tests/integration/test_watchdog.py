@@ -35,7 +35,6 @@ import contextlib
 import itertools
 import os
 import re
-import socket
 import statistics
 import subprocess
 import time
@@ -59,6 +58,7 @@ from tests.sse_client import (
     assert_per_partition_exactly_once,
     frames,
 )
+from tests.stack_ports import private_stack_ports
 from tests.waiting import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -67,31 +67,10 @@ STACK = _python_entry("crm-events-stack", "devtools.stack")
 #: What a browser's EventSource waits before it reconnects: the edges' `retry:` hint
 #: (CRM_EVENTS_SSE_RETRY_MS, 2000 by default).
 EVENTSOURCE_RETRY_S = 2.0
-PORT_VARIABLES = (
-    "CRM_EVENTS_KAFKA_PORT",
-    "CRM_EVENTS_KAFKA_CONTROLLER_PORT",
-    "CRM_EVENTS_REDIS_PORT",
-    "CRM_EVENTS_INGEST_PORT",
-    "CRM_EVENTS_LB_PORT",
-    "CRM_EVENTS_LB_TLS_PORT",
-    "CRM_EVENTS_PROMETHEUS_PORT",
-    "CRM_EVENTS_ALERTMANAGER_PORT",
-)
 EDGES = 2
 
 
 # -- the stack, as `make up` runs it -----------------------------------------------------------
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct free ports (all held until every one is chosen)."""
-    with contextlib.ExitStack() as held:
-        ports = []
-        for _ in range(count):
-            sock = held.enter_context(socket.socket())
-            sock.bind(("127.0.0.1", 0))
-            ports.append(int(sock.getsockname()[1]))
-        return ports
 
 
 @dataclass
@@ -165,9 +144,7 @@ def local_stack(base: Path, producer_rate: float) -> Iterator[LocalStack]:
         for k, v in os.environ.items()
         if not k.startswith("CRM_EVENTS_") and k not in {"MAKELEVEL", "MAKEFLAGS", "MFLAGS"}
     }
-    ports = free_ports(len(PORT_VARIABLES) + EDGES)
-    env.update(zip(PORT_VARIABLES, map(str, ports), strict=False))
-    env["CRM_EVENTS_EDGE_PORTS"] = ",".join(map(str, ports[len(PORT_VARIABLES) :]))
+    env.update(private_stack_ports(EDGES)[0])
     env["CRM_EVENTS_RUN_DIR"] = str(base / "run")
     env["CRM_EVENTS_PRODUCER_RATE"] = str(producer_rate)
     stack = LocalStack(env)

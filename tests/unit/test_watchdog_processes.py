@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +30,7 @@ from devtools import watchdog
 from devtools.stack import REDIS_MODE_FILE, SettingsError, Stack, StackSettings
 from devtools.supervisor import BusyError, ProcessSpec, ProcState, StartError, Supervisor
 from devtools.watchdog import Policy, WatchdogReady, read_state
+from tests.stack_ports import private_stack_ports
 from tests.waiting import eventually_sync
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -385,27 +385,6 @@ def test_a_watchdog_killed_9_frees_its_lock_and_the_next_one_carries_its_counts_
 
 # -- `up` and the watchdog of an earlier `up` --------------------------------------------------
 
-PORT_VARIABLES = (
-    "CRM_EVENTS_KAFKA_PORT",
-    "CRM_EVENTS_KAFKA_CONTROLLER_PORT",
-    "CRM_EVENTS_REDIS_PORT",
-    "CRM_EVENTS_INGEST_PORT",
-    "CRM_EVENTS_LB_PORT",
-    "CRM_EVENTS_LB_TLS_PORT",
-    "CRM_EVENTS_PROMETHEUS_PORT",
-    "CRM_EVENTS_ALERTMANAGER_PORT",
-)
-
-
-def free_ports(count: int) -> list[int]:
-    with contextlib.ExitStack() as held:
-        ports = []
-        for _ in range(count):
-            sock = held.enter_context(socket.socket())
-            sock.bind(("127.0.0.1", 0))
-            ports.append(int(sock.getsockname()[1]))
-        return ports
-
 
 @pytest.fixture
 def private_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -413,13 +392,12 @@ def private_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     and private ports, none of whose parts runs; returns three edge ports."""
     for key in [k for k in os.environ if k.startswith("CRM_EVENTS_")]:
         monkeypatch.delenv(key)
-    ports = free_ports(len(PORT_VARIABLES) + 3)
-    for key, port in zip(PORT_VARIABLES, ports, strict=False):
-        monkeypatch.setenv(key, str(port))
+    env, edge_ports = private_stack_ports(2, spare=1)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
     monkeypatch.setenv("CRM_EVENTS_RUN_DIR", str(tmp_path / "run"))
-    monkeypatch.setenv("CRM_EVENTS_EDGE_PORTS", ",".join(map(str, ports[-3:-1])))
     monkeypatch.chdir(ROOT)
-    return ports[-3:]
+    return edge_ports
 
 
 def test_up_replaces_a_watchdog_that_watches_other_parts_or_settings(
