@@ -39,15 +39,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from devtools.atomic import write_text_atomically
 
 __all__ = [
     "CHART_FILES",
@@ -211,17 +211,6 @@ def render_all(selectors: Selectors = DEFAULT_SELECTORS) -> dict[str, str]:
     return {f"{sub}/{src.name}": render(src, selectors) for src, sub, render in _sources()}
 
 
-def _write(path: Path, text: str) -> None:
-    """Write through a temporary file of its own (a reader, Prometheus or another render,
-    never sees half a file, and two renders never share a temporary name)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the file from a Prometheus of another user
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    Path(tmp).replace(path)
-
-
 def _rendered_by_us(path: Path) -> bool:
     """Whether a rule file starts with the header this module writes."""
     try:
@@ -251,7 +240,7 @@ def render_to(
                 if old.name not in keep and _rendered_by_us(old):
                     old.unlink()
         for name in sorted(keep):
-            _write(folder / name, rendered[f"{sub}/{name}"])
+            write_text_atomically(folder / name, rendered[f"{sub}/{name}"])
             written.append(folder / name)
     return written
 
@@ -300,7 +289,7 @@ def write_committed() -> list[Path]:
     want = committed_outputs()
     for path, text in sorted(want.items()):
         if not path.exists() or path.read_text() != text:
-            _write(path, text)
+            write_text_atomically(path, text)
             changed.append(path)
     for folder in _committed_folders():
         suffix = ".yml" if folder.name == "rules" else ".json"
