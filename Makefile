@@ -93,6 +93,7 @@ grafana-schemas:
 failover: install
 	@mkdir -p run
 	CRM_EVENTS_FAILOVER_SEEDS=$${CRM_EVENTS_FAILOVER_SEEDS:-3} \
+	CRM_EVENTS_FAILOVER_EVENTS=$${CRM_EVENTS_FAILOVER_EVENTS:-20000} \
 	CRM_EVENTS_FAILOVER_REPORT=$${CRM_EVENTS_FAILOVER_REPORT:-run/failover-report.json} \
 	bash scripts/test.sh tests/integration/test_failover.py -s -q -p no:randomly
 

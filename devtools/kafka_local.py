@@ -4,6 +4,10 @@ Files under ``<run dir>/kafka``: ``libs/`` (jars), ``data/`` (log dirs and KRaft
 ``server.properties`` and ``log4j2.yaml`` (rendered from ``deploy/kafka/*.template`` on every
 start, so a port change takes effect at once), ``cluster-id`` and ``formatted.json`` (what the
 storage was formatted for).
+
+The broker listens in PLAINTEXT; :class:`SslListener` adds a second listener that takes only
+clients with a certificate of a given CA (``ssl.client.auth=required``), from PEM files such
+as those of ``devtools/pki.py``. Off unless asked for, so the stack's broker is unchanged.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ __all__ = [
     "JVM_OPTS",
     "KafkaError",
     "KafkaLayout",
+    "SslListener",
     "broker_argv",
     "ensure_formatted",
     "ensure_topic",
@@ -92,6 +97,27 @@ class KafkaLayout:
         return str(self.libs / "*")
 
 
+@dataclasses.dataclass(frozen=True)
+class SslListener:
+    """An extra ``SSL://127.0.0.1:<port>`` listener requiring client certificates."""
+
+    port: int
+    keystore: Path
+    """One PEM file: the broker's unencrypted PKCS#8 key, then its certificate chain
+    (``devtools.pki.Issued.bundle``)."""
+    truststore: Path
+    """PEM CA certificates whose clients the listener admits."""
+
+    def __post_init__(self) -> None:
+        for what, path in (("keystore", self.keystore), ("truststore", self.truststore)):
+            if not Path(path).is_file():
+                raise KafkaError(f"SSL listener {what}: no such file {path}")
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
 def find_java() -> str:
     java_home = os.environ.get("JAVA_HOME")
     if java_home and (Path(java_home) / "bin" / "java").is_file():
@@ -107,10 +133,21 @@ def _check_libs(layout: KafkaLayout) -> None:
         )
 
 
+def _render(name: str, values: dict[str, str]) -> str:
+    return string.Template((template_dir() / name).read_text()).substitute(values)
+
+
 def render_config(
-    layout: KafkaLayout, *, kafka_port: int, controller_port: int, partitions: int, log_file: Path
+    layout: KafkaLayout,
+    *,
+    kafka_port: int,
+    controller_port: int,
+    partitions: int,
+    log_file: Path,
+    ssl: SslListener | None = None,
 ) -> None:
-    """Write server.properties and log4j2.yaml from the templates in deploy/kafka."""
+    """Write server.properties and log4j2.yaml from the templates in deploy/kafka; with
+    ``ssl``, server.properties also opens that listener (ssl-listener.properties.template)."""
     _check_libs(layout)
     layout.data.mkdir(parents=True, exist_ok=True)
     values = {
@@ -119,12 +156,23 @@ def render_config(
         "data_dir": str(layout.data),
         "partitions": str(partitions),
         "log_file": str(Path(log_file).resolve()),
+        "ssl_listener": f",SSL://{ssl.bootstrap}" if ssl is not None else "",
+        "ssl_protocol": ",SSL:SSL" if ssl is not None else "",
     }
-    for name, out in (
-        ("server.properties.template", layout.server_properties),
-        ("log4j2.yaml.template", layout.log4j_config),
+    server = _render("server.properties.template", values)
+    if ssl is not None:
+        server += _render(
+            "ssl-listener.properties.template",
+            {
+                "ssl_port": str(ssl.port),
+                "keystore": str(Path(ssl.keystore).resolve()),
+                "truststore": str(Path(ssl.truststore).resolve()),
+            },
+        )
+    for out, text in (
+        (layout.server_properties, server),
+        (layout.log4j_config, _render("log4j2.yaml.template", values)),
     ):
-        text = string.Template((template_dir() / name).read_text()).substitute(values)
         tmp = out.with_suffix(out.suffix + ".tmp")
         tmp.write_text(text)
         tmp.replace(out)

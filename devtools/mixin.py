@@ -32,6 +32,12 @@ Every deployment renders from this one source:
 Substitution is textual (the rule files keep their comments), and then checked: the rendered
 text must parse to the same data as the template with the placeholders replaced inside its
 strings, so a selector can never change the structure of a file it lands in.
+
+A dashboard may also hold values generated from the alert rules, so that it cannot drift from
+them. A JSON string that is exactly ``@generated:runbook_links@`` becomes Markdown linking every
+alert's runbook; ``@generated:runbook_label(<expr>)@`` becomes ``<expr>`` with a ``runbook``
+label added, the anchor of the alert's runbook_url (Grafana cannot lower-case a value, and the
+anchors are the lower-cased alert names), for a data link to the runbook.
 """
 
 from __future__ import annotations
@@ -55,7 +61,9 @@ __all__ = [
     "MIXIN_DIR",
     "MixinError",
     "Selectors",
+    "alert_runbooks",
     "committed_outputs",
+    "generated_values",
     "main",
     "render_dashboard",
     "render_rule_file",
@@ -187,11 +195,111 @@ def render_rule_file(source: Path, selectors: Selectors = DEFAULT_SELECTORS) -> 
     return _header(source) + text
 
 
+@dataclasses.dataclass(frozen=True)
+class AlertRunbook:
+    """One alert of the rules as the alert dashboard links it."""
+
+    alert: str
+    severity: str
+    summary: str
+    runbook_url: str
+
+    @property
+    def anchor(self) -> str:
+        return self.runbook_url.partition("#")[2]
+
+
+_SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
+
+
+def alert_runbooks() -> list[AlertRunbook]:
+    """Every alert of the mixin's rule templates, most severe first, then by name. The
+    templates parse as YAML as they are (the placeholders sit inside strings)."""
+    found: dict[str, AlertRunbook] = {}
+    for source in sorted(RULES_SOURCE.glob("*.yml")):
+        for group in yaml.safe_load(source.read_text())["groups"]:
+            for rule in group["rules"]:
+                if "alert" not in rule:
+                    continue
+                annotations = rule.get("annotations", {})
+                url = annotations.get("runbook_url", "")
+                if "#" not in url:
+                    raise MixinError(f"{source.name}: {rule['alert']} has no runbook_url#anchor")
+                found[rule["alert"]] = AlertRunbook(
+                    rule["alert"],
+                    rule.get("labels", {}).get("severity", ""),
+                    " ".join(str(annotations.get("summary", "")).split()),
+                    url,
+                )
+    return sorted(found.values(), key=lambda a: (_SEVERITY_ORDER.get(a.severity, 9), a.alert))
+
+
+def _runbook_links_markdown(alerts: Sequence[AlertRunbook]) -> str:
+    lines = [
+        "Every alert of the crm-events rules, most severe first, with its runbook "
+        "(generated from the rules by `python -m devtools.mixin write`).",
+        "",
+        "| alert | severity | summary |",
+        "|---|---|---|",
+    ]
+    for a in alerts:
+        # A '|' would end the cell early.
+        summary = a.summary.replace("|", "\\|")
+        lines.append(f"| [{a.alert}]({a.runbook_url}) | {a.severity} | {summary} |")
+    return "\n".join(lines)
+
+
+def _with_runbook_label(expr: str, alerts: Sequence[AlertRunbook]) -> str:
+    """``expr`` (ALERTS or ALERTS_FOR_STATE) with ``runbook="<anchor>"`` on the series of every
+    alert of the rules: one label_replace per alert, each matching its whole name."""
+    for a in alerts:
+        if not re.fullmatch(r"[A-Za-z0-9_]+", a.alert) or not re.fullmatch(r"[\w-]+", a.anchor):
+            raise MixinError(f"{a.alert}: name or runbook anchor {a.anchor!r} not plain")
+        expr = f'label_replace({expr}, "runbook", "{a.anchor}", "alertname", "{a.alert}")'
+    return expr
+
+
+def generated_values() -> dict[str, str]:
+    """``@generated:<name>@`` without an argument: ``runbook_links``, Markdown with a table
+    linking every alert's runbook."""
+    return {"runbook_links": _runbook_links_markdown(alert_runbooks())}
+
+
+_GENERATED_RE = re.compile(r"@generated:([a-z_]+)(?:\((.*)\))?@", re.DOTALL)
+
+
+def _fill_generated(data: Any, where: str) -> Any:
+    if isinstance(data, str):
+        match = _GENERATED_RE.fullmatch(data)
+        if match is None:
+            if "@generated:" in data:
+                raise MixinError(f"{where}: @generated:…@ must be a whole JSON string: {data!r}")
+            return data
+        name, arg = match.group(1), match.group(2)
+        if name == "runbook_label" and arg:
+            return _with_runbook_label(arg, alert_runbooks())
+        values = generated_values()
+        if name not in values or arg is not None:
+            raise MixinError(
+                f"{where}: unknown generated value {data!r} "
+                f"(known: {', '.join(values)}, runbook_label(<expr>))"
+            )
+        return values[name]
+    if isinstance(data, list):
+        return [_fill_generated(v, where) for v in data]
+    if isinstance(data, dict):
+        return {k: _fill_generated(v, where) for k, v in data.items()}
+    return data
+
+
 def render_dashboard(source: Path, selectors: Selectors = DEFAULT_SELECTORS) -> str:
     """One dashboard of the mixin, rendered (JSON has no comments, so no header: the
-    dashboard's description names the mixin instead)."""
-    data = json.loads(source.read_text())
-    return json.dumps(_substitute_strings(data, selectors, source.name), indent=2) + "\n"
+    dashboard's description names the mixin instead): the selectors in place, then the values
+    generated from the rules."""
+    data = _substitute_strings(json.loads(source.read_text()), selectors, source.name)
+    if "@generated:" in json.dumps(data):
+        data = _fill_generated(data, source.name)
+    return json.dumps(data, indent=2) + "\n"
 
 
 def _sources() -> list[tuple[Path, str, Callable[[Path, Selectors], str]]]:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 
+import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
@@ -26,6 +27,7 @@ from .context import EdgeContext
 from .cors import cors_middleware, cors_refusals_counter, cors_response_headers
 from .history import history_handler
 from .hub import Hub
+from .jwks import provider_session
 from .limits import (
     ConnectionLimiter,
     RateLimiter,
@@ -33,7 +35,7 @@ from .limits import (
     parser_limits,
     size_limit_middleware,
 )
-from .metrics import EdgeMetrics
+from .metrics import EdgeMetrics, JwksMetrics
 from .openapi import add_openapi_route
 from .ops_page import add_ops_page_routes
 from .stream import stream_handler
@@ -59,7 +61,10 @@ def create_app(
     supervisor = tasks if tasks is not None else Supervisor(registry)
     breakers = BreakerMetrics(registry)
     # Built here, not in the lifecycle, so a bad key file fails before the port is bound.
-    authenticator = Authenticator(settings.auth)
+    authenticator = Authenticator(
+        settings.auth, JwksMetrics(registry) if settings.auth.remote_keys else None
+    )
+    remote_keys = authenticator.remote
     cors_refused = cors_refusals_counter(registry)
     app = web.Application(
         middlewares=[
@@ -129,10 +134,21 @@ def create_app(
         # Watched: if it ever ends (a bug, an input nobody foresaw), /readyz names it and it
         # is restarted; its repairs then resume from the hub's positions, gap-free.
         supervisor.add("edge-subscription", subscription.run)
+        keys_session: aiohttp.ClientSession | None = None
+        if remote_keys is not None:
+            # The identity provider's keys: fetched in the background with the app's own
+            # session (closed below, after the task), never on the request path but for
+            # an unknown kid.
+            keys_session = provider_session()
+            remote_keys.attach(keys_session)
+            supervisor.add("edge-jwks", remote_keys.run)
         supervisor.start()
         log.info("edge started", extra={"port": settings.port, "redis": repr(settings.redis)})
         yield
         await supervisor.stop()
+        if remote_keys is not None and keys_session is not None:
+            await remote_keys.close()
+            await keys_session.close()
         for close in closers:
             result = close()
             if asyncio.iscoroutine(result):
@@ -155,14 +171,17 @@ def create_app(
         redis_ok = await ctx.bus.ping()
         circuit = ctx.subscription.breaker.state.name.lower()
         failed = supervisor.failed
+        # An edge that holds none of the provider's keys can verify no token: not ready.
+        keys_ok = remote_keys is None or remote_keys.loaded
         ok = (
             subscribed
             and redis_ok
             and ctx.subscription.breaker.closed
             and not ctx.shutting_down
             and not failed
+            and keys_ok
         )
-        return ok, {
+        detail: dict[str, object] = {
             "failed_tasks": failed,
             "circuit": circuit,
             "redis": redis_ok,
@@ -170,6 +189,13 @@ def create_app(
             "clients": hub.client_count,
             "node": settings.node_id,
         }
+        if remote_keys is not None:
+            detail["jwks"] = {
+                "loaded": remote_keys.loaded,
+                "keys": remote_keys.key_count(),
+                "error": remote_keys.last_error,
+            }
+        return ok, detail
 
     async def crm_events(request: web.Request) -> web.StreamResponse:
         return await stream_handler(request, app[CONTEXT])

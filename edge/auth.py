@@ -6,11 +6,17 @@ explicitly enabled. Its claims grant event types (``crm_types``: a list, or ``["
 may require field equality on events (``crm_match``: ``{"TenantId": "t-1"}``). The same
 grant applies to live delivery, resume and history. Tokens must carry ``exp``; a stream
 ends when its token expires.
+
+Keys: an HS256 secret, a PEM public key, a JWKS file, or an identity provider's JWKS over
+HTTP (``CRM_EVENTS_AUTH_JWKS_URL``, ``CRM_EVENTS_AUTH_OIDC_ISSUER``: edge/jwks.py). Only the
+last can make ``authenticate`` wait (one shared refetch when a token names an unknown key);
+``verify`` never does I/O.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +28,10 @@ from aiohttp import web
 from shared.events import TYPE_RE
 from shared.httpkit import ApiError
 from shared.security_settings import AuthSettings
+
+from .jwks import KeysUnavailable, RemoteKeys, UnknownKid, VerifyKey
+from .metrics import JwksMetrics
+from .oidc import KeySource
 
 WWW_AUTHENTICATE = {"WWW-Authenticate": 'Bearer realm="crm-events"'}
 
@@ -58,9 +68,54 @@ def _unauthorized(message: str, error: str = "invalid_token") -> ApiError:
     return ApiError(401, "unauthorized", message, headers)
 
 
+UNKNOWN_KID = "the token's key id is not known"
+NO_KID = "the token names no key id (kid)"
+KEYS_UNAVAILABLE = "the identity provider's keys are unavailable; retry shortly"
+
+
+def _retry_after(seconds: float) -> str:
+    return str(max(1, math.ceil(seconds)))
+
+
+def _keys_unavailable(exc: KeysUnavailable) -> ApiError:
+    # 503, not 401: the token may be good, and clients take a repeated 401 as final (they
+    # would log their user out during a provider outage).
+    return ApiError(
+        503, "keys_unavailable", KEYS_UNAVAILABLE, {"Retry-After": _retry_after(exc.retry_after_s)}
+    )
+
+
+def _unknown_kid(exc: UnknownKid) -> ApiError:
+    error = _unauthorized(UNKNOWN_KID)
+    if exc.retry_after_s is not None:
+        # Refused within the refetch cooldown, unchecked: say when a refetch may be tried.
+        error.headers["Retry-After"] = _retry_after(exc.retry_after_s)
+    return error
+
+
+def _kid(token: str) -> str | None:
+    try:
+        kid = jwt.get_unverified_header(token).get("kid")
+    except (jwt.PyJWTError, ValueError) as exc:
+        # ValueError (UnicodeError): a token that is not ASCII, e.g. bytes an HTTP header
+        # carried that are not UTF-8 (token_from refuses those; this guards other callers).
+        raise _unauthorized(f"malformed token: {exc}") from None
+    return kid if isinstance(kid, str) else None
+
+
 class Authenticator:
-    def __init__(self, settings: AuthSettings) -> None:
+    def __init__(self, settings: AuthSettings, jwks_metrics: JwksMetrics | None = None) -> None:
         self._s = settings
+        self.remote: RemoteKeys | None = None
+        """The provider's keys, when they come over HTTP (the app starts and stops them)."""
+        if settings.remote_keys:  # never when authentication is off
+            self.remote = RemoteKeys(
+                KeySource(settings.jwks_url, settings.oidc_issuer),
+                refresh_s=settings.jwks_refresh_s,
+                min_refetch_s=settings.jwks_min_refetch_s,
+                grace_s=settings.jwks_grace_s,
+                metrics=jwks_metrics,
+            )
         self._keys: dict[str, Any] = {}
         self._key: Any = settings.secret if settings.secret is not None else None
         if settings.public_key_pem is not None:
@@ -77,6 +132,14 @@ class Authenticator:
         return self._s.enabled
 
     def token_from(self, request: web.Request) -> str | None:
+        token = self._token_from(request)
+        if token is not None and not token.isascii():
+            # A JWT is ASCII (base64url and dots). Non-UTF-8 header bytes arrive as
+            # surrogate escapes that PyJWT cannot encode: refuse them here, as a bad token.
+            raise _unauthorized("malformed token: not ASCII")
+        return token
+
+    def _token_from(self, request: web.Request) -> str | None:
         header = request.headers.get("Authorization")
         if header is not None:
             scheme, _, token = header.partition(" ")
@@ -96,32 +159,66 @@ class Authenticator:
                 return values[0]
         return None
 
-    def authenticate(self, request: web.Request) -> Grant:
+    async def authenticate(self, request: web.Request) -> Grant:
         if not self.enabled:
             return OPEN
         token = self.token_from(request)
         if token is None:
             raise _unauthorized("a bearer token is required", "invalid_request")
-        return self.verify(token)
+        return await self.verify_fetching(token)
+
+    async def verify_fetching(self, token: str) -> Grant:
+        """``verify``, except that a token naming a key the provider's document did not have
+        when last fetched waits for one refetch (shared, rate-limited: edge/jwks.py)."""
+        if self.remote is None:
+            return self.verify(token)
+        kid = _kid(token)
+        if kid is None:
+            raise _unauthorized(NO_KID)
+        try:
+            key = await self.remote.key_for(kid)
+        except KeysUnavailable as exc:
+            raise _keys_unavailable(exc) from None
+        except UnknownKid as exc:
+            raise _unknown_kid(exc) from None
+        return self._verify_with(token, key.key, list(key.algorithms))
+
+    def _remote_key(self, token: str) -> VerifyKey:
+        assert self.remote is not None
+        kid = _kid(token)
+        if kid is None:
+            raise _unauthorized(NO_KID)
+        key = self.remote.lookup(kid)
+        if key is None:
+            if not self.remote.loaded:
+                raise _keys_unavailable(KeysUnavailable(1.0))
+            raise _unauthorized(UNKNOWN_KID)
+        return key
 
     def _key_for(self, token: str) -> Any:
         if not self._keys:
             return self._key
-        try:
-            kid = jwt.get_unverified_header(token).get("kid")
-        except jwt.PyJWTError as exc:
-            raise _unauthorized(f"malformed token: {exc}") from None
+        kid = _kid(token)
         if kid not in self._keys:
-            raise _unauthorized("the token's key id is not known")
+            raise _unauthorized(UNKNOWN_KID)
         return self._keys[kid]
 
     def verify(self, token: str, now: float | None = None) -> Grant:
+        """Verify with the keys held (a remote provider's keys as last fetched; no I/O)."""
+        if self.remote is not None:
+            key = self._remote_key(token)
+            return self._verify_with(token, key.key, list(key.algorithms), now)
+        return self._verify_with(token, self._key_for(token), self._s.algorithms, now)
+
+    def _verify_with(
+        self, token: str, key: Any, algorithms: list[str], now: float | None = None
+    ) -> Grant:
         s = self._s
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
-                self._key_for(token),
-                algorithms=s.algorithms,
+                key,
+                algorithms=algorithms,
                 audience=s.audience,
                 issuer=s.issuer,
                 leeway=s.leeway_s,
@@ -129,7 +226,8 @@ class Authenticator:
             )
         except jwt.ExpiredSignatureError:
             raise _unauthorized("the token has expired") from None
-        except jwt.PyJWTError as exc:
+        except (jwt.PyJWTError, ValueError) as exc:
+            # ValueError: see _kid (a token PyJWT cannot encode as ASCII).
             raise _unauthorized(f"the token is not valid: {exc}") from None
         grant = self._grant(claims)
         if grant.expires_at is not None and grant.expires_at + s.leeway_s <= (now or time.time()):

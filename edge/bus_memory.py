@@ -73,6 +73,9 @@ class MemoryBus:
         """Each partition's log; ``kafka[p][i].offset == kafka_start[p] + i``."""
         self.kafka_start: list[int] = [0] * partitions
         """Each log's start offset (Kafka retention moves it)."""
+        self._produced: list[list[Record]] = [[] for _ in range(partitions)]
+        """Every record ever produced, retention or not: what an older Redis copy was
+        written from (see ``rollback``)."""
         self._next_offset: list[int] = [0] * partitions
         self.expect: list[int] = [-1] * partitions
         """What ingest believes Redis has applied per partition (its ``expect``)."""
@@ -103,13 +106,16 @@ class MemoryBus:
             record = Record(self._next_offset[partition], event, match)
             self._next_offset[partition] += 1
             self.kafka[partition].append(record)
+            self._produced[partition].append(record)
             out.append(record)
         return out
 
     def skip_offsets(self, count: int, partition: int = 0) -> None:
         """Records that take offsets but are no events (transaction markers, dead letters)."""
         for _ in range(count):
-            self.kafka[partition].append(Record(self._next_offset[partition], None))
+            record = Record(self._next_offset[partition], None)
+            self.kafka[partition].append(record)
+            self._produced[partition].append(record)
             self._next_offset[partition] += 1
 
     def publish(
@@ -192,10 +198,12 @@ class MemoryBus:
             r for r in self._streams[partition] if _position(r) <= applied + 1
         ]
         # The older copy's state as it was: its last event is the last one at or below
-        # ``applied`` (the next write links to it, even if trimming removed its entry).
+        # ``applied`` (the next write links to it, even if trimming removed its entry, and
+        # even if Kafka's retention has dropped that record since: the copy was written
+        # before, so this reads every record ever produced, not the retained log).
         events = [
             r.offset + 1
-            for r in self.kafka[partition]
+            for r in self._produced[partition]
             if r.event is not None and r.offset <= applied and r.offset + 1 > state.base
         ]
         last = max([state.base, *events])
@@ -207,6 +215,7 @@ class MemoryBus:
         self.epoch = epoch
         n = self.partitions
         self.kafka = [[] for _ in range(n)]
+        self._produced = [[] for _ in range(n)]
         self.kafka_start = [0] * n
         self._next_offset = [0] * n
         self.expect = [-1] * n
@@ -217,6 +226,7 @@ class MemoryBus:
     def add_partitions(self, count: int) -> None:
         for _ in range(count):
             self.kafka.append([])
+            self._produced.append([])
             self.kafka_start.append(0)
             self._next_offset.append(0)
             self.expect.append(-1)

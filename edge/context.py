@@ -70,12 +70,16 @@ class EdgeContext:
         self.metrics.cache_entries.labels(cache=name).set_function(lambda: len(cache))
         return cache
 
-    def grant(self, request: web.Request) -> Grant:
-        """Authenticate the request, counting refusals."""
+    async def grant(self, request: web.Request) -> Grant:
+        """Authenticate the request, counting refusals. Waits only when a token names a key
+        the edge does not hold yet (one shared refetch from the identity provider)."""
         try:
-            return self.auth.authenticate(request)
+            return await self.auth.authenticate(request)
         except ApiError as exc:
-            self.metrics.auth_failures.labels(reason=exc.code).inc()
+            # A 503 keys_unavailable refuses no one (the token was not checked); the
+            # provider's trouble shows in the crm_events_jwks_* metrics instead.
+            if exc.status in (401, 403):
+                self.metrics.auth_failures.labels(reason=exc.code).inc()
             raise
 
     def narrow(self, grant: Grant, requested: frozenset[bytes] | None) -> frozenset[bytes] | None:

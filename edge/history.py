@@ -242,7 +242,7 @@ async def history_handler(request: web.Request, ctx: EdgeContext) -> web.Respons
     except TooManyTypes:
         ctx.metrics.limit_rejections.labels(limit="types").inc()
         raise
-    grant = ctx.grant(request)
+    grant = await ctx.grant(request)
     types = ctx.narrow(grant, params.types)
     ctx.history_rate.take(ctx.client_ip(request))
     wants = _predicate(types, grant.match)

@@ -153,3 +153,43 @@ class EdgeMetrics(CommonMetrics):
             for reason in RESET_REASONS:
                 self.partition_resets.labels(partition=str(p), reason=reason)
         self._partitions_exported = max(self._partitions_exported, partitions)
+
+
+JWKS_FETCH_RESULTS = ("ok", "error")
+JWKS_FETCH_REASONS = ("start", "scheduled", "unknown_kid")
+
+
+class JwksMetrics:
+    """The identity provider's keys (edge/jwks.py). Registered only on an edge that fetches
+    its keys (CRM_EVENTS_AUTH_JWKS_URL or CRM_EVENTS_AUTH_OIDC_ISSUER): a last-success time
+    of 0 on every other edge would look like keys that are decades old."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.fetches = Counter(
+            "crm_events_jwks_fetches",
+            "Fetches of the identity provider's keys (discovery document included), by result "
+            "(ok, error) and reason: start (until the first success), scheduled (the periodic "
+            "refresh), unknown_kid (a token named a key the edge did not hold).",
+            ["result", "reason"],
+            registry=registry,
+        )
+        for result in JWKS_FETCH_RESULTS:
+            for reason in JWKS_FETCH_REASONS:
+                self.fetches.labels(result=result, reason=reason)
+        self.refetches_limited = Counter(
+            "crm_events_jwks_refetches_limited",
+            "Tokens with an unknown key id refused without a fetch, because the last fetch was "
+            "less than CRM_EVENTS_AUTH_JWKS_MIN_REFETCH_S ago.",
+            registry=registry,
+        )
+        self.keys = Gauge(
+            "crm_events_jwks_keys",
+            "Signing keys the edge holds: those of the provider's current document and those "
+            "it stopped publishing less than CRM_EVENTS_AUTH_JWKS_GRACE_S ago.",
+            registry=registry,
+        )
+        self.last_success = Gauge(
+            "crm_events_jwks_last_success_timestamp_seconds",
+            "Unix time of the last successful fetch of the provider's keys (0: none yet).",
+            registry=registry,
+        )

@@ -7,7 +7,10 @@ Every edge serves it, so it works through the load balancer and on each edge dir
 Routes:
 
 * ``GET /ops/crm-events``: the page (``/ops/crm-events/`` redirects there);
-* ``GET /ops/crm-events/assets/{name}``: its script, style sheet and icon.
+* ``GET /ops/crm-events/assets/{name}``: its script, style sheet and icon, and the JavaScript
+  client it imports (``crm-events-client.js``: a committed copy of
+  ``clients/js/crm-events-client.js``, written by ``python -m devtools.vendor_js write``; the
+  wheel carries ``edge/static/`` only, so the page cannot import the client from its home).
 
 The page carries the name of the edge's auth cookie (``CRM_EVENTS_AUTH_COOKIE``) in a
 ``<meta name="crm-events-auth-cookie">`` tag, filled in here: its sign-in link (``#token=``)
@@ -40,6 +43,7 @@ PAGE_FILE = "crm-events.html"
 #: The page's assets: file name -> content type. Nothing else under static/ is served.
 ASSETS = {
     "crm-events.js": "text/javascript; charset=utf-8",
+    "crm-events-client.js": "text/javascript; charset=utf-8",
     "crm-events.css": "text/css; charset=utf-8",
     "favicon.svg": "image/svg+xml",
 }

@@ -84,7 +84,7 @@ async def stream_handler(request: web.Request, ctx: EdgeContext) -> web.StreamRe
     except TooManyTypes:
         metrics.limit_rejections.labels(limit="types").inc()
         raise
-    grant = ctx.grant(request)
+    grant = await ctx.grant(request)
     types = ctx.narrow(grant, params.types)
     if ctx.shutting_down:
         raise ApiError(503, "shutting_down", "this edge is shutting down", {"Retry-After": "1"})
@@ -156,8 +156,12 @@ async def _serve(
     closer.add_done_callback(lambda _: client.close("client_closed"))
     expiry: asyncio.TimerHandle | None = None
     if grant.expires_at is not None:
+        # The token was accepted until exp plus the leeway (edge/auth.py): so it lives. Ending
+        # at exp would end a token accepted within the leeway at once, and its client would
+        # reconnect with the same token, again and again.
+        ends_at = grant.expires_at + settings.auth.leeway_s
         expiry = asyncio.get_running_loop().call_later(
-            max(0.0, grant.expires_at - time.time()), client.close, "token_expired"
+            max(0.0, ends_at - time.time()), client.close, "token_expired"
         )
     reason = "error"
     try:

@@ -1,4 +1,9 @@
-"""aiokafka client options from the security settings (SASL and TLS passed through)."""
+"""aiokafka client options from the security settings (SASL and TLS passed through).
+
+With ``SSL``/``SASL_SSL``, the broker's certificate is checked against the CA file (the
+system's CAs without one) and its host name or IP; a client certificate and key, when set, are
+offered to listeners that require one (``ssl.client.auth=required``: mutual TLS).
+"""
 
 from __future__ import annotations
 

@@ -9,11 +9,14 @@
 #      is never used).
 #   2. .venv in the checkout with the project installed editable, with test and dev extras,
 #      and the repository-only local-stack tools (devtools/pyproject.toml: crm-events-stack,
-#      crm-events-producer), also editable; they are not part of the crm-events wheel.
+#      crm-events-producer), also editable; they are not part of the crm-events wheel; and the
+#      Python client (clients/python: crm-events-client, crm-events-tail), editable.
 #   3. The Kafka broker jars from Maven Central (deploy/kafka/kafka-pom.xml) into
 #      <run dir>/kafka/libs.
 #   4. helm and kubeconform (Go module proxy, pinned versions; needs Go >= 1.26) and offline
 #      kubeconform schemas for the chart's tests into <run dir>/chart-tools.
+#   5. The JavaScript client's development dependencies (eventsource, TypeScript) with
+#      `npm ci` into clients/js/node_modules (Node.js and npm from Debian when missing).
 #
 # Idempotent: each step keeps a stamp and is skipped while its input is unchanged, so a second
 # run takes a second or two. Settings: CRM_EVENTS_RUN_DIR (default <checkout>/run),
@@ -121,7 +124,7 @@ fi
     || die "$PYTHON is missing or older than 3.11 (set CRM_EVENTS_PYTHON)"
 py_id=$("$PYTHON" -c 'import sys; print(sys.version)')
 venv_stamp="$VENV/.crm-events-install"
-want_venv=$(printf '%s\n%s\n' "$py_id" "$(sha "$ROOT/pyproject.toml" "$ROOT/devtools/pyproject.toml")")
+want_venv=$(printf '%s\n%s\n' "$py_id" "$(sha "$ROOT/pyproject.toml" "$ROOT/devtools/pyproject.toml" "$ROOT/clients/python/pyproject.toml")")
 
 if [[ ! -x $VENV/bin/python ]]; then
     if ! "$PYTHON" -c 'import ensurepip' 2>/dev/null; then
@@ -137,7 +140,8 @@ if [[ ! -f $venv_stamp || $(cat "$venv_stamp") != "$want_venv" ]]; then
     pip_log="$VENV/pip-install.log"
     if ! { "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip \
            && "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[test,dev,bench]" \
-           && "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT/devtools"; \
+           && "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT/devtools" \
+           && "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT/clients/python"; \
          } >"$pip_log" 2>&1; then
         tail -n 40 "$pip_log" >&2
         die "pip install failed (full log: $pip_log)"
@@ -286,6 +290,33 @@ else
     fi
     say "chart tools ready: helm $("$CHART_TOOLS/bin/helm" version --short)," \
         "kubeconform $("$CHART_TOOLS/bin/kubeconform" -v)"
+fi
+
+# --- 5. The JavaScript client's development dependencies ----------------------------------------
+# clients/js itself has no runtime dependency. Its tests and examples/tail.mjs need the
+# `eventsource` npm package (Node has no EventSource), its tests TypeScript (to check the
+# declarations), pinned by package-lock.json and installed with `npm ci` into
+# clients/js/node_modules, only when the lock file changed. Node.js and npm come from Debian
+# when missing (Debian 12 ships Node 18, older than the Node >= 20 that `eventsource` declares:
+# npm warns, and a newer Node from elsewhere is the safer choice).
+JS_CLIENT="$ROOT/clients/js"
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    say "installing Node.js and npm (the JavaScript client's tests)"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm
+fi
+js_stamp="$JS_CLIENT/node_modules/.crm-events-lock.sha256"
+want_js=$(sha "$JS_CLIENT/package-lock.json")
+if [[ ! -f $js_stamp || $(cat "$js_stamp") != "$want_js" ]]; then
+    say "installing the JavaScript client's test dependencies (npm ci)..."
+    npm_log="$RUN_DIR/npm-ci.log"
+    mkdir -p "$RUN_DIR"
+    if ! (cd "$JS_CLIENT" && npm ci --no-audit --no-fund) >"$npm_log" 2>&1; then
+        tail -n 40 "$npm_log" >&2
+        die "npm ci failed in clients/js (full log: $npm_log)"
+    fi
+    printf '%s' "$want_js" > "$js_stamp"
+else
+    say "the JavaScript client's dependencies are up to date"
 fi
 
 say "done"

@@ -1,5 +1,10 @@
 """aiohttp pieces both processes use: JSON errors, request metrics, and the operations
-endpoints (/healthz, /readyz, /metrics)."""
+endpoints (/healthz, /readyz, /metrics).
+
+/metrics is prometheus_client's own aiohttp handler: it negotiates the format (OpenMetrics
+when the scraper's ``Accept`` asks for ``application/openmetrics-text``, as Prometheus does;
+the classic text format otherwise), compresses when ``Accept-Encoding`` allows (gzip), and
+honours ``name[]=`` to select families."""
 
 from __future__ import annotations
 
@@ -10,8 +15,9 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.aiohttp import make_aiohttp_handler
 
-from .metrics import CONTENT_TYPE_LATEST, CommonMetrics, render
+from .metrics import CommonMetrics
 
 log = logging.getLogger(__name__)
 
@@ -146,12 +152,9 @@ def add_ops_routes(
             {"error": "not_ready", "message": "not ready to serve", **body}, status=503
         )
 
-    async def metrics_handler(_: web.Request) -> web.Response:
-        return web.Response(body=render(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/metrics", make_aiohttp_handler(registry))
     # Exported (at zero) from the first scrape, before any other route has been requested.
     for path in ("/healthz", "/readyz", "/metrics"):
         metrics.http_request_duration.labels(path=path, method="GET")

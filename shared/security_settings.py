@@ -11,6 +11,7 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from .errors import SettingsError
 from .settings_env import ENV_PREFIX, Env
@@ -23,6 +24,9 @@ DEFAULT_AUTH_COOKIE = "crm_events_token"
 DEFAULT_TYPES_CLAIM = "crm_types"
 DEFAULT_MATCH_CLAIM = "crm_match"
 DEFAULT_JWT_LEEWAY_S = 30
+DEFAULT_JWKS_REFRESH_S = 300.0
+DEFAULT_JWKS_MIN_REFETCH_S = 10.0
+DEFAULT_JWKS_GRACE_S = 3600.0
 DEFAULT_MAX_CONNECTIONS = 10_000
 DEFAULT_MAX_CONNECTIONS_PER_IP = 200
 DEFAULT_HISTORY_RATE_PER_S = 20.0
@@ -60,6 +64,24 @@ def _existing_file(env: Env, name: str) -> str | None:
     return path
 
 
+def _http_url(env: Env, name: str) -> str | None:
+    """An absolute http(s) URL with a host, or None when unset."""
+    value = env.raw(name)
+    if value is None:
+        return None
+    try:
+        parts = urlsplit(value)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname) and not parts.fragment
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError:
+        ok = False
+    if not ok:
+        raise SettingsError(
+            ENV_PREFIX + name, f"expected an http:// or https:// URL with a host, got {value!r}"
+        )
+    return value
+
+
 def _flag(env: Env, name: str, default: bool) -> bool:
     value = env.raw(name)
     if value is None:
@@ -82,6 +104,17 @@ class AuthSettings:
     """RS256/ES256 public key (from ``CRM_EVENTS_JWT_PUBLIC_KEY_FILE``)."""
     jwks_file: str | None = None
     """RS256/ES256 keys as a JWKS document; tokens pick theirs by ``kid``."""
+    jwks_url: str | None = None
+    """The identity provider's JWKS document, fetched and refreshed over HTTP (edge/jwks.py)."""
+    oidc_issuer: str | None = None
+    """An OpenID Connect issuer: its discovery document names the JWKS URL (edge/oidc.py);
+    tokens must carry it as ``iss``."""
+    jwks_refresh_s: float = DEFAULT_JWKS_REFRESH_S
+    """Age after which the fetched keys are refreshed in the background."""
+    jwks_min_refetch_s: float = DEFAULT_JWKS_MIN_REFETCH_S
+    """Shortest time between two fetches caused by tokens with an unknown ``kid``."""
+    jwks_grace_s: float = DEFAULT_JWKS_GRACE_S
+    """How long a key the provider stopped publishing still verifies tokens."""
     audience: str | None = None
     issuer: str | None = None
     leeway_s: int = DEFAULT_JWT_LEEWAY_S
@@ -91,9 +124,22 @@ class AuthSettings:
     types_claim: str = DEFAULT_TYPES_CLAIM
     match_claim: str = DEFAULT_MATCH_CLAIM
 
+    def __post_init__(self) -> None:
+        # from_env refuses these with the variable's name; this holds for every other maker.
+        if self.remote_keys and self.audience is None:
+            raise ValueError("keys from an identity provider need an audience")
+        if self.remote_keys and self.jwks_url is not None and self.issuer is None:
+            raise ValueError("keys from a JWKS URL need an issuer")
+
     @property
     def enabled(self) -> bool:
         return self.mode == "jwt"
+
+    @property
+    def remote_keys(self) -> bool:
+        """Whether the keys come from the network (a JWKS URL or an OIDC issuer) and are
+        used: with authentication off nothing is fetched, and readiness waits for no keys."""
+        return self.enabled and (self.jwks_url is not None or self.oidc_issuer is not None)
 
     @property
     def algorithms(self) -> list[str]:
@@ -108,34 +154,88 @@ class AuthSettings:
         secret = _read_secret(env, "JWT_SECRET_FILE")
         public_key = _read_secret(env, "JWT_PUBLIC_KEY_FILE")
         jwks = _existing_file(env, "JWT_JWKS_FILE")
+        jwks_url = _http_url(env, "AUTH_JWKS_URL")
+        oidc_issuer = _http_url(env, "AUTH_OIDC_ISSUER")
+        issuer = env.raw("JWT_ISSUER")
         if mode == "jwt":
             given = [
-                n
-                for n, v in (("SECRET", secret), ("PUBLIC_KEY", public_key), ("JWKS", jwks))
-                if v is not None
+                name
+                for name, value in (
+                    ("JWT_SECRET_FILE", secret),
+                    ("JWT_PUBLIC_KEY_FILE", public_key),
+                    ("JWT_JWKS_FILE", jwks),
+                    ("AUTH_JWKS_URL", jwks_url),
+                    ("AUTH_OIDC_ISSUER", oidc_issuer),
+                )
+                if value is not None
             ]
             if not given:
                 raise SettingsError(
                     ENV_PREFIX + "AUTH_MODE",
                     "jwt (the default) needs CRM_EVENTS_JWT_SECRET_FILE, "
-                    "CRM_EVENTS_JWT_PUBLIC_KEY_FILE or CRM_EVENTS_JWT_JWKS_FILE; "
+                    "CRM_EVENTS_JWT_PUBLIC_KEY_FILE, CRM_EVENTS_JWT_JWKS_FILE, "
+                    "CRM_EVENTS_AUTH_JWKS_URL or CRM_EVENTS_AUTH_OIDC_ISSUER; "
                     "set CRM_EVENTS_AUTH_MODE=off to serve without authentication",
                 )
             if len(given) > 1:
                 raise SettingsError(
-                    ENV_PREFIX + "JWT_" + given[1] + "_FILE", "give only one kind of JWT key"
+                    ENV_PREFIX + given[1],
+                    f"give only one source of JWT keys ({ENV_PREFIX + given[0]} is set too)",
                 )
             if secret is not None and len(secret.encode()) < 32:
                 raise SettingsError(
                     ENV_PREFIX + "JWT_SECRET_FILE", "an HS256 secret needs at least 32 bytes"
                 )
+        if oidc_issuer is not None:
+            # The discovered provider is the issuer: its tokens must say so.
+            if issuer is not None and issuer != oidc_issuer:
+                raise SettingsError(
+                    ENV_PREFIX + "JWT_ISSUER",
+                    f"differs from CRM_EVENTS_AUTH_OIDC_ISSUER ({oidc_issuer!r}); "
+                    "leave it unset or give the same URL",
+                )
+            issuer = oidc_issuer
+        audience = env.raw("JWT_AUDIENCE")
+        if mode == "jwt" and (jwks_url is not None or oidc_issuer is not None):
+            # A provider signs the tokens of every application (and, for Entra ID's common
+            # keys, of every tenant) with the same keys: only iss and aud say the token is
+            # meant for this deployment. Neither check can be left out.
+            if jwks_url is not None and issuer is None:
+                raise SettingsError(
+                    ENV_PREFIX + "JWT_ISSUER",
+                    "is required with CRM_EVENTS_AUTH_JWKS_URL: the provider's keys also "
+                    "sign other issuers' (tenants') tokens; give the issuer its tokens carry "
+                    "as 'iss'",
+                )
+            if audience is None:
+                source = "AUTH_JWKS_URL" if jwks_url is not None else "AUTH_OIDC_ISSUER"
+                raise SettingsError(
+                    ENV_PREFIX + "JWT_AUDIENCE",
+                    f"is required with {ENV_PREFIX + source}: the provider's keys also sign "
+                    "tokens for other applications; give the audience (client id or API "
+                    "identifier) this deployment's tokens carry as 'aud'",
+                )
+        refresh_s = env.number("AUTH_JWKS_REFRESH_S", DEFAULT_JWKS_REFRESH_S, 1.0, 86_400.0)
+        min_refetch_s = env.number(
+            "AUTH_JWKS_MIN_REFETCH_S", DEFAULT_JWKS_MIN_REFETCH_S, 0.1, 3600.0
+        )
+        if min_refetch_s > refresh_s:
+            raise SettingsError(
+                ENV_PREFIX + "AUTH_JWKS_MIN_REFETCH_S",
+                f"{min_refetch_s} is longer than CRM_EVENTS_AUTH_JWKS_REFRESH_S ({refresh_s})",
+            )
         return cls(
             mode=mode,
             secret=secret,
             public_key_pem=public_key,
             jwks_file=jwks,
-            audience=env.raw("JWT_AUDIENCE"),
-            issuer=env.raw("JWT_ISSUER"),
+            jwks_url=jwks_url,
+            oidc_issuer=oidc_issuer,
+            jwks_refresh_s=refresh_s,
+            jwks_min_refetch_s=min_refetch_s,
+            jwks_grace_s=env.number("AUTH_JWKS_GRACE_S", DEFAULT_JWKS_GRACE_S, 0.0, 604_800.0),
+            audience=audience,
+            issuer=issuer,
             leeway_s=env.integer("JWT_LEEWAY_S", DEFAULT_JWT_LEEWAY_S, 0, 600),
             cookie=env.string("AUTH_COOKIE", DEFAULT_AUTH_COOKIE, _COOKIE_RE),
             query_token=_flag(env, "AUTH_QUERY_TOKEN", False),

@@ -30,10 +30,6 @@ CI_SKIP_ALLOWLIST: frozenset[tuple[str, str]] = frozenset(
             "tests/bench/test_smoke.py",
             "Go is not installed: the load generator (bench/loadgen) needs it",
         ),
-        # The examples/js tail needs Node >= 20. `make install` does not install Node (Debian
-        # 12 ships 18), so a CI image built by it alone has none; the edge and the page need
-        # no Node.
-        ("tests/browser/test_examples.py", "node is not installed"),
         # The Kafka-restart fault test stops and starts the stack's own Kafka. scripts/test.sh
         # supports running the suite against a broker the stack does not run
         # (CRM_EVENTS_TEST_KAFKA pointing elsewhere), which this test has no way to restart;

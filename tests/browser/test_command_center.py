@@ -418,12 +418,17 @@ def test_reset_on_the_stream_names_its_partitions(
     """The stream's own ``event: reset``: the backfill's ``next_after`` is replaced (in the
     browser, by the test) with a cursor of another incarnation of the topic, so the edge
     resets every partition (topic_changed); the notice names them and the page continues
-    from the reset's cursor."""
+    from the reset's cursor (the client pages the history after it, then streams)."""
     prefix = f"sreset-{tag()}-"
     foreign = foreign_cursor(cluster)
     streams = eventsource_urls(page)
+    history = history_requests(page)
 
     def swap_next_after(route: Route) -> None:
+        if "after=" in route.request.url:
+            # The backfill after the reset: the edge's own answer, as the client asked.
+            route.continue_()
+            return
         answer = route.fetch()
         body = answer.json()
         body["next_after"] = foreign
@@ -442,6 +447,11 @@ def test_reset_on_the_stream_names_its_partitions(
     expect(page.locator("#status")).to_have_attribute("data-state", "reset", timeout=10_000)
 
     # The position is now the reset's cursor, of this incarnation: nothing is reset twice.
+    # The client paged the history after it, then streamed from where that ended.
+    after = eventually_sync(
+        lambda: [q["after"] for q in history() if "after" in q], 10, "the backfill after the reset"
+    )
+    assert decode_cursor(after[0]).epoch == current_epoch(cluster), after
     page.unroute(re.compile(r"/crm-events/history\?"))
     feed.send(records(prefix, 2))
     wait_rows(page, prefix, 2, 10, "events after the reset")

@@ -109,6 +109,22 @@ def test_the_docs_state_the_charts_rollout(tools: Tools) -> None:
         assert (int(surge), int(unavailable)) == (strategy["maxSurge"], strategy["maxUnavailable"])
 
 
+def test_the_identity_provider_snippet_renders_as_described(tools: Tools, tmp_path: Path) -> None:
+    """Pasted over my-values.yaml: the edges get the issuer and mount no key."""
+    (values_text,) = [b for b in blocks("yaml") if b.startswith("# my-values.yaml\n")]
+    (provider,) = [b for b in blocks("yaml") if "oidcIssuer:" in b]
+    files = [tmp_path / "my-values.yaml", tmp_path / "provider.yaml"]
+    for path, text in zip(files, (values_text, provider), strict=True):
+        path.write_text(text, encoding="utf-8")
+    result = helm_template(tools.helm, files)
+    assert result.returncode == 0, describe(result)
+    env = env_of(one(parse(result.stdout), "Deployment", "edge"))
+    jwt = yaml.safe_load(provider)["auth"]["jwt"]
+    assert env["CRM_EVENTS_AUTH_OIDC_ISSUER"] == jwt["oidcIssuer"]
+    assert env["CRM_EVENTS_JWT_AUDIENCE"] == jwt["audience"]
+    assert not [n for n in env if n.startswith("CRM_EVENTS_JWT_") and n.endswith("_FILE")]
+
+
 def test_the_documented_snippets_render_as_described(tools: Tools, tmp_path: Path) -> None:
     """The trusted-proxies and Prometheus examples, pasted into my-values.yaml."""
     (values_text,) = [b for b in blocks("yaml") if b.startswith("# my-values.yaml\n")]

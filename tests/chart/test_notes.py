@@ -50,7 +50,19 @@ data:
   notes: {{ tpl (.Files.Get "files/notes.txt") . | quote }}
 """
 
-HS256_VALUES = [p for p in CI_VALUES if values_of(p)["auth"]["jwt"]["keyType"] == "hs256"]
+
+def _remote_keys(jwt_values: dict[str, str]) -> bool:
+    return bool(jwt_values["oidcIssuer"] or jwt_values["jwksUrl"])
+
+
+#: The CI values whose edges verify with a shared secret (not an identity provider's keys).
+HS256_VALUES = [
+    p
+    for p in CI_VALUES
+    if values_of(p)["auth"]["jwt"]["keyType"] == "hs256"
+    and not _remote_keys(values_of(p)["auth"]["jwt"])
+]
+REMOTE_VALUES = [p for p in CI_VALUES if _remote_keys(values_of(p)["auth"]["jwt"])]
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +152,21 @@ def test_the_token_command_makes_a_token_the_edges_accept(
     assert settings.auth.issuer == (jwt_values["issuer"] or None)
     grant = Authenticator(settings.auth).verify(token)
     assert grant.types is None  # --types '*'
+
+
+@pytest.mark.parametrize("values", REMOTE_VALUES, ids=lambda p: p.stem)
+def test_the_notes_send_for_a_token_to_the_identity_provider(
+    tools: Tools, notes_chart: Path, values: Path
+) -> None:
+    """No token command (the chart holds no key to sign with): the notes name where the
+    edges fetch the keys, and what the tokens must carry."""
+    text = notes(tools.helm, notes_chart, values)
+    jwt_values = values_of(values)["auth"]["jwt"]
+    assert "crm-events-token" not in text and "--secret-file" not in text
+    assert f"    {jwt_values['oidcIssuer'] or jwt_values['jwksUrl']}" in text
+    assert "egress to the provider" in text and "TOKEN=<the access token>" in text
+    if jwt_values["audience"]:
+        assert f"aud {jwt_values['audience']}" in text
 
 
 def test_the_token_command_is_tested_with_an_audience_and_an_issuer() -> None:

@@ -23,6 +23,7 @@ from edge.bus_memory import MemoryBus
 from edge.limits import TrustedProxies, client_ip
 from ingest.app import create_app as create_ingest_app
 from ingest.kafka_config import client_options
+from shared.httpkit import ApiError
 from shared.security_settings import (
     DEFAULT_HISTORY_BURST,
     DEFAULT_TRUSTED_PROXIES,
@@ -67,6 +68,10 @@ def a_token(values: Doc) -> str:
     if jwt_values["issuer"]:
         claims["iss"] = jwt_values["issuer"]
     k = keys()
+    if jwt_values["oidcIssuer"] or jwt_values["jwksUrl"]:
+        # as a provider signs: an asymmetric key named by its kid
+        claims["iss"] = jwt_values["oidcIssuer"] or claims.get("iss")
+        return jwt.encode(claims, k.signing_key, algorithm="ES256", headers={"kid": JWKS_KID})
     if jwt_values["keyType"] == "hs256":
         secret = jwt_values["key"] if not jwt_values["existingSecret"] else k.hs256_secret
         return jwt.encode(claims, secret, algorithm="HS256")
@@ -95,8 +100,25 @@ def test_the_apps_start_with_the_files_the_pods_see(
     assert edge.redis.url == ingest.redis.url == merged["redis"]["url"]
 
     assert edge.auth.enabled
-    grant = Authenticator(edge.auth).verify(a_token(merged))
-    assert grant.types is None  # crm_types ["*"]
+    jwt_values = merged["auth"]["jwt"]
+    if jwt_values["oidcIssuer"] or jwt_values["jwksUrl"]:
+        # The keys come over HTTP once the edge runs (tests/integration/test_jwks.py): here,
+        # the edge knows where from, the issuer and audience are required of tokens, and
+        # before it has fetched the keys a token cannot be checked (503, not 401).
+        assert (edge.auth.oidc_issuer, edge.auth.jwks_url) == (
+            jwt_values["oidcIssuer"] or None,
+            jwt_values["jwksUrl"] or None,
+        )
+        assert edge.auth.issuer == (jwt_values["oidcIssuer"] or jwt_values["issuer"] or None)
+        assert edge.auth.audience == jwt_values["audience"]
+        authenticator = Authenticator(edge.auth)
+        assert authenticator.remote is not None
+        with pytest.raises(ApiError) as caught:
+            authenticator.verify(a_token(merged))
+        assert (caught.value.status, caught.value.code) == (503, "keys_unavailable")
+    else:
+        grant = Authenticator(edge.auth).verify(a_token(merged))
+        assert grant.types is None  # crm_types ["*"]
 
     for redis in (edge.redis, ingest.redis):
         tls = redis.tls

@@ -37,6 +37,7 @@ from .support import (
     helm_template,
     of_kind,
     one,
+    parse,
     pod_specs,
     rendered,
     values_of,
@@ -269,7 +270,8 @@ def expected_secret_files(values: Doc, component: str) -> dict[str, tuple[str, s
     alone, independently of _helpers.tpl."""
     files: dict[str, tuple[str, str]] = {}
     jwt_values = values["auth"]["jwt"]
-    if component == "edge" and values["auth"]["mode"] == "jwt":
+    remote = jwt_values.get("oidcIssuer") or jwt_values.get("jwksUrl")
+    if component == "edge" and values["auth"]["mode"] == "jwt" and not remote:
         setting = {
             "hs256": "CRM_EVENTS_JWT_SECRET_FILE",
             "publicKey": "CRM_EVENTS_JWT_PUBLIC_KEY_FILE",
@@ -450,6 +452,102 @@ def test_the_schema_rejects_a_misspelt_key(tools: Tools, typo: str, key: str) ->
     assert f"additional properties '{key}' not allowed" in error, error
 
 
+# -- an identity provider's keys ------------------------------------------------------------
+
+OIDC = CHART / "ci" / "oidc-values.yaml"
+ISSUER = "https://keycloak.example.com/realms/crm"
+JWKS_URL = "https://idp.example.com/keys"
+#: The OIDC CI values with a JWKS URL instead of the issuer (which then names the iss).
+AS_JWKS_URL = ("auth.jwt.oidcIssuer=", f"auth.jwt.jwksUrl={JWKS_URL}", f"auth.jwt.issuer={ISSUER}")
+
+
+def test_an_identity_provider_needs_no_key(tools: Tools) -> None:
+    """With an issuer or a JWKS URL the edges get that setting and no key file: nothing is
+    mounted, and the chart's Secret holds no JWT key."""
+    assert values_of(OIDC)["auth"]["jwt"]["oidcIssuer"] == ISSUER
+    by_issuer = rendered(tools.helm, OIDC)
+    result = helm_template(tools.helm, [OIDC], AS_JWKS_URL)
+    assert result.returncode == 0, describe(result)
+    by_url = parse(result.stdout)
+    for docs, setting, url in (
+        (by_issuer, "CRM_EVENTS_AUTH_OIDC_ISSUER", ISSUER),
+        (by_url, "CRM_EVENTS_AUTH_JWKS_URL", JWKS_URL),
+    ):
+        edge = one(docs, "Deployment", "edge")
+        env = env_of(edge)
+        assert env[setting] == url
+        assert env["CRM_EVENTS_AUTH_MODE"] == "jwt"
+        others = {"CRM_EVENTS_AUTH_OIDC_ISSUER", "CRM_EVENTS_AUTH_JWKS_URL"} - {setting}
+        assert not others & set(env), setting
+        assert not [n for n in env if n.startswith("CRM_EVENTS_JWT_") and n.endswith("_FILE")]
+        assert projected(edge) == {}, setting
+        own = [d for d in of_kind(docs, "Secret") if d["metadata"]["name"] == FULLNAME]
+        assert all("jwt-key" not in d.get("data", {}) for d in own)
+    # auth.mode off: no provider either
+    result = helm_template(tools.helm, [OIDC], ["auth.mode=off"])
+    assert result.returncode == 0, describe(result)
+    env = env_of(one(parse(result.stdout), "Deployment", "edge"))
+    assert env["CRM_EVENTS_AUTH_MODE"] == "off" and "CRM_EVENTS_AUTH_OIDC_ISSUER" not in env
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (
+            [f"auth.jwt.jwksUrl={JWKS_URL}"],
+            "auth.jwt.oidcIssuer and auth.jwt.jwksUrl are alternatives",
+        ),
+        (
+            ["auth.jwt.key=a-shared-secret-of-at-least-32-bytes-for-ci"],
+            "auth.jwt.oidcIssuer fetches the identity provider's keys, so the edges take no key",
+        ),
+        (
+            [*AS_JWKS_URL, "auth.jwt.existingSecret=crm-events-jwt"],
+            "auth.jwt.jwksUrl fetches the identity provider's keys, so the edges take no key",
+        ),
+        (
+            ["auth.jwt.issuer=https://keycloak.example.com/realms/other"],
+            "auth.jwt.issuer differs from auth.jwt.oidcIssuer",
+        ),
+        (
+            ["auth.jwt.oidcIssuer=keycloak.example.com/realms/crm"],
+            "at '/auth/jwt/oidcIssuer': 'keycloak.example.com/realms/crm' does not match",
+        ),
+        (
+            ["auth.jwt.oidcIssuer=", "auth.jwt.jwksUrl=https://idp.example.com/keys#x"],
+            "at '/auth/jwt/jwksUrl'",
+        ),
+        (["auth.jwt.audience="], "auth.jwt.oidcIssuer needs auth.jwt.audience"),
+        ([*AS_JWKS_URL, "auth.jwt.audience="], "auth.jwt.jwksUrl needs auth.jwt.audience"),
+        ([*AS_JWKS_URL[:2]], "auth.jwt.jwksUrl needs auth.jwt.issuer"),
+    ],
+    ids=[
+        "both-urls",
+        "url-and-key",
+        "url-and-secret",
+        "other-issuer",
+        "no-scheme",
+        "fragment",
+        "issuer-without-audience",
+        "url-without-audience",
+        "url-without-issuer",
+    ],
+)
+def test_an_identity_provider_with_another_key_source_is_refused(
+    tools: Tools, sets: list[str], message: str
+) -> None:
+    error = refused(tools, *sets, values=OIDC)
+    assert message in error, error
+
+
+def test_an_identity_provider_issuer_may_be_repeated(tools: Tools) -> None:
+    result = helm_template(tools.helm, [OIDC], [f"auth.jwt.issuer={ISSUER}"])
+    assert result.returncode == 0, describe(result)
+    assert (
+        env_of(one(parse(result.stdout), "Deployment", "edge"))["CRM_EVENTS_JWT_ISSUER"] == ISSUER
+    )
+
+
 def test_the_schema_rejects_a_secret_file_setting_as_plain_env(tools: Tools) -> None:
     error = refused(tools, "edge.env.CRM_EVENTS_JWT_SECRET_FILE=/var/run/key")
     assert "CRM_EVENTS_JWT_SECRET_FILE" in error, error
@@ -464,6 +562,12 @@ def chart_set_env(tools: Tools, component: str) -> set[str]:
         deployment = one(rendered(tools.helm, values), "Deployment", component)
         own = set(values_of(values)[component]["env"])
         names |= {n for n in env_of(deployment) if n not in own and not n.endswith("_FILE")}
+    # The one branch no CI file takes: a JWKS URL instead of the OIDC file's issuer.
+    result = helm_template(tools.helm, [OIDC], AS_JWKS_URL)
+    assert result.returncode == 0, describe(result)
+    own = set(values_of(OIDC)[component]["env"])
+    env = env_of(one(parse(result.stdout), "Deployment", component))
+    names |= {n for n in env if n not in own and not n.endswith("_FILE")}
     return names
 
 

@@ -330,3 +330,64 @@ def test_then_try_commands_work_as_written(quickstart: tuple[Cluster, dict[str, 
     assert {item["type"] for item in page["items"]} == {"TicketOpened"}
     assert all(after_cursor(seen, item) for item in page["items"])
     check_cursors([(item["cursor"], item) for item in page["items"]], filtered=True)
+
+
+def clients_blocks() -> list[str]:
+    """The ```sh blocks of the README's "Clients" section."""
+    text = README.read_text()
+    start = text.index("\n## Clients\n")
+    section = text[start : text.index("\n## ", start + 1)]
+    return re.findall(r"```sh\n(.*?)```", section, re.S)
+
+
+def test_clients_blocks_stream_events_as_pasted(
+    quickstart: tuple[Cluster, dict[str, str]], tmp_path: Path
+) -> None:
+    """Both clients as the README shows them: the two tails print five events each and exit;
+    the Python example prints five, and run again continues after them (its cursor file)."""
+    cluster, env = quickstart
+    commands, library = clients_blocks()
+    token_line = commands.splitlines()[0]
+    assert token_line == "export CRM_EVENTS_TOKEN=$(make token)", token_line
+
+    def run(block: str) -> list[str]:
+        assert DOCUMENTED_LB in block, block
+        # Into this deployment, and the example's cursor file into this test's directory.
+        script = block.replace(DOCUMENTED_LB, cluster.lb_url("")).replace("/tmp/", f"{tmp_path}/")
+        out = subprocess.run(
+            ["bash", "-e", "-c", script],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+        assert out.returncode == 0, f"{block}\nstdout: {out.stdout}\nstderr: {out.stderr}"
+        return out.stdout.splitlines()
+
+    python_tail, node_tail = commands.splitlines()[1:]
+    # crm-events-tail prints one JSON line per event: the envelope with its cursor.
+    printed = [json.loads(text) for text in run("\n".join([token_line, python_tail]))]
+    assert len(printed) == 5, printed
+    check_cursors([(item["cursor"], item) for item in printed])
+    # tail.mjs prints "<partition>:<offset> <type> <key>" per event, per partition in order.
+    lines = run("\n".join([token_line, node_tail]))
+    assert len(lines) == 5, lines
+    seen = [tuple(int(n) for n in text.split()[0].split(":")) for text in lines]
+    assert all(len(text.split()) == 3 for text in lines), lines
+    for p in {p for p, _ in seen}:
+        offsets = [o for q, o in seen if q == p]
+        assert offsets == sorted(set(offsets)), (p, lines)
+
+    def example() -> list[tuple[int, int]]:
+        lines = run("\n".join([token_line, library]))
+        assert len(lines) == 5 and not any(text.startswith("RESET") for text in lines), lines
+        return [(int(p), int(o)) for p, o, *_ in (text.split() for text in lines)]
+
+    first, second = example(), example()
+    assert not set(first) & set(second), "the second run repeated events of the first"
+    # Continued right after the first run: in a partition both saw, the second starts at the
+    # next offset (the sample producer writes only events, so offsets have no holes).
+    for p in {p for p, _ in first} & {p for p, _ in second}:
+        last = max(o for q, o in first if q == p)
+        assert min(o for q, o in second if q == p) == last + 1, (p, first, second)

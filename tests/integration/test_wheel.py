@@ -8,7 +8,11 @@ No service is needed. The wheel is built without build isolation (``setuptools``
 the test extra) and installed with ``--no-index``, so nothing is downloaded. The fresh
 environment borrows only the third-party dependencies from the running one, through a
 ``.pth`` line appended after its own site-packages: each of our modules must come from the
-wheel, never from the checkout."""
+wheel, never from the checkout.
+
+The client distribution (``clients/python``, ``crm-events-client``) gets the same treatment in
+an environment of its own: typed, its one dependency, its command, none of the server's
+packages."""
 
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ DATA_FILES = (
     "edge/openapi.yaml",
     "edge/static/crm-events.html",
     "edge/static/crm-events.js",
+    "edge/static/crm-events-client.js",
     "edge/static/crm-events.css",
     "edge/static/favicon.svg",
 )
@@ -82,7 +87,12 @@ async def main():
     app = create_app(settings, bus=MemoryBus(maxlen=10))
     statuses = {}
     async with TestClient(TestServer(app)) as client:
-        for path in ("/ops/crm-events", "/ops/crm-events/assets/crm-events.js", "/openapi.yaml"):
+        for path in (
+            "/ops/crm-events",
+            "/ops/crm-events/assets/crm-events.js",
+            "/ops/crm-events/assets/crm-events-client.js",
+            "/openapi.yaml",
+        ):
             resp = await client.get(path)
             body = await resp.read()
             statuses[path] = [resp.status, len(body)]
@@ -145,40 +155,29 @@ class Installed:
         return run(argv, self.outside, clean_env())
 
 
-@pytest.fixture(scope="module")
-def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
-    base = tmp_path_factory.mktemp("wheel")
+def build_and_install(project: Path, base: Path, wheel_glob: str) -> Installed:
+    """Copy ``project``, build its wheel (no isolation, no index) and install it alone into a
+    fresh virtualenv that borrows only the running environment's third-party packages."""
     src, wheels, venv, outside = base / "src", base / "wheels", base / "venv", base / "elsewhere"
-    shutil.copytree(REPO, src, ignore=copy_ignore, symlinks=True)
+    shutil.copytree(project, src, ignore=copy_ignore, symlinks=True)
     outside.mkdir()
     env = clean_env()
-
-    checked(
-        run(
-            [*PIP, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", wheels, src],
-            outside,
-            env,
-        )
-    )
-    (wheel,) = wheels.glob("crm_events-*.whl")
-
+    wheel_cmd = [*PIP, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", wheels]
+    checked(run([*wheel_cmd, src], outside, env))
+    (wheel,) = wheels.glob(wheel_glob)
     checked(run([sys.executable, "-m", "venv", "--without-pip", venv], outside, env))
-    checked(
-        run(
-            [
-                *PIP,
-                "--python",
-                venv / "bin" / "python",
-                "install",
-                "--no-deps",
-                "--no-index",
-                wheel,
-            ],
-            outside,
-            env,
-        )
-    )
-    result = Installed(wheel, venv, outside)
+    install = [*PIP, "--python", venv / "bin" / "python", "install", "--no-deps", "--no-index"]
+    checked(run([*install, wheel], outside, env))
+    return borrow_dependencies(Installed(wheel, venv, outside))
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
+    return build_and_install(REPO, tmp_path_factory.mktemp("wheel"), "crm_events-*.whl")
+
+
+def borrow_dependencies(result: Installed) -> Installed:
+    """The running environment's third-party packages, visible to the fresh one."""
     # Third-party dependencies only: a .pth line is appended to sys.path after the fresh
     # site-packages, and .pth files inside the borrowed folder (our editable finders) are
     # not processed, so the checkout stays out of reach.
@@ -243,3 +242,46 @@ def test_console_script_help_and_version(installed: Installed, script: str) -> N
 def test_the_repository_only_scripts_are_not_installed(installed: Installed) -> None:
     for script in REPO_ONLY_SCRIPTS:
         assert not (installed.venv / "bin" / script).exists(), script
+
+
+# The client distribution (clients/python): a fresh environment with its wheel alone.
+CLIENT_PROBE = r"""
+import importlib.util, json
+import crm_events_client
+print(json.dumps({
+    "file": crm_events_client.__file__,
+    "server_packages": [n for n in ("shared", "ingest", "edge") if importlib.util.find_spec(n)],
+}))
+"""
+
+
+@pytest.fixture(scope="module")
+def client_installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
+    return build_and_install(
+        REPO / "clients" / "python",
+        tmp_path_factory.mktemp("client-wheel"),
+        "crm_events_client-*.whl",
+    )
+
+
+def test_the_client_wheel_is_typed_stands_alone_and_installs_its_command(
+    client_installed: Installed,
+) -> None:
+    with zipfile.ZipFile(client_installed.wheel) as zf:
+        names = set(zf.namelist())
+        (meta,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+        metadata = zf.read(meta).decode().splitlines()
+    assert {n.split("/", 1)[0] for n in names if ".dist-info/" not in n} == {"crm_events_client"}
+    assert "crm_events_client/py.typed" in names
+    requires = [line for line in metadata if line.startswith("Requires-Dist:")]
+    assert len(requires) == 1 and requires[0].startswith("Requires-Dist: aiohttp"), requires
+    report = json.loads(
+        checked(client_installed.run([client_installed.python, "-c", CLIENT_PROBE])).stdout
+    )
+    assert Path(report["file"]).is_relative_to(client_installed.site_packages), report
+    # The client speaks the public protocol only: the server's packages are not in reach.
+    assert report["server_packages"] == [], report
+    tail = client_installed.venv / "bin" / "crm-events-tail"
+    assert checked(client_installed.run([tail, "--help"])).stdout.startswith(
+        "usage: crm-events-tail"
+    )

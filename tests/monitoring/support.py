@@ -23,6 +23,12 @@ RULE_TESTS_DIR = PROMETHEUS_DIR / "tests"
 ALERTMANAGER_YML = MONITORING / "alertmanager" / "alertmanager.yml"
 DASHBOARDS_DIR = MONITORING / "grafana" / "dashboards"
 DASHBOARD = DASHBOARDS_DIR / "crm_events_pipeline.json"
+#: issue 16: the ops team's alert dashboard.
+ALERTS_DASHBOARD = DASHBOARDS_DIR / "crm_events_alerts.json"
+#: Its source in the mixin (placeholders and generated values not filled in).
+MIXIN_ALERTS_DASHBOARD = MONITORING / "mixin" / "dashboards" / "crm_events_alerts.json"
+#: Every dashboard, as committed (the mixin's rendering for the default selectors).
+DASHBOARDS = (DASHBOARD, ALERTS_DASHBOARD)
 PROVISIONING = MONITORING / "grafana" / "provisioning"
 RUNBOOKS = MONITORING / "runbooks.md"
 #: The Grafana JSON schemas, vendored (see its README.md; scripts/refresh-grafana-schemas.sh).
@@ -87,7 +93,16 @@ INGEST_METRICS = COMMON_METRICS | {
     "crm_events_redis_wait_timeouts_total",
     "crm_events_stream_length",
 }
-SERVICE_METRICS = EDGE_METRICS | INGEST_METRICS
+#: issue 15: only on an edge that fetches its keys from an identity provider
+#: (CRM_EVENTS_AUTH_JWKS_URL or CRM_EVENTS_AUTH_OIDC_ISSUER), so not in EDGE_METRICS, which
+#: the live test's edges (keys from a file) must export.
+JWKS_METRICS = {
+    "crm_events_jwks_fetches_total",
+    "crm_events_jwks_refetches_limited_total",
+    "crm_events_jwks_keys",
+    "crm_events_jwks_last_success_timestamp_seconds",
+}
+SERVICE_METRICS = EDGE_METRICS | INGEST_METRICS | JWKS_METRICS
 #: Label values of the per-partition counters (a child for each partition and reason).
 REFILL_REASONS = frozenset({"lost", "rolled_back", "assigned"})
 PARTITION_RESET_REASONS = frozenset({"trimmed", "not_retained", "topic_changed", "old_format"})
@@ -157,8 +172,8 @@ class PanelQuery:
         return f"{self.panel_id}{self.ref} {self.title}"
 
 
-def load_dashboard() -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(DASHBOARD.read_text())
+def load_dashboard(path: Path = DASHBOARD) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(path.read_text())
     return data
 
 
@@ -169,6 +184,11 @@ def panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
             yield from panel.get("panels", [])
         else:
             yield panel
+
+
+def panel_by_title(dashboard: dict[str, Any], title: str) -> dict[str, Any]:
+    (panel,) = [p for p in panels(dashboard) if p["title"] == title]
+    return panel
 
 
 def panel_queries(dashboard: dict[str, Any]) -> list[PanelQuery]:
@@ -182,10 +202,18 @@ def panel_queries(dashboard: dict[str, Any]) -> list[PanelQuery]:
 
 #: Values for Grafana's variables: the dashboard's own ``instance`` takes its "All" value.
 def substitute(
-    expr: str, *, rate_interval: str = "1m", interval: str = "15s", range_: str = "1h"
+    expr: str,
+    *,
+    rate_interval: str = "1m",
+    interval: str = "15s",
+    range_: str = "1h",
+    dashboard: dict[str, Any] | None = None,
 ) -> str:
-    """A panel expression as Grafana sends it, for the given interval values."""
-    dashboard = load_dashboard()
+    """A panel expression as Grafana sends it, for the given interval values, with the
+    variables of ``dashboard`` (default: the pipeline dashboard). ``$1`` and the like are
+    label_replace's group references, which Grafana leaves alone too."""
+    if dashboard is None:
+        dashboard = load_dashboard()
     values = {
         "__rate_interval": rate_interval,
         "__interval": interval,
@@ -203,7 +231,7 @@ def substitute(
             raise KeyError(f"unknown dashboard variable ${name} in {expr!r}")
         return values[name]
 
-    return re.sub(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)", repl, expr)
+    return re.sub(r"\$\{([a-zA-Z_]\w*)(?::\w+)?\}|\$([a-zA-Z_]\w*)", repl, expr)
 
 
 def _duration_ms(text: str) -> int:

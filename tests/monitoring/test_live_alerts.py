@@ -7,7 +7,9 @@ Redis; tests/harness/cluster.py). It shows that
 * every recording rule, and every dashboard query with its variables substituted, returns data
   once there is a little traffic (events, SSE clients, history requests, one dead letter);
 * stopping edge1 makes CrmEventsServiceDown fire for that instance and no other, Alertmanager
-  routes it to PagerDuty and Slack, and it resolves once edge1 runs again;
+  routes it to PagerDuty and Slack, and it resolves once edge1 runs again; the alert
+  dashboard's (issue 16) firing-alerts and active-since queries return it, with its runbook's
+  anchor, while it fires and no longer once it resolved;
 * the metrics the rules and panels read are the ones the processes really export, with the
   label values the rules expect (refill and reset reasons, a series for every partition);
 * the first fill of a fresh deployment does not fire CrmEventsRedisRefill, and wiping a
@@ -54,9 +56,11 @@ from tests.sse_client import Collector
 from tests.waiting import eventually
 
 from .support import (
+    ALERTS_DASHBOARD,
     DASHBOARD,
     EDGE_METRICS,
     INGEST_METRICS,
+    JWKS_METRICS,
     NEEDS_HISTORY,
     PARTITION_RESET_REASONS,
     PROMETHEUS_SERIES,
@@ -87,6 +91,15 @@ EMPTY_WHEN_HEALTHY = {
     "Active alerts": "ALERTS has series only while an alert is pending or firing; "
     "test_service_down_fires_for_the_stopped_edge_only shows it with CrmEventsServiceDown",
 }
+#: The same for the alert dashboard: its alert tables and history read ALERTS and
+#: ALERTS_FOR_STATE (its counts fall back to 0, its SLO panels must have data).
+ALERTS_EMPTY_WHEN_HEALTHY = {
+    "Firing alerts": "shown with CrmEventsServiceDown in "
+    "test_service_down_fires_for_the_stopped_edge_only",
+    "Active since": "the same",
+    "Pending alerts": "an alert is pending only for its for: (5 s here)",
+    "Alert history": "ALERTS, as above",
+}
 
 
 @dataclass
@@ -95,6 +108,8 @@ class Live:
     mon: MonitoringSettings
     #: The mixin's dashboard rendered for this deployment's selectors.
     dashboard: dict[str, Any]
+    #: The alert dashboard (issue 16), likewise.
+    alerts_dashboard: dict[str, Any]
     #: The remote-write receiver's base URL.
     receiver_url: str
 
@@ -171,12 +186,15 @@ def live(
     render_to(run_dir / "mixin", mon.selectors)
     shorten_for(run_dir / "mixin" / "rules", run_dir / "rules", SHORT_FOR)
     dashboard = json.loads((run_dir / "mixin" / "dashboards" / DASHBOARD.name).read_text())
+    alerts_dashboard = json.loads(
+        (run_dir / "mixin" / "dashboards" / ALERTS_DASHBOARD.name).read_text()
+    )
     sup = Supervisor(run_dir)
     try:
         sup.start(receiver_spec(prometheus_bin, run_dir / "receiver", receiver_port))
         for spec in monitoring_specs(mon):
             sup.start(spec)
-        yield Live(cluster, mon, dashboard, f"http://127.0.0.1:{receiver_port}")
+        yield Live(cluster, mon, dashboard, alerts_dashboard, f"http://127.0.0.1:{receiver_port}")
     finally:
         sup.stop("prometheus")
         sup.stop("alertmanager")
@@ -263,6 +281,16 @@ async def alerts_named(
 
 async def service_down_alerts(session: aiohttp.ClientSession, live: Live) -> list[dict[str, Any]]:
     return await alerts_named(session, live, "CrmEventsServiceDown")
+
+
+async def alert_dashboard_rows(
+    session: aiohttp.ClientSession, live: Live, title: str
+) -> list[dict[str, Any]]:
+    """What a panel of the alert dashboard shows: its query, taken from the dashboard as
+    rendered for this deployment, with the variables substituted (instance: All)."""
+    (panel_query,) = [q for q in panel_queries(live.alerts_dashboard) if q.title == title]
+    expr = substitute(panel_query.expr, dashboard=live.alerts_dashboard)
+    return await query(session, live, expr)
 
 
 # -- the tests ----------------------------------------------------------------------------------
@@ -355,20 +383,28 @@ async def test_every_dashboard_query_returns_data(
     traffic: Live, session: aiohttp.ClientSession
 ) -> None:
     live = traffic
-    queries = panel_queries(live.dashboard)
-    titles = {q.title for q in queries}
-    assert set(EMPTY_WHEN_HEALTHY) <= titles, "an exception names a panel that is gone"
-    expected = [q for q in queries if q.title not in EMPTY_WHEN_HEALTHY]
+    expected: list[tuple[str, str]] = []
+    for dashboard, exceptions in (
+        (live.dashboard, EMPTY_WHEN_HEALTHY),
+        (live.alerts_dashboard, ALERTS_EMPTY_WHEN_HEALTHY),
+    ):
+        queries = panel_queries(dashboard)
+        titles = {q.title for q in queries}
+        assert set(exceptions) <= titles, "an exception names a panel that is gone"
+        expected += [
+            (
+                f"{dashboard['uid']} {q.key}",
+                substitute(
+                    q.expr, rate_interval=RATE_INTERVAL, interval=SCRAPE, dashboard=dashboard
+                ),
+            )
+            for q in queries
+            if q.title not in exceptions
+        ]
     empty: list[str] = []
 
     async def all_have_data() -> bool:
-        empty[:] = [
-            q.key
-            for q in expected
-            if not await query(
-                session, live, substitute(q.expr, rate_interval=RATE_INTERVAL, interval=SCRAPE)
-            )
-        ]
+        empty[:] = [key for key, expr in expected if not await query(session, live, expr)]
         return not empty
 
     try:
@@ -420,6 +456,20 @@ async def test_service_down_fires_for_the_stopped_edge_only(
             r["metric"]["alertname"] == "CrmEventsServiceDown" and r["metric"]["instance"] == edge1
             for r in rows
         )
+        # So do the alert dashboard's firing table (with the runbook's anchor for the row's
+        # link) and its active-since table.
+        for title in ("Firing alerts", "Active since"):
+            (row,) = [
+                r["metric"]
+                for r in await alert_dashboard_rows(session, live, title)
+                if r["metric"]["alertname"] == "CrmEventsServiceDown"
+            ]
+            assert (row["instance"], row["job"], row["severity"]) == (
+                edge1,
+                EDGE_JOB,
+                "critical",
+            ), title
+            assert alert["annotations"]["runbook_url"].endswith("#" + row["runbook"]), title
 
         # Alertmanager got it and routes it to PagerDuty and Slack.
         async def in_alertmanager() -> list[dict[str, Any]]:
@@ -439,10 +489,19 @@ async def test_service_down_fires_for_the_stopped_edge_only(
     finally:
         await asyncio.to_thread(live.cluster.start, "edge1")
 
+    async def service_down_rows() -> list[dict[str, Any]]:
+        return [
+            r
+            for r in await alert_dashboard_rows(session, live, "Firing alerts")
+            if r["metric"]["alertname"] == "CrmEventsServiceDown"
+        ]
+
     async def resolved() -> bool:
-        return await service_down_alerts(session, live) == []
+        return await service_down_alerts(session, live) == [] and not await service_down_rows()
 
     await eventually(resolved, 40, "CrmEventsServiceDown to resolve after edge1 restarted")
+    # and the alert dashboard's firing table no longer lists it
+    assert await service_down_rows() == []
     await wait_targets_up(session, live)
 
     # The restart is visible to CrmEventsFrequentRestarts' fallback signal.
@@ -493,9 +552,13 @@ def test_rules_and_panels_read_metrics_the_processes_export(traffic: Live) -> No
     used: set[str] = set()
     for rule in alert_rules() + recording_rules():
         used |= metric_names(rule["expr"])
-    for q in panel_queries(traffic.dashboard):
-        used |= metric_names(substitute(q.expr))
-    missing = used - edge - ingest - PROMETHEUS_SERIES - set(record_names())
+    for dashboard in (traffic.dashboard, traffic.alerts_dashboard):
+        for q in panel_queries(dashboard):
+            used |= metric_names(substitute(q.expr, dashboard=dashboard))
+    # The edges here take their keys from a file: JWKS_METRICS, which only an edge fetching
+    # them from an identity provider exports, are checked against edge/metrics.py in
+    # test_prometheus_rules.py.
+    missing = used - edge - ingest - JWKS_METRICS - PROMETHEUS_SERIES - set(record_names())
     assert not missing, f"read but not exported: {sorted(missing)}"
 
     # The per-partition series exist for every partition from the start (a counter child that

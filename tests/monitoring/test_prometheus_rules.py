@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from .support import (
+    JWKS_METRICS,
     PARTITION_RESET_REASONS,
     PROMETHEUS_DIR,
     PROMETHEUS_SERIES,
@@ -124,6 +125,8 @@ NEW_ALERTS = {
     # issue 14: anomaly detection against the same hour of past weeks
     "CrmEventsTrafficAnomaly",
     "CrmEventsClientsAnomaly",
+    # issue 15: an edge cannot refresh its identity provider's keys
+    "CrmEventsJwksFetchFailing",
 }
 
 
@@ -181,6 +184,26 @@ def test_partition_reset_reasons_are_the_edges() -> None:
     runbook = RUNBOOKS.read_text()
     for reason in PARTITION_RESET_REASONS | REFILL_REASONS:
         assert f"`{reason}`" in runbook, f"the runbooks do not explain {reason}"
+
+
+def test_jwks_metrics_are_the_edges() -> None:
+    """JWKS_METRICS is what an edge fetching its keys exports (the live test's edges do not),
+    with the label values the rules select."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from edge.metrics import JWKS_FETCH_RESULTS, JwksMetrics
+
+    registry = CollectorRegistry()
+    JwksMetrics(registry)
+    families = list(text_string_to_metric_families(generate_latest(registry).decode()))
+    samples = [s for f in families for s in f.samples if not s.name.endswith("_created")]
+    assert {s.name for s in samples} == JWKS_METRICS
+    results = {s.labels["result"] for s in samples if s.name == "crm_events_jwks_fetches_total"}
+    assert results == set(JWKS_FETCH_RESULTS)
+    for rule in alert_rules():
+        if metric_names(rule["expr"]) & JWKS_METRICS:
+            assert set(re.findall(r'result="(\w+)"', rule["expr"])) <= results, rule["alert"]
 
 
 def test_recording_rule_names_follow_level_metric_operations() -> None:

@@ -285,3 +285,88 @@ async def test_a_string_exp_never_opens_an_endless_stream(
     async with session.get(server.make_url("/crm-events"), headers=bearer(token)) as resp:
         assert resp.status == 401
         assert (await resp.json())["error"] == "unauthorized"
+
+
+# -- tokens that are not ASCII: 401, never a 500 ---------------------------------------------
+
+NOT_UTF8 = b"\xff\xfe.e30.eHg"
+"""Header bytes that are not UTF-8: aiohttp hands them over as surrogate escapes, which
+PyJWT cannot encode (UnicodeEncodeError) when it reads the token."""
+
+
+def test_a_token_python_cannot_encode_is_refused_as_malformed() -> None:
+    surrogates = NOT_UTF8.decode("utf-8", "surrogateescape")
+    for token in (surrogates, "é.e30.eHg", surrogates.replace(".", "x") + ".a.b"):
+        with pytest.raises(ApiError) as caught:
+            auth().verify(token)
+        assert caught.value.status == 401, token
+
+
+@pytest.mark.parametrize(
+    "header",
+    [b"Authorization: Bearer " + NOT_UTF8, b"Cookie: crm_events_token=" + NOT_UTF8],
+    ids=["bearer", "cookie"],
+)
+async def test_non_ascii_token_bytes_over_http_are_401_not_500(
+    edge: tuple[TestServer, MemoryBus], header: bytes
+) -> None:
+    server, _ = edge
+    assert server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(
+        b"GET /crm-events/history HTTP/1.1\r\nHost: edge\r\n"
+        + header
+        + b"\r\nConnection: close\r\n\r\n"
+    )
+    response = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401"), head
+    assert json.loads(body)["error"] == "unauthorized"
+
+
+async def test_a_query_token_that_is_not_ascii_is_refused(session: aiohttp.ClientSession) -> None:
+    settings = EdgeSettings(
+        redis=RedisSettings(),
+        node_id="edge-auth-q",
+        auth=AuthSettings(mode="jwt", secret=SECRET, query_token=True),
+    )
+    server = TestServer(create_app(settings, registry=CollectorRegistry(), bus=MemoryBus()))
+    await server.start_server()
+    try:
+        url = server.make_url("/crm-events/history").with_query(access_token="é.e30.eHg")
+        async with session.get(url) as resp:
+            assert resp.status == 401
+            assert (await resp.json())["message"] == "malformed token: not ASCII"
+    finally:
+        await server.close()
+
+
+# -- the stream lives as long as its token is accepted ----------------------------------------
+
+
+async def test_a_token_accepted_within_the_leeway_streams_until_exp_plus_leeway(
+    session: aiohttp.ClientSession,
+) -> None:
+    leeway_s = 2
+    settings = EdgeSettings(
+        redis=RedisSettings(),
+        node_id="edge-auth-leeway",
+        ping_interval_s=0.2,
+        auth=AuthSettings(mode="jwt", secret=SECRET, leeway_s=leeway_s),
+    )
+    server = TestServer(create_app(settings, registry=CollectorRegistry(), bus=MemoryBus()))
+    await server.start_server()
+    try:
+        exp = time.time() - 0.5  # expired, but within the leeway: accepted
+        token = jwt.encode({"exp": exp, "crm_types": ["*"]}, SECRET, "HS256")
+        client = Collector(str(server.make_url("/crm-events")), headers=bearer(token)).start(
+            session
+        )
+        await asyncio.wait_for(client.ended.wait(), 10)
+        ended = time.time()
+        assert client.received[-1].event == "auth_expired"
+        # Not at once (at exp it would have ended immediately): at exp + leeway.
+        assert ended >= exp + leeway_s - 0.05, ended - exp
+    finally:
+        await server.close()

@@ -6,6 +6,7 @@ crm_events_build_info carries the version and the revision."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import tomllib
 import types
 from collections.abc import AsyncIterator
@@ -211,6 +212,53 @@ async def test_the_ops_routes_are_exported_before_any_request(tiny: Tiny) -> Non
     for path in ("/healthz", "/readyz", "/metrics"):
         labels = {"path": path, "method": "GET"}
         assert sample(tiny.registry, f"{DURATION}_count", labels) == 0, path
+
+
+# -- /metrics: prometheus_client's aiohttp handler ----------------------------------------------
+
+
+def family_names(text: str) -> set[str]:
+    """The metric families an exposition declares (its ``# TYPE`` lines)."""
+    return {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+
+
+async def test_metrics_speaks_text_by_default_openmetrics_on_request_and_gzip(tiny: Tiny) -> None:
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        async with session.get(tiny.url("/healthz")) as r:
+            assert r.status == 200  # so that crm_events_http_requests_total has a sample
+        async with session.get(tiny.url("/metrics"), headers={"Accept-Encoding": ""}) as r:
+            assert r.status == 200
+            assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            assert "Content-Encoding" not in r.headers
+            plain = (await r.read()).decode()
+        openmetrics_accept = "application/openmetrics-text;version=1.0.0,text/plain;q=0.5"
+        async with session.get(
+            tiny.url("/metrics"), headers={"Accept": openmetrics_accept, "Accept-Encoding": ""}
+        ) as r:
+            assert r.headers["Content-Type"].startswith("application/openmetrics-text")
+            openmetrics = (await r.read()).decode()
+        async with session.get(tiny.url("/metrics"), headers={"Accept-Encoding": "gzip"}) as r:
+            assert r.headers["Content-Encoding"] == "gzip"
+            unzipped = gzip.decompress(await r.read()).decode()
+
+    assert openmetrics.endswith("# EOF\n") and not plain.rstrip().endswith("# EOF")
+    # The same families and names either way: OpenMetrics names a counter's family without
+    # _total (its samples keep it) and carries _created inside the family, where the text
+    # format declares a separate gauge.
+    assert "crm_events_http_requests_total{" in openmetrics
+    assert "crm_events_http_requests_total{" in plain
+    assert family_names(unzipped) == family_names(plain)
+    in_plain = {n.removesuffix("_total") for n in family_names(plain) if not n.endswith("_created")}
+    assert in_plain == family_names(openmetrics)
+    assert "crm_events_build_info" in family_names(plain)
+    # Each scrape is counted by the request middleware like any other route: three before
+    # the one that looks.
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(tiny.url("/metrics")) as r,
+    ):
+        text = await r.text()
+    assert 'crm_events_http_requests_total{method="GET",path="/metrics",status="200"} 3.0' in text
 
 
 # -- the real edge app: history is timed, the SSE stream is not ---------------------------------

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
@@ -328,6 +328,10 @@ def fast_resubscribe(monkeypatch: pytest.MonkeyPatch) -> None:
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 @given(ops=st.lists(OPS, max_size=40))
+# Found by this test: a rollback after Kafka's retention had dropped the rolled-back copy's
+# last event; the model then wrote the refill linked to the wrong predecessor (a copy that
+# Redis could never hold). Pinned so that every run checks it.
+@example(ops=[("produce_silent", 0, 2), ("retain", 0, 3), ("rollback", 0, 1)])
 def test_every_client_gets_the_model_exactly_once_or_a_reset(ops: list[Op]) -> None:
     asyncio.run(scenario(ops))
 

@@ -1,5 +1,6 @@
 """edge/ops_page.py: the Command Center page names the auth cookie the edge reads
-(CRM_EVENTS_AUTH_COOKIE), so that its sign-in link stores the token under that name."""
+(CRM_EVENTS_AUTH_COOKIE), so that its sign-in link stores the token under that name; the
+JavaScript client it imports is served, and is the client's own source (devtools/vendor_js.py)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
+from devtools import vendor_js
 from edge.app import create_app
 from edge.bus_memory import MemoryBus
-from edge.ops_page import PAGE_FILE, STATIC_DIR, add_ops_page_routes
+from edge.ops_page import ASSETS, PAGE_FILE, STATIC_DIR, add_ops_page_routes
 from shared.security_settings import DEFAULT_AUTH_COOKIE, AuthSettings
 from shared.settings import EdgeSettings, RedisSettings
 
@@ -63,3 +65,38 @@ async def test_a_page_without_the_tag_is_an_error_not_a_silent_default(
     add_ops_page_routes(app, tmp_path, auth_cookie="other")
     status, _ = await page_of(app, session)
     assert status == 500
+
+
+# --- the JavaScript client the page imports -----------------------------------------------------
+
+
+def test_the_page_imports_the_client_it_is_served() -> None:
+    """The page's script is a module importing ./crm-events-client.js, which the edge serves
+    (ASSETS), so the CSP's script-src 'self' covers both."""
+    html = (STATIC_DIR / PAGE_FILE).read_text()
+    assert '<script type="module" src="crm-events/assets/crm-events.js">' in html
+    script = (STATIC_DIR / "crm-events.js").read_text()
+    assert 'from "./crm-events-client.js";' in script
+    assert ASSETS["crm-events-client.js"].startswith("text/javascript")
+
+
+def test_the_served_client_is_the_clients_source() -> None:
+    """edge/static/crm-events-client.js is a copy of clients/js/crm-events-client.js (the wheel
+    carries edge/static/ only): `python -m devtools.vendor_js write` after editing the source."""
+    assert vendor_js.COPY.read_bytes() == vendor_js.SOURCE.read_bytes(), (
+        "edge/static/crm-events-client.js differs from clients/js/crm-events-client.js: "
+        "run python -m devtools.vendor_js write"
+    )
+    assert vendor_js.main(["check"]) == 0
+
+
+def test_vendor_js_check_fails_on_a_stale_copy_and_write_mends_it(tmp_path: Path) -> None:
+    source, copy = tmp_path / "client.js", tmp_path / "static" / "client.js"
+    source.write_text("export const v = 2;\n")
+    assert not vendor_js.is_current(source, copy)  # missing
+    assert vendor_js.write(source, copy)
+    assert vendor_js.is_current(source, copy)
+    assert not vendor_js.write(source, copy)  # up to date: nothing written
+    copy.write_text("export const v = 1;\n")
+    assert not vendor_js.is_current(source, copy)
+    assert vendor_js.write(source, copy) and copy.read_text() == source.read_text()

@@ -76,6 +76,13 @@ crm-events-edge and crm-events-ingest, the jobs monitoring/'s rules select. */}}
 {{/* The chart's own Secret: the secrets given inline in values. */}}
 {{- define "crm-events.secretName" -}}{{ include "crm-events.fullname" . }}{{- end -}}
 
+{{/* "true" when the edges fetch their keys from an identity provider (auth.jwt.oidcIssuer or
+auth.jwt.jwksUrl), else empty. */}}
+{{- define "crm-events.remoteKeys" -}}
+{{- $jwt := .Values.auth.jwt -}}
+{{- if and (eq .Values.auth.mode "jwt") (or $jwt.oidcIssuer $jwt.jwksUrl) -}}true{{- end -}}
+{{- end -}}
+
 {{/* The inline secrets, as the chart's Secret's data keys (empty ones left out). */}}
 {{- define "crm-events.inlineSecrets" -}}
 {{- $v := .Values -}}
@@ -112,7 +119,8 @@ Argument: (dict "root" $ "component" "edge"|"ingest"). */}}
 {{- $root := .root -}}
 {{- $v := $root.Values -}}
 {{- $files := list -}}
-{{- if and (eq .component "edge") (eq $v.auth.mode "jwt") -}}
+{{- /* An identity provider's keys come over HTTP: no key file then. */ -}}
+{{- if and (eq .component "edge") (eq $v.auth.mode "jwt") (not (include "crm-events.remoteKeys" $root)) -}}
 {{- $jwt := $v.auth.jwt -}}
 {{- $kinds := dict "hs256" (list "jwt/secret" "CRM_EVENTS_JWT_SECRET_FILE") "publicKey" (list "jwt/public-key.pem" "CRM_EVENTS_JWT_PUBLIC_KEY_FILE") "jwks" (list "jwt/jwks.json" "CRM_EVENTS_JWT_JWKS_FILE") -}}
 {{- $kind := get $kinds $jwt.keyType -}}

@@ -1,12 +1,14 @@
 #!/usr/bin/env node
-// Serve this example next to the crm-events API, so the page and the stream share an origin
-// (EventSource across origins needs CORS, which the edges only answer for listed origins).
+// Serve the example page next to the crm-events API, so the page and the stream share an
+// origin (EventSource across origins needs CORS, which the edges only answer for listed
+// origins).
 //
-//   CRM_EVENTS_TOKEN=$(make token) node examples/js/serve.mjs
+//   CRM_EVENTS_TOKEN=$(make token) node clients/js/examples/serve.mjs
 //       [--port 8090] [--upstream http://127.0.0.1:9010] [--token JWT]
 //
-// Static files come from this directory; /crm-events and /crm-events/history are proxied to
-// the load balancer, streamed through unbuffered. Node >= 18, no dependencies.
+// "/" is index.html, "/crm-events-client.js" the client (one folder up); /crm-events and
+// /crm-events/history are proxied to the load balancer, streamed through unbuffered.
+// Node >= 18, no dependencies.
 //
 // With a token (CRM_EVENTS_TOKEN, or --token), the proxied requests carry it as
 // "Authorization: Bearer", so the page needs no sign-in of its own: a development setup. A
@@ -28,9 +30,15 @@ const { values } = parseArgs({
     token: { type: "string", default: process.env.CRM_EVENTS_TOKEN || undefined },
   },
 });
-const root = path.dirname(fileURLToPath(import.meta.url));
+const here = path.dirname(fileURLToPath(import.meta.url));
 const upstream = new URL(values.upstream);
 const types = { ".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8" };
+// What is served, and from where: nothing else on this machine.
+const files = {
+  "/": path.join(here, "index.html"),
+  "/index.html": path.join(here, "index.html"),
+  "/crm-events-client.js": path.join(here, "..", "crm-events-client.js"),
+};
 
 const server = http.createServer((req, res) => {
   const url = new URL(req.url, "http://local");
@@ -55,9 +63,8 @@ const server = http.createServer((req, res) => {
     req.pipe(out);
     return;
   }
-  const name = url.pathname === "/" ? "index.html" : path.basename(url.pathname);
-  const file = path.join(root, name);
-  const type = types[path.extname(name)];
+  const file = files[url.pathname];
+  const type = file && types[path.extname(file)];
   try {
     if (!type || !statSync(file).isFile()) throw new Error("not found");
   } catch {
