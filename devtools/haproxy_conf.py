@@ -7,6 +7,11 @@ X-Forwarded-For) is the template's. HAProxy runs in the foreground with no pidfi
 file of its own, so two instances (a developer stack and a test) never share anything but
 the edges they point at.
 
+``mtls=MtlsBind(...)`` adds a listener that requires a client certificate (``verify
+required`` with a CA file and a CRL: refused at the TLS handshake otherwise); the template
+relays the verified certificate to the edges in ``X-Client-Cert`` (base64 DER) and drops that
+header on every other request, so that no client can forge it through HAProxy.
+
 Run it with :func:`haproxy_argv`; :func:`haproxy_argv` with ``check_only=True`` asks HAProxy
 to validate the file (``haproxy -c``). CLI::
 
@@ -16,6 +21,7 @@ to validate the file (``haproxy -c``). CLI::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import shutil
 import string
@@ -32,6 +38,7 @@ __all__ = [
     "HEALTH_PATH",
     "MAIN_CONF",
     "CheckResult",
+    "MtlsBind",
     "check",
     "find_haproxy",
     "haproxy_argv",
@@ -53,6 +60,27 @@ def template_path() -> Path:
     return Path(__file__).resolve().parent.parent / "deploy" / "haproxy" / "crm-events.cfg.template"
 
 
+@dataclasses.dataclass(frozen=True)
+class MtlsBind:
+    """A listener that requires a client certificate signed by ``client_ca``."""
+
+    port: int
+    pem: Path
+    """The listener's private key and certificate (chain) in one PEM file, as ``crt`` wants."""
+    client_ca: Path
+    crl: Path | None = None
+    """PEM CRL of that CA: a revoked certificate is refused. Read at start and on reload."""
+
+
+def _checked_file(what: str, path: Path) -> Path:
+    resolved = Path(path).resolve()
+    if not resolved.is_file():
+        raise FileNotFoundError(f"{what} not found: {resolved}")
+    if any(c.isspace() or c in "\"'#\\" for c in str(resolved)):
+        raise ValueError(f"{what}: HAProxy cannot take this path unquoted: {resolved}")
+    return resolved
+
+
 def _check_port(what: str, port: int) -> int:
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise ValueError(f"{what}: expected a TCP port 1-65535, got {port!r}")
@@ -69,13 +97,15 @@ def render(
     stream_timeout_s: int = DEFAULT_STREAM_TIMEOUT_S,
     http_no_delay: bool = True,
     template: Path | None = None,
+    mtls: MtlsBind | None = None,
 ) -> Path:
     """Write ``out_dir/haproxy.cfg``; return its path.
 
     ``host`` is both the listen address and the edges' address. ``stream_timeout_s`` must
     exceed the edges' keepalive interval (``CRM_EVENTS_SSE_PING_INTERVAL_S``) or idle streams
     are cut. ``http_no_delay=False`` exists only to measure what the option saves: without it
-    HAProxy delays lone events by up to 200 ms. Pure apart from the file it writes.
+    HAProxy delays lone events by up to 200 ms. ``mtls`` adds the mutual-TLS listener.
+    Pure apart from the file it writes.
     """
     _check_port("lb_port", lb_port)
     if not edge_ports:
@@ -99,8 +129,20 @@ def render(
         raise FileNotFoundError(f"HAProxy template not found: {source}")
     # IPv6 literals need brackets before the port.
     addr = f"[{host}]" if ":" in host else host
+    binds = [f"    bind {addr}:{lb_port}"]
+    if mtls is not None:
+        _check_port("mtls.port", mtls.port)
+        if mtls.port == lb_port or mtls.port in edge_ports:
+            raise ValueError(f"mtls.port {mtls.port} is also the lb port or an edge port")
+        pem = _checked_file("mtls.pem", mtls.pem)
+        ca = _checked_file("mtls.client_ca", mtls.client_ca)
+        crl = f" crl-file {_checked_file('mtls.crl', mtls.crl)}" if mtls.crl is not None else ""
+        binds.append(
+            f"    bind {addr}:{mtls.port} ssl crt {pem} ssl-min-ver TLSv1.2 alpn http/1.1"
+            f" ca-file {ca}{crl} verify required"
+        )
     values = {
-        "bind_lines": f"    bind {addr}:{lb_port}",
+        "bind_lines": "\n".join(binds),
         "server_lines": "\n".join(
             f"    server edge{i} {addr}:{port}" for i, port in enumerate(edge_ports, start=1)
         ),

@@ -17,6 +17,15 @@ unbuffered, same timeouts). Browsers get HTTP/2, where one connection carries ev
 EventSource of a page instead of HTTP/1.1's six per origin; scripts keep plain HTTP.
 :func:`ensure_self_signed_cert` makes a certificate for a local stack with ``openssl``.
 
+Client certificates are opt-in too: ``mtls=MtlsListener(...)`` adds a second server block,
+``crm-events-mtls.conf``, listening with TLS and ``ssl_verify_client on`` (a CA bundle, a CRL),
+that relays the verified certificate to the edges in ``X-Client-Cert`` (URL-escaped PEM). Its
+proxy settings and locations are copied from the shared file's server block, so both proxy
+alike; only that header differs (the shared server blanks it, so no client can forge it through
+the proxy). A missing or refused certificate is answered by nginx with a JSON error before any
+request reaches an edge. ``upstream_tls=UpstreamTls(...)`` makes nginx speak mutual TLS to the
+edges (``proxy_ssl_*`` at http level, ``https://`` in a rendered copy of the shared file).
+
 Run it with :func:`nginx_argv`. CLI::
 
     python -m devtools.nginx_conf OUT_DIR --lb-port 9010 --edge-ports 9011,9012 \\
@@ -26,6 +35,7 @@ Run it with :func:`nginx_argv`. CLI::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import shlex
@@ -38,12 +48,17 @@ from pathlib import Path
 from devtools.atomic import write_text_atomically
 
 __all__ = [
+    "CLIENT_CERT_HEADER",
     "LISTEN_INC",
     "MAIN_CONF",
+    "MTLS_CONF",
+    "SHARED_COPY",
     "TLS_CERT",
     "TLS_KEY",
     "UPSTREAM_INC",
+    "MtlsListener",
     "TlsError",
+    "UpstreamTls",
     "ensure_self_signed_cert",
     "find_nginx",
     "http2_directive_supported",
@@ -57,6 +72,16 @@ MAIN_CONF = "nginx.conf"
 UPSTREAM_INC = "crm-events-upstream.inc"
 LISTEN_INC = "crm-events-listen.inc"
 DEFAULT_WORKER_CONNECTIONS = 8192
+MTLS_CONF = "crm-events-mtls.conf"
+#: The shared file, rewritten to proxy over https when the edges speak TLS.
+SHARED_COPY = "crm-events-shared.conf"
+#: Where the mutual-TLS listener relays the verified certificate; the shared file blanks it
+#: (the edges' CRM_EVENTS_CLIENT_CERT_HEADER must keep this default behind nginx).
+CLIENT_CERT_HEADER = "X-Client-Cert"
+_BLANK_HEADER = f'proxy_set_header {CLIENT_CERT_HEADER} "";'
+_RELAY_HEADER = f"proxy_set_header {CLIENT_CERT_HEADER} $ssl_client_escaped_cert;"
+_PLAIN_UPSTREAM = "proxy_pass http://crm_edges;"
+_TLS_UPSTREAM = "proxy_pass https://crm_edges;"
 TLS_CERT = "cert.pem"
 TLS_KEY = "key.pem"
 #: nginx 1.25.1 replaced ``listen ... http2`` with the ``http2 on;`` directive.
@@ -78,6 +103,141 @@ def _check_port(what: str, port: int) -> int:
     return port
 
 
+@dataclasses.dataclass(frozen=True)
+class MtlsListener:
+    """A listener that requires a client certificate signed by ``client_ca``."""
+
+    port: int
+    cert: Path
+    """The listener's own certificate (chain), PEM."""
+    key: Path
+    client_ca: Path
+    """CA bundle (PEM) the client certificates must chain to."""
+    crl: Path | None = None
+    """PEM CRL of that CA: a revoked certificate is refused. nginx reads it at start and on
+    reload (SIGHUP), so a revocation takes effect at the next reload."""
+    verify_depth: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class UpstreamTls:
+    """nginx -> edge over mutual TLS: nginx presents ``cert`` and checks the edges' certificates
+    against ``trusted_ca`` for the name ``server_name``."""
+
+    cert: Path
+    key: Path
+    trusted_ca: Path
+    server_name: str = "localhost"
+
+
+def _checked_file(what: str, path: Path) -> Path:
+    resolved = Path(path).resolve()
+    if not resolved.is_file():
+        raise FileNotFoundError(f"{what} not found: {resolved}")
+    if '"' in str(resolved) or "\\" in str(resolved):
+        raise ValueError(f"nginx cannot quote this path: {resolved}")
+    return resolved
+
+
+def _server_body(shared_text: str) -> list[str]:
+    """The directives of the shared file's server block, without its listen include and
+    server name: what the mutual-TLS server copies so that both proxy alike."""
+    start = re.search(r"^server\s*\{[ \t]*$", shared_text, re.M)
+    if start is None:
+        raise ValueError("shared nginx config: no 'server {' block found")
+    depth, end, i = 1, None, start.end()
+    while i < len(shared_text):
+        c = shared_text[i]
+        if c == "#":
+            # A comment runs to the end of its line; braces in it do not count.
+            nl = shared_text.find("\n", i)
+            i = len(shared_text) if nl < 0 else nl
+            continue
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                end = i
+                break
+        i += 1
+    if end is None:
+        raise ValueError("shared nginx config: the server block is not closed")
+    lines = shared_text[start.end() : end].strip("\n").splitlines()
+    kept = [
+        line for line in lines if line.strip() not in (f"include {LISTEN_INC};", "server_name _;")
+    ]
+    relayed = []
+    for line in kept:
+        if _BLANK_HEADER in line:
+            indent = line[: len(line) - len(line.lstrip())]
+            relayed.append(f"{indent}# Here not blank: the certificate nginx verified.")
+            relayed.append(line.replace(_BLANK_HEADER, _RELAY_HEADER))
+        else:
+            relayed.append(line)
+    if sum(_RELAY_HEADER in line for line in relayed) != 1:
+        raise ValueError(
+            f"shared nginx config: expected exactly one '{_BLANK_HEADER}' in its server block"
+        )
+    return relayed
+
+
+def _mtls_server(host: str, mtls: MtlsListener, body: list[str]) -> str:
+    """The mutual-TLS server block (http context)."""
+    crl = f'    ssl_crl "{mtls.crl}";\n' if mtls.crl is not None else ""
+    return (
+        "# Generated by devtools/nginx_conf.py: the mutual-TLS listener. Settings and locations\n"
+        "# below the marker are copied from the shared server block.\n"
+        "server {\n"
+        f"    listen {host}:{mtls.port} ssl;\n"
+        "    server_name _;\n"
+        f'    ssl_certificate "{mtls.cert}";\n'
+        f'    ssl_certificate_key "{mtls.key}";\n'
+        "    ssl_protocols TLSv1.2 TLSv1.3;\n"
+        "    ssl_session_cache shared:crm_events_mtls:1m;\n"
+        "    ssl_session_timeout 1h;\n"
+        "    # Only clients with a certificate signed by this CA (and not revoked) get past the\n"
+        "    # request line. nginx completes the handshake either way and answers 496 (none\n"
+        "    # sent) or 495 (not verified) before any location runs: no request reaches an edge.\n"
+        "    ssl_verify_client on;\n"
+        f'    ssl_client_certificate "{mtls.client_ca}";\n'
+        + crl
+        + f"    ssl_verify_depth {mtls.verify_depth};\n"
+        "    # Those answers in the product's JSON error shape, not nginx's HTML page.\n"
+        "    error_page 496 = @crm_events_no_client_cert;\n"
+        "    error_page 495 = @crm_events_bad_client_cert;\n"
+        "    location @crm_events_no_client_cert {\n"
+        "        default_type application/json;\n"
+        '        return 401 \'{"error":"client_certificate_required","message":'
+        '"this listener requires a client certificate"}\';\n'
+        "    }\n"
+        "    location @crm_events_bad_client_cert {\n"
+        "        default_type application/json;\n"
+        '        return 403 \'{"error":"invalid_client_certificate","message":'
+        '"the client certificate is not signed by a trusted CA, has expired or is revoked"}\';\n'
+        "    }\n"
+        "\n"
+        "    # -- copied from the shared server block --\n" + "\n".join(body) + "\n}\n"
+    )
+
+
+def _upstream_tls_lines(tls: UpstreamTls) -> str:
+    """http-level proxy_ssl_* directives: every server and location inherits them."""
+    return (
+        "    # nginx -> edge over mutual TLS: nginx shows its own client certificate and checks\n"
+        "    # the edges' certificates.\n"
+        f'    proxy_ssl_certificate "{tls.cert}";\n'
+        f'    proxy_ssl_certificate_key "{tls.key}";\n'
+        f'    proxy_ssl_trusted_certificate "{tls.trusted_ca}";\n'
+        "    proxy_ssl_verify on;\n"
+        "    proxy_ssl_verify_depth 2;\n"
+        f"    proxy_ssl_name {tls.server_name};\n"
+        "    proxy_ssl_server_name on;\n"
+        "    proxy_ssl_protocols TLSv1.2 TLSv1.3;\n"
+        "    proxy_ssl_session_reuse on;\n"
+    )
+
+
 def render(
     out_dir: Path,
     lb_port: int,
@@ -90,6 +250,8 @@ def render(
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
     http2_directive: bool = False,
+    mtls: MtlsListener | None = None,
+    upstream_tls: UpstreamTls | None = None,
 ) -> Path:
     """Write the main config and both include files into ``out_dir``; return the main config.
 
@@ -100,6 +262,10 @@ def render(
     ``tls_port`` (with ``tls_cert`` and ``tls_key``, PEM files) adds the HTTPS + HTTP/2
     listener. ``http2_directive`` selects nginx >= 1.25.1's ``http2 on;`` over the older
     ``listen ... ssl http2`` form (see :func:`http2_directive_supported`).
+
+    ``mtls`` adds the mutual-TLS listener (its own server block, ``MTLS_CONF``);
+    ``upstream_tls`` makes nginx reach the edges over mutual TLS (the shared file is then
+    included as a rendered copy, ``SHARED_COPY``, that proxies to ``https://``).
     """
     out_dir = Path(out_dir).resolve()
     _check_port("lb_port", lb_port)
@@ -129,6 +295,50 @@ def render(
     for path in (out_dir, conf, *(tls[1:] if tls else ())):
         if '"' in str(path) or "\\" in str(path):
             raise ValueError(f"nginx cannot quote this path: {path}")
+    if mtls is not None:
+        _check_port("mtls.port", mtls.port)
+        taken = {lb_port, *edge_ports, *([tls[0]] if tls else [])}
+        if mtls.port in taken:
+            raise ValueError(f"mtls.port {mtls.port} is also the lb, TLS or an edge port")
+        if isinstance(mtls.verify_depth, bool) or not 1 <= mtls.verify_depth <= 10:
+            raise ValueError(f"mtls.verify_depth: expected 1-10, got {mtls.verify_depth!r}")
+        mtls = dataclasses.replace(
+            mtls,
+            cert=_checked_file("mtls.cert", mtls.cert),
+            key=_checked_file("mtls.key", mtls.key),
+            client_ca=_checked_file("mtls.client_ca", mtls.client_ca),
+            crl=_checked_file("mtls.crl", mtls.crl) if mtls.crl is not None else None,
+        )
+    if upstream_tls is not None:
+        if not re.fullmatch(r"[A-Za-z0-9.:-]+", upstream_tls.server_name):
+            raise ValueError(
+                f"upstream_tls.server_name: not a host name: {upstream_tls.server_name!r}"
+            )
+        upstream_tls = dataclasses.replace(
+            upstream_tls,
+            cert=_checked_file("upstream_tls.cert", upstream_tls.cert),
+            key=_checked_file("upstream_tls.key", upstream_tls.key),
+            trusted_ca=_checked_file("upstream_tls.trusted_ca", upstream_tls.trusted_ca),
+        )
+    shared_text = conf.read_text()
+    included = conf
+    if upstream_tls is not None:
+        if _PLAIN_UPSTREAM not in shared_text:
+            raise ValueError(f"shared nginx config: no '{_PLAIN_UPSTREAM}' to switch to https")
+        shared_text = shared_text.replace(_PLAIN_UPSTREAM, _TLS_UPSTREAM)
+        included = out_dir / SHARED_COPY
+        write_text_atomically(
+            included,
+            f"# Generated by devtools/nginx_conf.py from {conf.name}: proxies over https.\n"
+            + shared_text,
+        )
+    # The relative includes in an included file resolve against the main file's directory, so
+    # the copy (in out_dir) and the original behave alike.
+    includes = [f'    include "{included}";\n']
+    if mtls is not None:
+        mtls_path = out_dir / MTLS_CONF
+        write_text_atomically(mtls_path, _mtls_server(host, mtls, _server_body(shared_text)))
+        includes.append(f'    include "{mtls_path}";\n')
 
     temp = out_dir / "temp"
     for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
@@ -165,9 +375,8 @@ http {{
     fastcgi_temp_path "{temp}/fastcgi";
     uwsgi_temp_path "{temp}/uwsgi";
     scgi_temp_path "{temp}/scgi";
-
-    include "{conf}";
-}}
+{_upstream_tls_lines(upstream_tls) if upstream_tls is not None else ""}
+{"".join(includes)}}}
 """
     main_path = out_dir / MAIN_CONF
     write_text_atomically(main_path, main)

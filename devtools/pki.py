@@ -8,11 +8,12 @@ One directory holds one CA::
     ca.revoke(client.cert)                            # and rewrites crl.pem
 
 Files in that directory: ``ca.key`` and ``ca.crt`` (the authority), ``crl.pem`` (its current
-revocation list, PEM; always present, empty at first), ``revoked.json`` (what ``crl.pem`` is
-made from), and per issued name ``<name>.key``, ``<name>.crt`` (the certificate alone) and
-``<name>.pem`` (key, certificate and CA certificate in one file, what a PEM keystore such as
-Kafka's ``ssl.keystore.type=PEM`` reads). Private keys, and the files that hold one, are
-0600; certificates and the CRL are 0644.
+revocation list, PEM; always present, empty at first; valid for a year, re-signed by ``open``
+when a third of that is left and by ``renew_crl`` at any time), ``revoked.json`` (what
+``crl.pem`` is made from), and per issued name ``<name>.key``, ``<name>.crt`` (the certificate
+alone) and ``<name>.pem`` (key, certificate and CA certificate in one file, what a PEM keystore
+such as Kafka's ``ssl.keystore.type=PEM`` reads). Private keys, and the files that hold one,
+are 0600; certificates and the CRL are 0644.
 
 Keys are ECDSA P-256: fast to make (tests create several per run), and accepted by OpenSSL
 (nginx, Redis, Python) and Java (Kafka) alike. Every write goes through a temporary file
@@ -53,9 +54,11 @@ __all__ = [
 CA_DAYS = 3650
 #: Under the 398 days browsers accept for a server certificate.
 LEAF_DAYS = 397
-#: A CRL past its next update makes nginx and OpenSSL refuse every certificate: ``open``
-#: rewrites one that has less than a third of this left.
-CRL_DAYS = 30
+#: A CRL past its next update makes nginx and OpenSSL refuse every certificate, silently for
+#: the operator. A local CA's list is published by nobody but its own directory, so a long
+#: life costs nothing: ``open`` rewrites one that has less than a third of this left, and
+#: :meth:`LocalCA.renew_crl` (the local stack, on every nginx start) re-signs it outright.
+CRL_DAYS = 365
 #: Clock skew between this machine and a peer must not make a fresh certificate "not yet valid".
 BACKDATE = dt.timedelta(minutes=5)
 #: A certificate this close to its end is issued anew instead of reused.
@@ -412,6 +415,13 @@ class LocalCA:
                 (json.dumps({str(s): w for s, w in revoked.items()}, indent=1) + "\n").encode(),
                 0o644,
             )
+            return self._write_crl()
+
+    def renew_crl(self) -> Path:
+        """Re-sign ``crl.pem`` now (the same revocations, a full :data:`CRL_DAYS` ahead);
+        returns it. Cheap: a reader that loads the list at start (nginx) then holds one that
+        outlives any run of it shorter than a year."""
+        with self._locked(self.directory):
             return self._write_crl()
 
     def is_revoked(self, cert: x509.Certificate) -> bool:

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import http.client
 import socket
+import ssl
 import threading
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -44,17 +45,29 @@ class TcpReady:
 @dataclasses.dataclass(frozen=True)
 class HttpReady:
     """GET ``url`` answers ``status``. Talks to the address directly: proxy settings in the
-    environment must not route a loopback probe elsewhere."""
+    environment must not route a loopback probe elsewhere. An ``https://`` URL needs
+    ``context`` (with a client certificate where the server requires one)."""
 
     url: str
     status: int = 200
     timeout_s: float = 2.0
+    context: ssl.SSLContext | None = None
 
     def __call__(self) -> bool:
         parts = urllib.parse.urlsplit(self.url)
-        if parts.scheme != "http" or parts.hostname is None:
-            raise ValueError(f"HttpReady needs an http:// URL, got {self.url!r}")
-        conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=self.timeout_s)
+        conn: http.client.HTTPConnection
+        if parts.hostname is None or parts.scheme not in ("http", "https"):
+            raise ValueError(f"HttpReady needs an http(s):// URL, got {self.url!r}")
+        if parts.scheme == "https":
+            if self.context is None:
+                raise ValueError(f"HttpReady needs a TLS context for {self.url!r}")
+            conn = http.client.HTTPSConnection(
+                parts.hostname, parts.port or 443, timeout=self.timeout_s, context=self.context
+            )
+        else:
+            conn = http.client.HTTPConnection(
+                parts.hostname, parts.port or 80, timeout=self.timeout_s
+            )
         path = parts.path or "/"
         if parts.query:
             path += "?" + parts.query

@@ -54,11 +54,27 @@ CRM_EVENTS_LB_PORT                 9010               nginx in front of the edge
 CRM_EVENTS_LB_TLS_PORT             9443               the same over HTTPS + HTTP/2; 0 = off
 CRM_EVENTS_LB_TLS_CERT             (self-signed)      PEM certificate (chain) for the TLS port
 CRM_EVENTS_LB_TLS_KEY              (self-signed)      its PEM private key; both or neither
+CRM_EVENTS_LB_MTLS_PORT            9444               HTTPS that requires a client certificate
+                                                      of the local CA (mutual TLS); 0 = off
+CRM_EVENTS_AUTH_MODE               jwt-or-cert        the edges' mode: a token or a relayed
+                                   (mTLS port off:    client certificate; a value set here
+                                   jwt)               (any edge mode) is passed as it is
+CRM_EVENTS_CLIENT_CERT_GRANTS_FILE (the local CA's)   the edges' certificate grants (JSON)
 CRM_EVENTS_PRODUCER_RATE           5                  sample events per second
 =================================  =================  ========================================
 
 Without CRM_EVENTS_LB_TLS_CERT/KEY, nginx's first start makes a self-signed certificate for
 localhost and 127.0.0.1 in ``<run dir>/nginx/tls/`` (kept and reused while it is valid).
+
+Client certificates: the first start makes a local CA in ``<run dir>/pki/``
+(:mod:`devtools.pki`) with nginx's certificate for the mutual-TLS port (``nginx-mtls``), a
+client certificate ``crm-sync`` (``CN=crm-sync,O=crm-events local``), a revoked one
+(``crm-sync-revoked``) and the CRL, and ``client-cert-grants.json`` granting ``crm-sync`` every
+event type (written when missing: an operator's edits stay). Every nginx start re-signs the CRL
+for another year (nginx reads it at start and reload), so a running stack never holds an
+expired one. nginx relays a verified certificate to the edges in ``X-Client-Cert``; the edges
+honour it from 127.0.0.1 (their default trusted proxies) only. Without the mutual-TLS port the
+edges default to ``jwt``: nothing could relay a certificate to them.
 
 The Redis mode of a running stack is remembered in ``<run dir>/redis-mode`` (written by ``up``
 and ``start``, removed by ``down``): ``status``, ``down`` and a second ``up`` without
@@ -76,6 +92,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import logging
 import math
 import os
@@ -88,11 +105,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from devtools import kafka_local, nginx_conf, redis_cluster, redis_ha, watchdog
+from devtools.atomic import write_text_atomically
 from devtools.monitoring_stack import (
     MonitoringSettings,
     MonitoringSettingsError,
     monitoring_specs,
 )
+from devtools.pki import LocalCA, PkiError
 from devtools.probes import HttpReady, KafkaReady, RedisReady
 from devtools.supervisor import (
     NotRunningError,
@@ -111,12 +130,15 @@ from shared.settings import DEFAULT_REDIS_PREFIX
 __all__ = [
     "DEFAULT_CLUSTER_KAFKA_PARTITIONS",
     "DEFAULT_CLUSTER_PORTS",
+    "DEFAULT_EDGE_AUTH_MODE",
+    "DEFAULT_EDGE_AUTH_MODE_WITHOUT_MTLS",
     "DEFAULT_EDGE_PORTS",
     "DEFAULT_INGEST_PORT",
     "DEFAULT_KAFKA_CONTROLLER_PORT",
     "DEFAULT_KAFKA_PARTITIONS",
     "DEFAULT_KAFKA_PORT",
     "DEFAULT_KAFKA_TOPIC",
+    "DEFAULT_LB_MTLS_PORT",
     "DEFAULT_LB_PORT",
     "DEFAULT_LB_TLS_PORT",
     "DEFAULT_PRODUCER_RATE",
@@ -136,6 +158,7 @@ __all__ = [
     "checkout_dir",
     "cluster_node_spec",
     "edge_spec",
+    "ensure_local_pki",
     "ingest_spec",
     "kafka_spec",
     "main",
@@ -178,6 +201,22 @@ DEFAULT_INGEST_PORT = 9020
 DEFAULT_EDGE_PORTS: tuple[int, ...] = (9011, 9012)
 DEFAULT_LB_PORT = 9010
 DEFAULT_LB_TLS_PORT = 9443
+DEFAULT_LB_MTLS_PORT = 9444
+#: Browsers with tokens and services with client certificates both work on the local stack.
+DEFAULT_EDGE_AUTH_MODE = "jwt-or-cert"
+#: The edges' default when nginx has no mutual-TLS listener: no certificate can be relayed, so
+#: a mode that honours the header would only widen what a local process may claim.
+DEFAULT_EDGE_AUTH_MODE_WITHOUT_MTLS = "jwt"
+#: The edges' CRM_EVENTS_AUTH_MODE values (shared/security_settings.py decides; the stack only
+#: needs to know which involve certificates, and refuses a typo before starting anything).
+EDGE_AUTH_MODES = ("jwt", "off", "cert", "jwt-or-cert", "jwt-and-cert")
+PKI_DIR = "pki"
+GRANTS_FILE = "client-cert-grants.json"
+#: Names of the local CA's certificates (files ``<name>.crt``, ``.key``, ``.pem`` in PKI_DIR).
+MTLS_SERVER_CERT = "nginx-mtls"
+CLIENT_CERT = "crm-sync"
+REVOKED_CLIENT_CERT = "crm-sync-revoked"
+CLIENT_CERT_ORG = "crm-events local"
 DEFAULT_PRODUCER_RATE = 5.0
 
 KAFKA_READY_TIMEOUT_S = 90.0
@@ -232,6 +271,13 @@ class StackSettings:
     redis_cluster_ports: tuple[int, ...] = DEFAULT_CLUSTER_PORTS
     """Cluster mode: the first half masters, the second half one replica each (``from_env``
     also raises the default partitions to :data:`DEFAULT_CLUSTER_KAFKA_PARTITIONS`)."""
+    lb_mtls_port: int | None = DEFAULT_LB_MTLS_PORT
+    """nginx's mutual-TLS port (client certificates of the local CA); None = off."""
+    edge_auth_mode: str = ""
+    """The edges' CRM_EVENTS_AUTH_MODE; "" = :data:`DEFAULT_EDGE_AUTH_MODE` with the mutual-TLS
+    listener, :data:`DEFAULT_EDGE_AUTH_MODE_WITHOUT_MTLS` without it (set on construction)."""
+    client_cert_grants_file: Path | None = None
+    """An operator's grants file for the edges; None = the local CA's (``crm-sync``: all)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "run_dir", Path(self.run_dir).resolve())
@@ -257,6 +303,19 @@ class StackSettings:
             )
         if not self.edge_ports:
             raise SettingsError("CRM_EVENTS_EDGE_PORTS: at least one edge port is needed")
+        if not self.edge_auth_mode:
+            object.__setattr__(
+                self,
+                "edge_auth_mode",
+                DEFAULT_EDGE_AUTH_MODE
+                if self.lb_mtls_port is not None
+                else DEFAULT_EDGE_AUTH_MODE_WITHOUT_MTLS,
+            )
+        if self.edge_auth_mode not in EDGE_AUTH_MODES:
+            raise SettingsError(
+                f"CRM_EVENTS_AUTH_MODE: expected one of {', '.join(EDGE_AUTH_MODES)}, "
+                f"got {self.edge_auth_mode!r}"
+            )
         if not self.producer_rate > 0 or not math.isfinite(self.producer_rate):
             raise SettingsError(
                 f"CRM_EVENTS_PRODUCER_RATE: expected events per second > 0, "
@@ -301,6 +360,11 @@ class StackSettings:
             *(
                 [("CRM_EVENTS_LB_TLS_PORT", self.lb_tls_port)]
                 if self.lb_tls_port is not None
+                else []
+            ),
+            *(
+                [("CRM_EVENTS_LB_MTLS_PORT", self.lb_mtls_port)]
+                if self.lb_mtls_port is not None
                 else []
             ),
         ]
@@ -361,6 +425,16 @@ class StackSettings:
             tls_port = None
         elif raw_tls:
             tls_port = port("CRM_EVENTS_LB_TLS_PORT", DEFAULT_LB_TLS_PORT)
+        raw_mtls = env.get("CRM_EVENTS_LB_MTLS_PORT", "").strip()
+        mtls_port: int | None = DEFAULT_LB_MTLS_PORT
+        if raw_mtls.lower() in ("0", "off"):
+            mtls_port = None
+        elif raw_mtls:
+            mtls_port = port("CRM_EVENTS_LB_MTLS_PORT", DEFAULT_LB_MTLS_PORT)
+        raw_grants = env.get("CRM_EVENTS_CLIENT_CERT_GRANTS_FILE", "").strip()
+        grants = Path(raw_grants).expanduser().resolve() if raw_grants else None
+        if grants is not None and not grants.is_file():
+            raise SettingsError(f"CRM_EVENTS_CLIENT_CERT_GRANTS_FILE: no such file: {raw_grants!r}")
         tls_files: dict[str, Path | None] = {}
         for var in ("CRM_EVENTS_LB_TLS_CERT", "CRM_EVENTS_LB_TLS_KEY"):
             raw_path = env.get(var, "").strip()
@@ -388,6 +462,10 @@ class StackSettings:
             redis_replica_port=port("CRM_EVENTS_REDIS_REPLICA_PORT", DEFAULT_REDIS_REPLICA_PORT),
             sentinel_ports=ports("CRM_EVENTS_REDIS_SENTINEL_PORTS", DEFAULT_SENTINEL_PORTS),
             redis_cluster_ports=ports("CRM_EVENTS_REDIS_CLUSTER_PORTS", DEFAULT_CLUSTER_PORTS),
+            lb_mtls_port=mtls_port,
+            # Unset: follows the mutual-TLS listener (__post_init__); set: passed as it is.
+            edge_auth_mode=env.get("CRM_EVENTS_AUTH_MODE", "").strip().lower(),
+            client_cert_grants_file=grants,
         )
 
     @property
@@ -463,6 +541,26 @@ class StackSettings:
     def lb_https_url(self) -> str | None:
         """The HTTPS + HTTP/2 address, or None when TLS is off."""
         return None if self.lb_tls_port is None else f"https://{HOST}:{self.lb_tls_port}"
+
+    @property
+    def lb_mtls_url(self) -> str | None:
+        """The mutual-TLS address, or None when it is off."""
+        return None if self.lb_mtls_port is None else f"https://{HOST}:{self.lb_mtls_port}"
+
+    @property
+    def pki_dir(self) -> Path:
+        """The local CA (devtools/pki.py) and its certificates."""
+        return self.run_dir / PKI_DIR
+
+    @property
+    def edge_cert_auth(self) -> bool:
+        """The edges' mode takes client certificates (and so needs a grants file)."""
+        return "cert" in self.edge_auth_mode
+
+    @property
+    def grants_file(self) -> Path:
+        """The grants file the edges read: the operator's or the local CA's."""
+        return self.client_cert_grants_file or self.pki_dir / GRANTS_FILE
 
     def edge_url(self, port: int) -> str:
         return f"http://{HOST}:{port}"
@@ -784,12 +882,20 @@ def dev_token(settings: StackSettings, ttl_s: float = DEV_TOKEN_TTL_S) -> str:
 
 def edge_spec(settings: StackSettings, index: int) -> ProcessSpec:
     """Edge number ``index`` (1-based), on ``settings.edge_ports[index - 1]``. Authentication
-    is on (JWT, the stack's own secret) unless CRM_EVENTS_AUTH_MODE=off is set."""
+    is on (a JWT signed with the stack's own secret, or a client certificate of the local CA
+    relayed by nginx) unless CRM_EVENTS_AUTH_MODE=off is set."""
     port = settings.edge_ports[index - 1]
 
     def prepare() -> None:
         ensure_jwt_secret(settings)
+        if settings.edge_cert_auth and settings.client_cert_grants_file is None:
+            ensure_local_pki(settings)
 
+    cert_env = (
+        {"CRM_EVENTS_CLIENT_CERT_GRANTS_FILE": str(settings.grants_file)}
+        if settings.edge_cert_auth
+        else {}
+    )
     return ProcessSpec(
         name=f"edge{index}",
         argv=_python_entry("crm-events-edge", "edge"),
@@ -798,6 +904,8 @@ def edge_spec(settings: StackSettings, index: int) -> ProcessSpec:
             "CRM_EVENTS_EDGE_PORT": str(port),
             "CRM_EVENTS_NODE_ID": f"edge-{index}",
             "CRM_EVENTS_JWT_SECRET_FILE": str(jwt_secret_file(settings)),
+            "CRM_EVENTS_AUTH_MODE": settings.edge_auth_mode,
+            **cert_env,
         },
         prepare=prepare,
         cwd=settings.run_dir,
@@ -819,6 +927,23 @@ def nginx_spec(settings: StackSettings) -> ProcessSpec:
                 cert, key = nginx_conf.ensure_self_signed_cert(home / "tls")
             except nginx_conf.TlsError as exc:
                 raise StartError(f"nginx: {exc}") from exc
+        mtls = None
+        if settings.lb_mtls_port is not None:
+            ca = ensure_local_pki(settings)
+            # nginx reads the CRL only now: a fresh year of it, so that this nginx never
+            # refuses every certificate because its copy of the list expired.
+            try:
+                ca.renew_crl()
+            except (PkiError, OSError) as exc:
+                raise StartError(f"nginx: CRL in {settings.pki_dir}: {exc}") from exc
+            server = ca.files(MTLS_SERVER_CERT)
+            mtls = nginx_conf.MtlsListener(
+                port=settings.lb_mtls_port,
+                cert=server.cert,
+                key=server.key,
+                client_ca=ca.cert_path,
+                crl=ca.crl_path,
+            )
         nginx_conf.render(
             home,
             settings.lb_port,
@@ -828,6 +953,7 @@ def nginx_spec(settings: StackSettings) -> ProcessSpec:
             tls_cert=cert if settings.lb_tls_port is not None else None,
             tls_key=key if settings.lb_tls_port is not None else None,
             http2_directive=nginx_conf.http2_directive_supported(_binary("nginx")),
+            mtls=mtls,
         )
 
     return ProcessSpec(
@@ -840,6 +966,31 @@ def nginx_spec(settings: StackSettings) -> ProcessSpec:
         port=settings.lb_port,
         prepare=prepare,
     )
+
+
+def ensure_local_pki(settings: StackSettings) -> LocalCA:
+    """The local CA in ``<run dir>/pki`` with what the stack uses (module docstring): made on
+    the first start, reused later (certificates are renewed a day before they end, the CRL
+    a third of its life before; nginx's start re-signs it anyway). The grants file is written
+    only when missing, so an operator's edits survive restarts. Safe from several parts at
+    once (devtools/pki.py locks; two parts writing a missing grants file write the same)."""
+    try:
+        ca = LocalCA.open(settings.pki_dir)
+        ca.issue_server(MTLS_SERVER_CERT)
+        client = ca.issue_client(CLIENT_CERT, common_name=CLIENT_CERT, organization=CLIENT_CERT_ORG)
+        revoked = ca.issue_client(
+            REVOKED_CLIENT_CERT, common_name=REVOKED_CLIENT_CERT, organization=CLIENT_CERT_ORG
+        )
+        if not ca.is_revoked(revoked.certificate()):
+            ca.revoke(revoked.cert)
+        grants_path = settings.pki_dir / GRANTS_FILE
+        if not grants_path.exists():
+            subject = client.certificate().subject.rfc4514_string()
+            grants = {"rules": [{"subject": subject, "types": ["*"]}]}
+            write_text_atomically(grants_path, json.dumps(grants, indent=2) + "\n")
+    except (PkiError, OSError, ValueError) as exc:
+        raise StartError(f"local CA in {settings.pki_dir}: {exc}") from exc
+    return ca
 
 
 def producer_spec(settings: StackSettings, *, count: int = 0) -> ProcessSpec:
@@ -1268,7 +1419,18 @@ class Stack:
             ("logs", str(self.supervisor.log_dir)),
             ("watchdog", "restarts a part that dies; make status counts the restarts"),
         ]
-        if os.environ.get("CRM_EVENTS_AUTH_MODE", "jwt").strip().lower() != "off":
+        if s.lb_mtls_url is not None:
+            pki = _shown_path(s.pki_dir)
+            rows += [
+                (
+                    "client cert",
+                    f"curl -N --cacert {pki}/ca.crt --cert {pki}/{CLIENT_CERT}.crt "
+                    f"--key {pki}/{CLIENT_CERT}.key {s.lb_mtls_url}/crm-events",
+                ),
+            ]
+            if not s.edge_cert_auth:
+                rows += [("", f"(the edges ignore it: CRM_EVENTS_AUTH_MODE={s.edge_auth_mode})")]
+        if s.edge_auth_mode != "off":
             token = dev_token(s)
             page = s.lb_https_url or s.lb_url
             rows += [
@@ -1277,6 +1439,15 @@ class Stack:
                 ("", f"{page}/ops/crm-events#token={token}"),
             ]
         return rows
+
+
+def _shown_path(path: Path) -> str:
+    """``path`` relative to the working directory when it is below it (``run/pki``, as the
+    README shows it), otherwise absolute."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 # -- CLI -------------------------------------------------------------------------------------

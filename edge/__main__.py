@@ -9,6 +9,7 @@ from aiohttp import web
 from prometheus_client import disable_created_metrics
 
 from shared import cli, logs
+from shared.errors import SettingsError
 from shared.loop import new_event_loop
 from shared.runtime import tune_gc
 from shared.settings import EdgeSettings
@@ -16,11 +17,12 @@ from shared.settings import EdgeSettings
 from .app import create_app
 
 LISTEN_BACKLOG = 16384
+PROG = "crm-events-edge"
 
 
 def main(argv: list[str] | None = None) -> None:
     settings, check_only = cli.load(
-        "crm-events-edge",
+        PROG,
         sys.argv[1:] if argv is None else argv,
         os.environ,
         EdgeSettings.from_env,
@@ -28,18 +30,27 @@ def main(argv: list[str] | None = None) -> None:
         "resumable with Last-Event-ID) and GET /crm-events/history from Redis, plus the "
         "Command Center page, /healthz, /readyz and /metrics.",
     )
+    try:
+        # Reads the files the settings only name (the client certificate grants): a bad
+        # one stops the edge here, as a malformed variable does, --check-config included.
+        app = create_app(settings)
+    except SettingsError as exc:
+        cli.fail(PROG, f"bad setting {exc}")
     if check_only:
         print(repr(settings))
         return
-    # The *_created series double the exposition size and no rule here uses them.
+    # The *_created series double the exposition size and no rule here uses them (read at
+    # each scrape: the app's metrics made above are covered).
     disable_created_metrics()  # type: ignore[no-untyped-call]
     logs.configure("edge", settings.node_id, settings.log_level)
-    app = create_app(settings)
     tune_gc()
     web.run_app(
         app,
         host=settings.host,
         port=settings.port,
+        # HTTPS (mutual TLS with a client CA) when configured: the context was built, and
+        # its files checked, when the settings were read.
+        ssl_context=settings.tls.context,
         print=None,
         access_log=None,
         handler_cancellation=True,

@@ -60,9 +60,17 @@ def create_app(
     metrics = EdgeMetrics(registry, settings.node_id)
     supervisor = tasks if tasks is not None else Supervisor(registry)
     breakers = BreakerMetrics(registry)
-    # Built here, not in the lifecycle, so a bad key file fails before the port is bound.
+    trusted = TrustedProxies(settings.limits.trusted_proxies)
+    # Checked here, where both are known, so that --check-config refuses it too: a network
+    # trusted to relay certificates is safe only behind the edge's own mutual TLS.
+    settings.auth.check_cert_proxies(settings.tls.mutual)
+    # Built here, not in the lifecycle, so a bad key or grants file fails before the port
+    # is bound (SettingsError naming the setting). Its trusted peers are its own list
+    # (CRM_EVENTS_CLIENT_CERT_TRUSTED_PROXIES), not the X-Forwarded-For one above.
     authenticator = Authenticator(
-        settings.auth, JwksMetrics(registry) if settings.auth.remote_keys else None
+        settings.auth,
+        JwksMetrics(registry) if settings.auth.remote_keys else None,
+        untrusted_cert_headers=metrics.untrusted_cert_headers,
     )
     remote_keys = authenticator.remote
     cors_refused = cors_refusals_counter(registry)
@@ -127,7 +135,7 @@ def create_app(
             history_rate=RateLimiter(
                 limits.history_rate_per_s, limits.history_burst, metrics.limit_rejections
             ),
-            trusted_proxies=TrustedProxies(limits.trusted_proxies),
+            trusted_proxies=trusted,
             preface=retry_frame(settings.retry_ms) + comment_frame(f"node {settings.node_id}"),
         )
         app[CONTEXT] = ctx

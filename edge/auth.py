@@ -7,6 +7,13 @@ may require field equality on events (``crm_match``: ``{"TenantId": "t-1"}``). T
 grant applies to live delivery, resume and history. Tokens must carry ``exp``; a stream
 ends when its token expires.
 
+Client certificates (``CRM_EVENTS_AUTH_MODE`` ``cert``, ``jwt-or-cert``, ``jwt-and-cert``):
+the load balancer verifies one at the TLS handshake and relays it in a header, believed only
+from a peer in ``CRM_EVENTS_CLIENT_CERT_TRUSTED_PROXIES`` (from any other peer it is ignored,
+as if absent, and counted); rules grant by its subject or SANs (edge/client_cert.py), and a stream
+ends at its ``notAfter`` as at a token's ``exp``. ``jwt-or-cert`` takes the certificate when
+one is relayed, else the token; ``jwt-and-cert`` needs both and grants what both grant.
+
 Keys: an HS256 secret, a PEM public key, a JWKS file, or an identity provider's JWKS over
 HTTP (``CRM_EVENTS_AUTH_JWKS_URL``, ``CRM_EVENTS_AUTH_OIDC_ISSUER``: edge/jwks.py). Only the
 last can make ``authenticate`` wait (one shared refetch when a token names an unknown key);
@@ -24,16 +31,23 @@ from typing import Any
 
 import jwt
 from aiohttp import web
+from prometheus_client import Counter
 
 from shared.events import TYPE_RE
 from shared.httpkit import ApiError
 from shared.security_settings import AuthSettings
 
+from .client_cert import CertGrants, CertificateError, ClientCert, parse_relayed
 from .jwks import KeysUnavailable, RemoteKeys, UnknownKid, VerifyKey
+from .limits import TrustedProxies
 from .metrics import JwksMetrics
 from .oidc import KeySource
 
 WWW_AUTHENTICATE = {"WWW-Authenticate": 'Bearer realm="crm-events"'}
+
+TOKEN = "token"
+CERT = "cert"
+TOKEN_AND_CERT = "token+cert"
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,8 +57,11 @@ class Grant:
     match: frozenset[tuple[str, str]]
     """Field values every delivered event must have."""
     expires_at: float | None
-    """Unix time the grant ends (the token's ``exp``)."""
+    """Unix time the grant ends (the token's ``exp``, the certificate's ``notAfter``, the
+    earlier of both)."""
     subject: str | None = None
+    source: str = TOKEN
+    """What granted it, for messages: ``TOKEN``, ``CERT`` or ``TOKEN_AND_CERT``."""
 
     def narrow(self, requested: frozenset[bytes] | None) -> frozenset[bytes] | None:
         """The filter to apply for a request's ``types=``; refuses types not granted."""
@@ -55,8 +72,42 @@ class Grant:
         missing = requested - self.types
         if missing:
             names = ", ".join(sorted(t.decode() for t in missing))
-            raise ApiError(403, "forbidden", f"the token does not grant the event types: {names}")
+            raise ApiError(403, "forbidden", f"{_NOT_GRANTED[self.source]}: {names}")
         return requested
+
+
+_NOT_GRANTED = {
+    TOKEN: "the token does not grant the event types",
+    CERT: "the client certificate does not grant the event types",
+    TOKEN_AND_CERT: "the token and the client certificate do not both grant the event types",
+}
+
+
+def intersect(token: Grant, cert: Grant) -> Grant:
+    """What a token and a client certificate grant together (``jwt-and-cert``): the types
+    both grant, every field constraint of either, until the earlier end."""
+    types: frozenset[bytes] | None
+    if token.types is None or cert.types is None:
+        types = cert.types if token.types is None else token.types
+    else:
+        types = token.types & cert.types
+        if not types:
+            raise ApiError(
+                403, "forbidden", "the token and the client certificate grant no type in common"
+            )
+    match = token.match | cert.match
+    fields = [name for name, _ in match]
+    clashing = sorted({name for name in fields if fields.count(name) > 1})
+    if clashing:
+        # Both constraints must hold, and no event has two values for one field: nothing
+        # could be delivered, so say so rather than serve an empty stream.
+        raise ApiError(
+            403,
+            "forbidden",
+            f"the token and the client certificate require different values of {clashing[0]}",
+        )
+    ends = [t for t in (token.expires_at, cert.expires_at) if t is not None]
+    return Grant(types, match, min(ends) if ends else None, token.subject, TOKEN_AND_CERT)
 
 
 OPEN = Grant(None, frozenset(), None, "anonymous")
@@ -68,9 +119,16 @@ def _unauthorized(message: str, error: str = "invalid_token") -> ApiError:
     return ApiError(401, "unauthorized", message, headers)
 
 
+NO_CERT = "a client certificate is required: connect through the load balancer's mutual-TLS port"
+
+
 UNKNOWN_KID = "the token's key id is not known"
 NO_KID = "the token names no key id (kid)"
 KEYS_UNAVAILABLE = "the identity provider's keys are unavailable; retry shortly"
+
+
+def _invalid_certificate(message: str) -> ApiError:
+    return ApiError(401, "invalid_certificate", message)
 
 
 def _retry_after(seconds: float) -> str:
@@ -104,8 +162,23 @@ def _kid(token: str) -> str | None:
 
 
 class Authenticator:
-    def __init__(self, settings: AuthSettings, jwks_metrics: JwksMetrics | None = None) -> None:
+    def __init__(
+        self,
+        settings: AuthSettings,
+        jwks_metrics: JwksMetrics | None = None,
+        *,
+        untrusted_cert_headers: Counter | None = None,
+    ) -> None:
+        """``untrusted_cert_headers`` counts the certificate headers sent by peers not in
+        ``settings.cert_trusted_proxies``. The grants file is read here, once: a bad one
+        raises ``SettingsError`` naming CRM_EVENTS_CLIENT_CERT_GRANTS_FILE."""
         self._s = settings
+        self._trusted = TrustedProxies(settings.cert_trusted_proxies)
+        self._untrusted = untrusted_cert_headers
+        self.cert_grants: CertGrants | None = None
+        if settings.certs:
+            assert settings.cert_grants_file is not None  # AuthSettings checks it
+            self.cert_grants = CertGrants.load(settings.cert_grants_file)
         self.remote: RemoteKeys | None = None
         """The provider's keys, when they come over HTTP (the app starts and stops them)."""
         if settings.remote_keys:  # never when authentication is off
@@ -160,12 +233,80 @@ class Authenticator:
         return None
 
     async def authenticate(self, request: web.Request) -> Grant:
-        if not self.enabled:
+        mode = self._s.mode
+        if mode == "off":
             return OPEN
+        if mode == "jwt":
+            return await self._token_grant(request)
+        cert = self.relayed_cert(request)
+        if mode == "cert" or (mode == "jwt-or-cert" and cert is not None):
+            if cert is None:
+                raise self._no_cert()
+            return self.cert_grant(cert)
+        if mode == "jwt-or-cert":
+            if self.token_from(request) is None:
+                raise _unauthorized(
+                    "a bearer token or a client certificate is required", "invalid_request"
+                )
+            return await self._token_grant(request)
+        # jwt-and-cert: every 401 before any 403, so that a client missing a credential
+        # hears about it first.
+        if cert is None:
+            raise self._no_cert()
+        token_grant = await self._token_grant(request)
+        return intersect(token_grant, self.cert_grant(cert))
+
+    async def _token_grant(self, request: web.Request) -> Grant:
         token = self.token_from(request)
         if token is None:
             raise _unauthorized("a bearer token is required", "invalid_request")
         return await self.verify_fetching(token)
+
+    def _no_cert(self) -> ApiError:
+        if self._s.tokens:
+            return _unauthorized(NO_CERT, "invalid_request")
+        # No HTTP authentication scheme names a TLS client certificate: no challenge.
+        return ApiError(401, "unauthorized", NO_CERT)
+
+    def relayed_cert(self, request: web.Request) -> ClientCert | None:
+        """The certificate the proxy relayed, or None: no header, an empty one, or one from
+        a peer that is not a trusted proxy (ignored and counted: a client may not speak for
+        the proxy). A header that does not decode is 401 ``invalid_certificate``."""
+        values = request.headers.getall(self._s.cert_header, ())
+        if not values:
+            return None
+        # The peer itself, never an address a header names; and a list of its own
+        # (CRM_EVENTS_CLIENT_CERT_TRUSTED_PROXIES), not the X-Forwarded-For one: naming the
+        # client's address is a far smaller power than asserting any client identity.
+        if (request.remote or "unknown") not in self._trusted:
+            if self._untrusted is not None:
+                self._untrusted.inc()
+            return None
+        if len(values) > 1:
+            raise _invalid_certificate("the client certificate header is given more than once")
+        if not values[0].strip():
+            return None  # what a proxy sends for a connection without a certificate
+        try:
+            return parse_relayed(values[0])
+        except CertificateError as exc:
+            raise _invalid_certificate(
+                f"the relayed client certificate is unreadable: {exc}"
+            ) from None
+
+    def cert_grant(self, cert: ClientCert, now: float | None = None) -> Grant:
+        """What the rules grant the certificate; expired (past ``notAfter`` and the leeway,
+        as a token past ``exp``) is 401, no matching rule 403."""
+        now = time.time() if now is None else now
+        leeway = self._s.leeway_s
+        if cert.not_after + leeway <= now:
+            raise _invalid_certificate("the client certificate has expired")
+        if cert.not_before - leeway > now:
+            raise _invalid_certificate("the client certificate is not valid yet")
+        assert self.cert_grants is not None  # a certificate is read only in its modes
+        rule = self.cert_grants.rule_for(cert)
+        if rule is None:
+            raise ApiError(403, "forbidden", "the client certificate grants nothing")
+        return Grant(rule.types, rule.match, cert.not_after, cert.subject_text, CERT)
 
     async def verify_fetching(self, token: str) -> Grant:
         """``verify``, except that a token naming a key the provider's document did not have

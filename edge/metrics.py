@@ -14,7 +14,7 @@ from .resume import RESET_REASONS
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 DISCONNECT_REASONS = ("client_closed", "slow", "shutdown", "token_expired", "error")
-AUTH_FAILURES = ("unauthorized", "forbidden")
+AUTH_FAILURES = ("unauthorized", "forbidden", "invalid_certificate")
 
 
 class EdgeMetrics(CommonMetrics):
@@ -95,9 +95,18 @@ class EdgeMetrics(CommonMetrics):
         )
         self.auth_failures = Counter(
             "crm_events_auth_failures",
-            "Requests refused by authentication (unauthorized: 401) or authorisation "
-            "(forbidden: 403).",
+            "Requests refused by authentication (unauthorized: 401; invalid_certificate: 401, "
+            "a relayed client certificate that does not decode or has expired) or "
+            "authorisation (forbidden: 403).",
             ["reason"],
+            registry=registry,
+        )
+        self.untrusted_cert_headers = Counter(
+            "crm_events_untrusted_cert_headers",
+            "Requests carrying the client-certificate header (CRM_EVENTS_CLIENT_CERT_HEADER) "
+            "from a peer not in CRM_EVENTS_TRUSTED_PROXIES: the header was ignored, as if "
+            "absent. Counted where CRM_EVENTS_AUTH_MODE reads certificates; any increase is "
+            "a client trying to speak for the load balancer, or a proxy missing from the list.",
             registry=registry,
         )
         self.limit_rejections = Counter(

@@ -15,12 +15,18 @@ from aiohttp_sse import EventSourceResponse
 from shared.httpkit import ApiError
 from shared.sse import control_frame
 
-from .auth import Grant
+from .auth import CERT, TOKEN, TOKEN_AND_CERT, Grant
 from .bus import BusUnavailable
 from .context import EdgeContext
 from .hub import Client
 from .params import Position, TooManyTypes, parse_stream_params
 from .replay import NotReady, Plan
+
+EXPIRED_MESSAGES = {
+    TOKEN: "the access token has expired",
+    CERT: "the client certificate has expired",
+    TOKEN_AND_CERT: "the access token or the client certificate has expired",
+}
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +204,8 @@ async def _serve(
             await response.write(
                 control_frame(
                     "auth_expired",
-                    {"error": "token_expired", "message": "the access token has expired"},
+                    # One machine code for clients whatever ran out; the text says which.
+                    {"error": "token_expired", "message": EXPIRED_MESSAGES[grant.source]},
                 )
             )
     except (ConnectionResetError, BrokenPipeError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -16,7 +17,11 @@ from urllib.parse import urlsplit
 from .errors import SettingsError
 from .settings_env import ENV_PREFIX, Env
 
-AUTH_MODES = ("jwt", "off")
+AUTH_MODES = ("jwt", "off", "cert", "jwt-or-cert", "jwt-and-cert")
+TOKEN_MODES = frozenset({"jwt", "jwt-or-cert", "jwt-and-cert"})
+"""Modes in which the edge verifies JWTs."""
+CERT_MODES = frozenset({"cert", "jwt-or-cert", "jwt-and-cert"})
+"""Modes in which the edge reads the client certificate a trusted proxy relays."""
 KAFKA_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
@@ -37,10 +42,14 @@ DEFAULT_MAX_HEADER_BYTES = 16 * 1024
 DEFAULT_TRUSTED_PROXIES = ("127.0.0.1", "::1")
 DEFAULT_BREAKER_FAILURES = 3
 DEFAULT_BREAKER_RESET_S = 1.0
+DEFAULT_CLIENT_CERT_HEADER = "X-Client-Cert"
 
 _CLAIM_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,63}")
 _COOKIE_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _ORIGIN_RE = re.compile(r"https?://[A-Za-z0-9.\-\[\]:]+")
+_HEADER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,63}")
+# Headers that carry something else the edge reads: a certificate there would be confused with it.
+_RESERVED_HEADERS = frozenset({"authorization", "cookie", "host", "x-forwarded-for"})
 
 
 def _read_secret(env: Env, name: str) -> str | None:
@@ -123,9 +132,22 @@ class AuthSettings:
     """Accept ``?access_token=`` (URLs end up in logs and histories: off by default)."""
     types_claim: str = DEFAULT_TYPES_CLAIM
     match_claim: str = DEFAULT_MATCH_CLAIM
+    cert_header: str = DEFAULT_CLIENT_CERT_HEADER
+    """The header in which a trusted proxy relays the client certificate it verified."""
+    cert_grants_file: str | None = None
+    """JSON rules: what each client certificate (by subject or SAN) may see
+    (edge/client_cert.py)."""
+    cert_trusted_proxies: frozenset[str] = frozenset(DEFAULT_TRUSTED_PROXIES)
+    """Peers whose relayed client certificate header is believed: a list of its own, apart
+    from ``LimitSettings.trusted_proxies`` (X-Forwarded-For), since a peer here may assert
+    any client identity."""
 
     def __post_init__(self) -> None:
         # from_env refuses these with the variable's name; this holds for every other maker.
+        if self.mode not in AUTH_MODES:
+            raise ValueError(f"unknown authentication mode {self.mode!r}")
+        if self.certs and self.cert_grants_file is None:
+            raise ValueError(f"mode {self.mode} needs a client certificate grants file")
         if self.remote_keys and self.audience is None:
             raise ValueError("keys from an identity provider need an audience")
         if self.remote_keys and self.jwks_url is not None and self.issuer is None:
@@ -133,13 +155,46 @@ class AuthSettings:
 
     @property
     def enabled(self) -> bool:
-        return self.mode == "jwt"
+        return self.mode != "off"
+
+    def check_cert_proxies(self, mutual_tls: bool) -> None:
+        """Refuse (``SettingsError`` naming CRM_EVENTS_CLIENT_CERT_TRUSTED_PROXIES) a
+        certificate mode trusting a whole network for the header, unless the edge's port
+        requires the proxy's own certificate (``mutual_tls``): otherwise every host of that
+        network could speak as any client by sending the header itself."""
+        if not self.certs or mutual_tls:
+            return
+        wide = sorted(
+            net
+            for net in self.cert_trusted_proxies
+            if ipaddress.ip_network(net, strict=False).num_addresses > 1
+        )
+        if wide:
+            raise SettingsError(
+                ENV_PREFIX + "CLIENT_CERT_TRUSTED_PROXIES",
+                f"{wide[0]!r} is a network, not one address: with CRM_EVENTS_AUTH_MODE="
+                f"{self.mode} any host in it could send the client certificate header and be "
+                "taken for any client. List the load balancers' own addresses, or set "
+                "CRM_EVENTS_EDGE_TLS_CLIENT_CA_FILE so that only a peer holding that CA's "
+                "certificate (the load balancer) can connect",
+            )
+
+    @property
+    def tokens(self) -> bool:
+        """Whether JWTs are verified (``jwt``, ``jwt-or-cert``, ``jwt-and-cert``)."""
+        return self.mode in TOKEN_MODES
+
+    @property
+    def certs(self) -> bool:
+        """Whether relayed client certificates are read (``cert``, ``jwt-or-cert``,
+        ``jwt-and-cert``)."""
+        return self.mode in CERT_MODES
 
     @property
     def remote_keys(self) -> bool:
         """Whether the keys come from the network (a JWKS URL or an OIDC issuer) and are
-        used: with authentication off nothing is fetched, and readiness waits for no keys."""
-        return self.enabled and (self.jwks_url is not None or self.oidc_issuer is not None)
+        used: without tokens nothing is fetched, and readiness waits for no keys."""
+        return self.tokens and (self.jwks_url is not None or self.oidc_issuer is not None)
 
     @property
     def algorithms(self) -> list[str]:
@@ -150,14 +205,16 @@ class AuthSettings:
     def from_env(cls, env: Env) -> AuthSettings:
         mode = env.string("AUTH_MODE", "jwt").lower()
         if mode not in AUTH_MODES:
-            raise SettingsError(ENV_PREFIX + "AUTH_MODE", "expected jwt or off")
+            raise SettingsError(
+                ENV_PREFIX + "AUTH_MODE", "expected jwt, off, cert, jwt-or-cert or jwt-and-cert"
+            )
         secret = _read_secret(env, "JWT_SECRET_FILE")
         public_key = _read_secret(env, "JWT_PUBLIC_KEY_FILE")
         jwks = _existing_file(env, "JWT_JWKS_FILE")
         jwks_url = _http_url(env, "AUTH_JWKS_URL")
         oidc_issuer = _http_url(env, "AUTH_OIDC_ISSUER")
         issuer = env.raw("JWT_ISSUER")
-        if mode == "jwt":
+        if mode in TOKEN_MODES:
             given = [
                 name
                 for name, value in (
@@ -172,7 +229,8 @@ class AuthSettings:
             if not given:
                 raise SettingsError(
                     ENV_PREFIX + "AUTH_MODE",
-                    "jwt (the default) needs CRM_EVENTS_JWT_SECRET_FILE, "
+                    f"{'jwt (the default)' if mode == 'jwt' else mode} needs "
+                    "CRM_EVENTS_JWT_SECRET_FILE, "
                     "CRM_EVENTS_JWT_PUBLIC_KEY_FILE, CRM_EVENTS_JWT_JWKS_FILE, "
                     "CRM_EVENTS_AUTH_JWKS_URL or CRM_EVENTS_AUTH_OIDC_ISSUER; "
                     "set CRM_EVENTS_AUTH_MODE=off to serve without authentication",
@@ -196,7 +254,7 @@ class AuthSettings:
                 )
             issuer = oidc_issuer
         audience = env.raw("JWT_AUDIENCE")
-        if mode == "jwt" and (jwks_url is not None or oidc_issuer is not None):
+        if mode in TOKEN_MODES and (jwks_url is not None or oidc_issuer is not None):
             # A provider signs the tokens of every application (and, for Entra ID's common
             # keys, of every tenant) with the same keys: only iss and aud say the token is
             # meant for this deployment. Neither check can be left out.
@@ -241,7 +299,54 @@ class AuthSettings:
             query_token=_flag(env, "AUTH_QUERY_TOKEN", False),
             types_claim=env.string("JWT_TYPES_CLAIM", DEFAULT_TYPES_CLAIM, _CLAIM_RE),
             match_claim=env.string("JWT_MATCH_CLAIM", DEFAULT_MATCH_CLAIM, _CLAIM_RE),
+            cert_header=_cert_header(env),
+            cert_grants_file=_cert_grants_file(env, mode),
+            cert_trusted_proxies=frozenset(
+                _networks(
+                    "CLIENT_CERT_TRUSTED_PROXIES",
+                    env.names("CLIENT_CERT_TRUSTED_PROXIES", DEFAULT_TRUSTED_PROXIES, _NETWORK_RE),
+                )
+            ),
         )
+
+
+def _cert_header(env: Env) -> str:
+    name = env.string("CLIENT_CERT_HEADER", DEFAULT_CLIENT_CERT_HEADER, _HEADER_NAME_RE)
+    if name.lower() in _RESERVED_HEADERS:
+        raise SettingsError(
+            ENV_PREFIX + "CLIENT_CERT_HEADER", f"{name} carries something else; choose another"
+        )
+    return name
+
+
+def _cert_grants_file(env: Env, mode: str) -> str | None:
+    # Read only where certificates are: a leftover setting on a jwt edge stops nothing.
+    # The file's rules are checked when the edge builds its app (edge/client_cert.py).
+    if mode not in CERT_MODES:
+        return None
+    path = _existing_file(env, "CLIENT_CERT_GRANTS_FILE")
+    if path is None:
+        raise SettingsError(
+            ENV_PREFIX + "CLIENT_CERT_GRANTS_FILE",
+            f"is required with CRM_EVENTS_AUTH_MODE={mode}: a JSON file of rules saying "
+            "what each client certificate (by subject or SAN) may see",
+        )
+    return path
+
+
+_NETWORK_RE = re.compile(r"[0-9a-fA-F.:/]+")
+
+
+def _networks(name: str, items: tuple[str, ...]) -> tuple[str, ...]:
+    """``items`` (of ``CRM_EVENTS_<name>``), each an address or a CIDR network."""
+    for item in items:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise SettingsError(
+                ENV_PREFIX + name, f"{item!r} is not an address or network"
+            ) from None
+    return items
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,16 +370,9 @@ class LimitSettings:
 
     @classmethod
     def from_env(cls, env: Env) -> LimitSettings:
-        proxies = env.names(
-            "TRUSTED_PROXIES", DEFAULT_TRUSTED_PROXIES, re.compile(r"[0-9a-fA-F.:/]+")
+        proxies = _networks(
+            "TRUSTED_PROXIES", env.names("TRUSTED_PROXIES", DEFAULT_TRUSTED_PROXIES, _NETWORK_RE)
         )
-        for proxy in proxies:
-            try:
-                ipaddress.ip_network(proxy, strict=False)
-            except ValueError:
-                raise SettingsError(
-                    ENV_PREFIX + "TRUSTED_PROXIES", f"{proxy!r} is not an address or network"
-                ) from None
         origins = env.raw("CORS_ORIGINS")
         allowed: frozenset[str] = frozenset()
         if origins is not None:
@@ -390,3 +488,92 @@ class RedisTls:
             sentinel_username=env.raw("REDIS_SENTINEL_USERNAME"),
             sentinel_password=_read_secret(env, "REDIS_SENTINEL_PASSWORD_FILE"),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeTls:
+    """HTTPS on the edge's own port, for the link from the load balancer; with a client CA,
+    mutual TLS: only a peer holding a certificate that CA signed (the proxy) can connect.
+    Off (plain HTTP) unless a certificate is given."""
+
+    cert_file: str | None = None
+    key_file: str | None = None
+    """May be left unset when ``cert_file`` holds the key too."""
+    client_ca_file: str | None = None
+    context: ssl.SSLContext | None = field(default=None, init=False, repr=False, compare=False)
+    """Built once, here, so that a file that does not load stops the edge at start, naming
+    its setting, before the port is bound; the server uses this very context."""
+
+    def __post_init__(self) -> None:
+        if self.cert_file is None:
+            if self.key_file is not None or self.client_ca_file is not None:
+                given = (
+                    "CRM_EVENTS_EDGE_TLS_KEY_FILE"
+                    if self.key_file is not None
+                    else "CRM_EVENTS_EDGE_TLS_CLIENT_CA_FILE"
+                )
+                raise SettingsError(
+                    ENV_PREFIX + "EDGE_TLS_CERT_FILE",
+                    f"is required with {given}: the edge serves TLS only with a certificate "
+                    "of its own",
+                )
+            return
+        object.__setattr__(self, "context", self._server_context(self.cert_file))
+
+    @property
+    def enabled(self) -> bool:
+        return self.context is not None
+
+    @property
+    def mutual(self) -> bool:
+        return self.client_ca_file is not None
+
+    def _server_context(self, cert_file: str) -> ssl.SSLContext:
+        # Not create_default_context(CLIENT_AUTH): that also trusts the system's CAs for
+        # client certificates, and any certificate a public CA issued would then connect.
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if "-----BEGIN CERTIFICATE-----" not in _pem_text(cert_file, "EDGE_TLS_CERT_FILE"):
+            raise SettingsError(
+                ENV_PREFIX + "EDGE_TLS_CERT_FILE", f"{cert_file} holds no PEM certificate"
+            )
+        key_setting = "EDGE_TLS_KEY_FILE" if self.key_file is not None else "EDGE_TLS_CERT_FILE"
+        if self.key_file is not None:
+            _pem_text(self.key_file, "EDGE_TLS_KEY_FILE")
+        try:
+            context.load_cert_chain(cert_file, self.key_file)
+        except (ssl.SSLError, OSError) as exc:
+            where = self.key_file or cert_file
+            raise SettingsError(
+                ENV_PREFIX + key_setting,
+                f"{where}: no private key that loads and matches the certificate in "
+                f"{cert_file} ({exc.strerror or exc})",
+            ) from None
+        if self.client_ca_file is not None:
+            _pem_text(self.client_ca_file, "EDGE_TLS_CLIENT_CA_FILE")
+            try:
+                context.load_verify_locations(cafile=self.client_ca_file)
+            except (ssl.SSLError, OSError) as exc:
+                raise SettingsError(
+                    ENV_PREFIX + "EDGE_TLS_CLIENT_CA_FILE",
+                    f"{self.client_ca_file} holds no PEM CA certificate that loads "
+                    f"({exc.strerror or exc})",
+                ) from None
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+    @classmethod
+    def from_env(cls, env: Env) -> EdgeTls:
+        return cls(
+            cert_file=_existing_file(env, "EDGE_TLS_CERT_FILE"),
+            key_file=_existing_file(env, "EDGE_TLS_KEY_FILE"),
+            client_ca_file=_existing_file(env, "EDGE_TLS_CLIENT_CA_FILE"),
+        )
+
+
+def _pem_text(path: str, name: str) -> str:
+    try:
+        return Path(path).read_text(encoding="ascii")
+    except (OSError, UnicodeError) as exc:
+        problem = exc.strerror if isinstance(exc, OSError) else "not a PEM (ASCII) file"
+        raise SettingsError(ENV_PREFIX + name, f"cannot read {path}: {problem}") from None

@@ -19,6 +19,7 @@ from .loop import EVENT_LOOPS
 from .security_settings import (
     AuthSettings,
     BreakerSettings,
+    EdgeTls,
     KafkaSecurity,
     LimitSettings,
     RedisTls,
@@ -407,6 +408,8 @@ class EdgeSettings:
     """Built directly (tests), auth is off; from the environment it defaults to jwt."""
     limits: LimitSettings = field(default_factory=LimitSettings)
     breaker: BreakerSettings = field(default_factory=BreakerSettings)
+    tls: EdgeTls = field(default_factory=EdgeTls)
+    """HTTPS (and mutual TLS) on the edge's port; off by default."""
 
     @classmethod
     def from_env(cls, source: Mapping[str, str]) -> EdgeSettings:
@@ -447,4 +450,5 @@ class EdgeSettings:
             auth=AuthSettings.from_env(env),
             limits=LimitSettings.from_env(env),
             breaker=BreakerSettings.from_env(env),
+            tls=EdgeTls.from_env(env),
         )

@@ -5,6 +5,10 @@ is shared between tests.
 
 It also injects faults: stop/start, kill -9, SIGSTOP/SIGCONT of any process, and dropping
 one edge's Redis connections (CLIENT KILL).
+
+With ``lb_mtls`` the load balancer also has a listener that requires client certificates
+(``lb_mtls_url``); with ``edge_tls`` (nginx only) the edges serve HTTPS that requires the
+proxy's client certificate, and nginx reaches them over mutual TLS.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import ssl
 import sys
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -25,6 +30,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from devtools import haproxy_conf, nginx_conf
+from devtools.pki import Issued, LocalCA
 from devtools.probes import HttpReady
 from devtools.supervisor import ProcessSpec, Supervisor
 from shared.contract import FIELD_DATA, RedisKeys, parse_meta, position_of
@@ -46,6 +52,44 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class LbMtls:
+    """The load balancer's mutual-TLS listener: its own certificate, and the CA (and CRL) the
+    clients' certificates are checked against."""
+
+    server: Issued
+    client_ca: Path
+    crl: Path | None
+
+    @classmethod
+    def from_ca(cls, ca: LocalCA) -> LbMtls:
+        return cls(ca.issue_server("lb-mtls"), ca.cert_path, ca.crl_path)
+
+
+@dataclass(frozen=True)
+class EdgeTls:
+    """Mutual TLS between nginx and the edges: the edges' certificate and the CA a client
+    (nginx) must show a certificate of; nginx's client certificate and the CA it checks the
+    edges against."""
+
+    server: Issued
+    client_ca: Path
+    proxy: Issued
+    trusted_ca: Path
+
+    @classmethod
+    def from_ca(cls, ca: LocalCA) -> EdgeTls:
+        proxy = ca.issue_client("lb-proxy", common_name="crm-events load balancer")
+        return cls(ca.issue_server("edge-tls"), ca.cert_path, proxy, ca.cert_path)
+
+    def client_context(self, *, with_cert: bool = True) -> ssl.SSLContext:
+        """What a client of the edges needs: the CA and (``with_cert``) the proxy's cert."""
+        ctx = ssl.create_default_context(cafile=str(self.trusted_ca))
+        if with_cert:
+            ctx.load_cert_chain(str(self.proxy.cert), str(self.proxy.key))
+        return ctx
+
+
 @dataclass
 class Cluster:
     run_dir: Path
@@ -58,6 +102,10 @@ class Cluster:
     """Start a load balancer in front of the edges (the name predates the choice of ``lb``)."""
     lb: LoadBalancer = "nginx"
     """Which load balancer: its process is named after it (``nginx`` or ``haproxy``)."""
+    lb_mtls: LbMtls | None = None
+    """Also a listener that requires client certificates (``lb_mtls_port``)."""
+    edge_tls: EdgeTls | None = None
+    """Edges serve HTTPS requiring the proxy's certificate; nginx speaks mutual TLS to them."""
 
     def __post_init__(self) -> None:
         tag = uuid.uuid4().hex[:10]
@@ -68,6 +116,9 @@ class Cluster:
         self.edge_ports = [free_port() for _ in range(self.edges)]
         self.ingest_ports = [free_port() for _ in range(self.ingests)]
         self.lb_port = free_port()
+        self.lb_mtls_port = free_port() if self.lb_mtls is not None else None
+        if self.edge_tls is not None and self.with_nginx and self.lb != "nginx":
+            raise ValueError("edge_tls: only nginx speaks TLS to the edges in this harness")
         self._specs: dict[str, ProcessSpec] = {}
         for i, port in enumerate(self.ingest_ports, start=1):
             self._specs[f"ingest{i}"] = self._ingest_spec(i, port)
@@ -116,18 +167,46 @@ class Cluster:
             "CRM_EVENTS_EDGE_PORT": str(port),
             "CRM_EVENTS_NODE_ID": f"edge-{i}",
         }
+        ready = HttpReady(f"http://127.0.0.1:{port}/readyz")
+        if self.edge_tls is not None:
+            tls = self.edge_tls
+            env |= {
+                "CRM_EVENTS_EDGE_TLS_CERT_FILE": str(tls.server.cert),
+                "CRM_EVENTS_EDGE_TLS_KEY_FILE": str(tls.server.key),
+                "CRM_EVENTS_EDGE_TLS_CLIENT_CA_FILE": str(tls.client_ca),
+            }
+            ready = HttpReady(f"https://127.0.0.1:{port}/readyz", context=tls.client_context())
         return ProcessSpec(
             name=f"edge{i}",
             argv=[sys.executable, "-m", "edge"],
             env=env,
-            ready=HttpReady(f"http://127.0.0.1:{port}/readyz"),
+            ready=ready,
             ready_timeout_s=30,
             port=port,
         )
 
     def _nginx_config(self, out: Path) -> Path:
         """Render nginx's configuration under ``out``; returns its main file."""
-        return nginx_conf.render(out, self.lb_port, self.edge_ports)
+        mtls = None
+        if self.lb_mtls is not None:
+            assert self.lb_mtls_port is not None
+            mtls = nginx_conf.MtlsListener(
+                port=self.lb_mtls_port,
+                cert=self.lb_mtls.server.cert,
+                key=self.lb_mtls.server.key,
+                client_ca=self.lb_mtls.client_ca,
+                crl=self.lb_mtls.crl,
+            )
+        upstream_tls = None
+        if self.edge_tls is not None:
+            upstream_tls = nginx_conf.UpstreamTls(
+                cert=self.edge_tls.proxy.cert,
+                key=self.edge_tls.proxy.key,
+                trusted_ca=self.edge_tls.trusted_ca,
+            )
+        return nginx_conf.render(
+            out, self.lb_port, self.edge_ports, mtls=mtls, upstream_tls=upstream_tls
+        )
 
     def _nginx_spec(self) -> ProcessSpec:
         main = self._nginx_config(self.run_dir / "nginx")
@@ -141,7 +220,16 @@ class Cluster:
 
     def _haproxy_config(self, out: Path) -> Path:
         """Render HAProxy's configuration under ``out``; returns it."""
-        return haproxy_conf.render(out, self.lb_port, self.edge_ports)
+        mtls = None
+        if self.lb_mtls is not None:
+            assert self.lb_mtls_port is not None
+            mtls = haproxy_conf.MtlsBind(
+                port=self.lb_mtls_port,
+                pem=self.lb_mtls.server.bundle,
+                client_ca=self.lb_mtls.client_ca,
+                crl=self.lb_mtls.crl,
+            )
+        return haproxy_conf.render(out, self.lb_port, self.edge_ports, mtls=mtls)
 
     def _haproxy_spec(self) -> ProcessSpec:
         conf = self._haproxy_config(self.run_dir / "haproxy")
@@ -200,8 +288,13 @@ class Cluster:
     def lb_url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.lb_port}{path}"
 
+    def lb_mtls_url(self, path: str) -> str:
+        assert self.lb_mtls_port is not None, "this cluster has no mutual-TLS listener"
+        return f"https://127.0.0.1:{self.lb_mtls_port}{path}"
+
     def edge_url(self, i: int, path: str) -> str:
-        return f"http://127.0.0.1:{self.edge_ports[i - 1]}{path}"
+        scheme = "https" if self.edge_tls is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.edge_ports[i - 1]}{path}"
 
     def ingest_url(self, i: int, path: str) -> str:
         return f"http://127.0.0.1:{self.ingest_ports[i - 1]}{path}"

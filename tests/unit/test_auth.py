@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from prometheus_client import CollectorRegistry
 
 from edge.app import create_app
-from edge.auth import Authenticator, Grant, issue_token
+from edge.auth import CERT, OPEN, TOKEN_AND_CERT, Authenticator, Grant, intersect, issue_token
 from edge.bus_memory import MemoryBus
 from shared.httpkit import ApiError
 from shared.security_settings import AuthSettings
@@ -105,6 +105,48 @@ def test_narrow_refuses_types_not_granted() -> None:
     with pytest.raises(ApiError) as caught:
         grant.narrow(frozenset({b"A", b"C"}))
     assert caught.value.status == 403 and "C" in caught.value.message
+
+
+# -- jwt-and-cert: what a token and a client certificate grant together -------------------------
+
+TOKEN_AB = Grant(frozenset({b"A", b"B"}), frozenset({("TenantId", "t-1")}), 2000.0, "alice")
+CERT_ALL = Grant(None, frozenset({("Region", "eu")}), 1000.0, "CN=crm-sync", CERT)
+
+
+def test_together_the_types_both_grant_every_constraint_and_the_earlier_end() -> None:
+    both = intersect(TOKEN_AB, CERT_ALL)
+    assert both.types == {b"A", b"B"}  # the certificate grants every type
+    assert both.match == {("TenantId", "t-1"), ("Region", "eu")}
+    assert both.expires_at == 1000.0  # the certificate's notAfter comes first
+    assert both.subject == "alice" and both.source == TOKEN_AND_CERT
+    cert_bc = Grant(frozenset({b"B", b"C"}), frozenset(), 3000.0, "CN=x", CERT)
+    narrower = intersect(TOKEN_AB, cert_bc)
+    assert (narrower.types, narrower.expires_at) == ({b"B"}, 2000.0)  # here the token's exp
+    assert intersect(OPEN, CERT_ALL).types is None
+    with pytest.raises(ApiError) as caught:
+        narrower.narrow(frozenset({b"A"}))
+    assert caught.value.message == (
+        "the token and the client certificate do not both grant the event types: A"
+    )
+
+
+@pytest.mark.parametrize(
+    ("cert", "says"),
+    [
+        pytest.param(
+            Grant(frozenset({b"C"}), frozenset(), 1.0, None, CERT), "no type in common", id="types"
+        ),
+        pytest.param(
+            Grant(None, frozenset({("TenantId", "t-2")}), 1.0, None, CERT),
+            "different values of TenantId",
+            id="match",
+        ),
+    ],
+)
+def test_together_granting_nothing_is_403(cert: Grant, says: str) -> None:
+    with pytest.raises(ApiError) as caught:
+        intersect(TOKEN_AB, cert)
+    assert caught.value.status == 403 and says in caught.value.message
 
 
 def _keypair(kind: str) -> tuple[object, str, str]:

@@ -3,12 +3,14 @@ and for the options the SSE path depends on. No network: ``haproxy -c`` only par
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
 import pytest
 
 from devtools import haproxy_conf
+from devtools.pki import LocalCA
 from shared.settings import DEFAULT_PING_INTERVAL_S
 
 
@@ -122,3 +124,50 @@ def test_cli_renders_and_checks(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert str(tmp_path / haproxy_conf.MAIN_CONF) in out
     assert "-db" in out
     assert haproxy_conf.main([str(tmp_path), "--lb-port", "9011"]) == 2
+
+
+# -- client certificates ---------------------------------------------------------------------
+
+
+def _mtls(tmp_path: Path, **change: object) -> haproxy_conf.MtlsBind:
+    ca = LocalCA.open(tmp_path / "pki")
+    server = ca.issue_server("lb")
+    bind = haproxy_conf.MtlsBind(
+        port=9444, pem=server.bundle, client_ca=ca.cert_path, crl=ca.crl_path
+    )
+    return dataclasses.replace(bind, **change)  # type: ignore[arg-type]
+
+
+def test_the_mutual_tls_bind_is_valid_for_haproxy(tmp_path: Path) -> None:
+    path, lines = _render(tmp_path, mtls=_mtls(tmp_path))
+    result = haproxy_conf.check(path)
+    assert result.ok, result
+    [bind] = [line for line in lines if line.startswith("bind 127.0.0.1:9444 ")]
+    words = bind.split()
+    # Refused at the handshake without a certificate of that CA, or with a revoked one.
+    assert words[words.index("verify") + 1] == "required"
+    assert words[words.index("ca-file") + 1] == str(tmp_path / "pki" / "ca.crt")
+    assert words[words.index("crl-file") + 1] == str(tmp_path / "pki" / "crl.pem")
+    assert "bind 127.0.0.1:9010" in lines
+
+
+def test_the_certificate_header_is_dropped_and_set_only_from_a_verified_certificate(
+    tmp_path: Path,
+) -> None:
+    for kwargs in ({}, {"mtls": _mtls(tmp_path)}):
+        _, lines = _render(tmp_path, **kwargs)
+        header = [line for line in lines if "X-Client-Cert" in line]
+        # Dropped first, on every request of every bind; then set from HAProxy's own check.
+        assert header == [
+            "http-request del-header X-Client-Cert",
+            "http-request set-header X-Client-Cert %[ssl_c_der,base64]"
+            " if { ssl_c_used } { ssl_c_verify 0 }",
+        ]
+        assert lines.index(header[0]) < lines.index("default_backend crm_edges")
+
+
+def test_bad_mutual_tls_settings_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"mtls\.port"):
+        _render(tmp_path, mtls=_mtls(tmp_path, port=9010))
+    with pytest.raises(FileNotFoundError, match=r"mtls\.crl"):
+        _render(tmp_path, mtls=_mtls(tmp_path, crl=tmp_path / "missing.pem"))

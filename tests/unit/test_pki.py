@@ -3,6 +3,7 @@ implementation) as well as by reading them back."""
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
 import shutil
 import ssl
@@ -14,7 +15,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from devtools.pki import Issued, LocalCA, PkiError
+from devtools.pki import CRL_DAYS, Issued, LocalCA, PkiError
 
 OPENSSL = shutil.which("openssl")
 needs_openssl = pytest.mark.skipif(OPENSSL is None, reason="the openssl command is not installed")
@@ -120,6 +121,34 @@ def test_revoked_certificate_fails_the_crl_check(tmp_path: Path) -> None:
     assert ca.is_revoked(gone.certificate()) and not ca.is_revoked(kept.certificate())
     # A CA opened again later still lists it.
     assert LocalCA.open(tmp_path).is_revoked(gone.certificate())
+
+
+@needs_openssl
+def test_the_crl_lasts_a_year_and_renewing_keeps_its_revocations(tmp_path: Path) -> None:
+    """A CRL past its next update makes OpenSSL refuse every certificate: the local one lasts a
+    year, and ``renew_crl`` re-signs it (a year from now, the same revocations)."""
+    ca = LocalCA.open(tmp_path)
+    kept = ca.issue_client("kept", common_name="kept")
+    gone = ca.issue_client("gone", common_name="gone")
+    ca.revoke(gone.cert)
+    before = x509.load_pem_x509_crl(ca.crl_path.read_bytes())
+    assert CRL_DAYS >= 365
+
+    assert ca.renew_crl() == ca.crl_path
+
+    after = x509.load_pem_x509_crl(ca.crl_path.read_bytes())
+    assert after.next_update_utc is not None and before.next_update_utc is not None
+    left = after.next_update_utc - dt.datetime.now(dt.UTC)
+    assert dt.timedelta(days=CRL_DAYS - 1) < left <= dt.timedelta(days=CRL_DAYS)
+    number = x509.CRLNumber
+    assert (
+        after.extensions.get_extension_for_class(number).value.crl_number
+        >= before.extensions.get_extension_for_class(number).value.crl_number
+    )
+    assert [r.serial_number for r in after] == [gone.certificate().serial_number]
+    assert openssl_verify(ca, gone.cert, crl=True).returncode != 0
+    assert openssl_verify(ca, kept.cert, crl=True).returncode == 0
+    assert mode(ca.crl_path) == 0o644
 
 
 @needs_openssl

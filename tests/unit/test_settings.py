@@ -3,13 +3,17 @@ no password in any repr."""
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from devtools.pki import LocalCA
 from shared import settings as s
 from shared.errors import SettingsError
+from shared.security_settings import AuthSettings
 from shared.settings import EdgeSettings, IngestSettings, RedisSettings, mask_url
 
 
@@ -315,3 +319,190 @@ def test_settings_repr_as_printed_by_check_config_masks_the_password(from_env: F
     assert got.redis.url == "redis://user:secret@host:6379/0"
     assert "secret" not in repr(got)
     assert "user:***@host" in repr(got)
+
+
+# -- client certificates and the edge's own TLS (issue 16) -------------------------------------
+
+
+def cert_env(tmp_path: Path, mode: str, **extra: str) -> dict[str, str]:
+    secret = tmp_path / "secret"
+    secret.write_text("k" * 40)
+    grants = tmp_path / "grants.json"
+    grants.write_text('{"rules": [{"uri": "spiffe://acme/x", "types": ["*"]}]}')
+    return {
+        "CRM_EVENTS_AUTH_MODE": mode,
+        "CRM_EVENTS_JWT_SECRET_FILE": str(secret),
+        "CRM_EVENTS_CLIENT_CERT_GRANTS_FILE": str(grants),
+        **{s.ENV_PREFIX + k: v for k, v in extra.items()},
+    }
+
+
+@pytest.mark.parametrize(
+    ("mode", "tokens", "certs"),
+    [
+        ("jwt", True, False),
+        ("cert", False, True),
+        ("jwt-or-cert", True, True),
+        ("JWT-AND-CERT", True, True),
+        ("off", False, False),
+    ],
+)
+def test_auth_modes(tmp_path: Path, mode: str, tokens: bool, certs: bool) -> None:
+    auth = EdgeSettings.from_env(cert_env(tmp_path, mode)).auth
+    assert (auth.mode, auth.tokens, auth.certs) == (mode.lower(), tokens, certs)
+    assert auth.enabled is (mode != "off")
+    assert auth.cert_header == "X-Client-Cert"
+    # The grants file is kept only where certificates are read.
+    assert (auth.cert_grants_file is not None) is certs
+
+
+@pytest.mark.parametrize(
+    ("mode", "drop", "var", "says"),
+    [
+        ("cert", "CLIENT_CERT_GRANTS_FILE", "CLIENT_CERT_GRANTS_FILE", "is required with"),
+        ("jwt-or-cert", "CLIENT_CERT_GRANTS_FILE", "CLIENT_CERT_GRANTS_FILE", "cert"),
+        ("jwt-and-cert", "JWT_SECRET_FILE", "AUTH_MODE", "jwt-and-cert needs"),
+        ("jwt-or-cert", "JWT_SECRET_FILE", "AUTH_MODE", "jwt-or-cert needs"),
+        ("mtls", "", "AUTH_MODE", "expected jwt, off, cert, jwt-or-cert or jwt-and-cert"),
+    ],
+)
+def test_each_mode_needs_its_credentials(
+    tmp_path: Path, mode: str, drop: str, var: str, says: str
+) -> None:
+    env = cert_env(tmp_path, mode)
+    env.pop(s.ENV_PREFIX + drop, None)
+    with pytest.raises(SettingsError) as info:
+        EdgeSettings.from_env(env)
+    assert info.value.name == s.ENV_PREFIX + var
+    assert says in str(info.value)
+
+
+def test_the_certificate_header_has_trusted_proxies_of_its_own(tmp_path: Path) -> None:
+    default = EdgeSettings.from_env(cert_env(tmp_path, "cert"))
+    assert default.auth.cert_trusted_proxies == frozenset({"127.0.0.1", "::1"})
+    # Widening who may name the client in X-Forwarded-For does not widen who may relay a
+    # certificate, nor the other way round.
+    got = EdgeSettings.from_env(
+        cert_env(
+            tmp_path,
+            "cert",
+            TRUSTED_PROXIES="10.0.0.0/8",
+            CLIENT_CERT_TRUSTED_PROXIES="10.0.0.5, fd00::5",
+        )
+    )
+    assert got.limits.trusted_proxies == frozenset({"10.0.0.0/8"})
+    assert got.auth.cert_trusted_proxies == frozenset({"10.0.0.5", "fd00::5"})
+
+
+@pytest.mark.parametrize(
+    ("mode", "proxies", "mutual", "refused"),
+    [
+        ("cert", ("10.0.0.0/8",), False, "'10.0.0.0/8' is a network"),
+        ("jwt-and-cert", ("::1", "fd00::/127"), False, "'fd00::/127' is a network"),
+        ("cert", ("10.0.0.0/8",), True, None),
+        ("cert", ("10.0.0.5/32", "::1/128", "127.0.0.1"), False, None),
+        ("jwt", ("10.0.0.0/8",), False, None),
+        ("off", ("10.0.0.0/8",), False, None),
+    ],
+)
+def test_a_cert_mode_refuses_a_network_of_relays_unless_the_edge_requires_mutual_tls(
+    tmp_path: Path, mode: str, proxies: tuple[str, ...], mutual: bool, refused: str | None
+) -> None:
+    auth = AuthSettings(
+        mode=mode,
+        secret="k" * 40,
+        cert_grants_file=str(tmp_path / "grants.json"),
+        cert_trusted_proxies=frozenset(proxies),
+    )
+    if refused is None:
+        auth.check_cert_proxies(mutual)
+        return
+    with pytest.raises(SettingsError) as info:
+        auth.check_cert_proxies(mutual)
+    assert info.value.name == "CRM_EVENTS_CLIENT_CERT_TRUSTED_PROXIES"
+    assert refused in str(info.value)
+    assert "CRM_EVENTS_EDGE_TLS_CLIENT_CA_FILE" in str(info.value)
+
+
+def test_cert_mode_needs_no_jwt_key(tmp_path: Path) -> None:
+    env = cert_env(tmp_path, "cert")
+    del env["CRM_EVENTS_JWT_SECRET_FILE"]
+    assert EdgeSettings.from_env(env).auth.certs
+
+
+@pytest.mark.parametrize(
+    ("extra", "var"),
+    [
+        ({"CLIENT_CERT_GRANTS_FILE": "/nonexistent/grants.json"}, "CLIENT_CERT_GRANTS_FILE"),
+        ({"CLIENT_CERT_HEADER": "X Client Cert"}, "CLIENT_CERT_HEADER"),
+        ({"CLIENT_CERT_HEADER": "Authorization"}, "CLIENT_CERT_HEADER"),
+        ({"CLIENT_CERT_TRUSTED_PROXIES": "nginx.local"}, "CLIENT_CERT_TRUSTED_PROXIES"),
+        ({"CLIENT_CERT_TRUSTED_PROXIES": "10.0.0.1/33"}, "CLIENT_CERT_TRUSTED_PROXIES"),
+        ({"CLIENT_CERT_TRUSTED_PROXIES": "127.0.0.1,"}, "CLIENT_CERT_TRUSTED_PROXIES"),
+    ],
+)
+def test_bad_certificate_settings_name_the_variable(
+    tmp_path: Path, extra: dict[str, str], var: str
+) -> None:
+    with pytest.raises(SettingsError) as info:
+        EdgeSettings.from_env(cert_env(tmp_path, "cert", **extra))
+    assert info.value.name == s.ENV_PREFIX + var
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> dict[str, str]:
+    ca = LocalCA.open(tmp_path / "pki")
+    edge = ca.issue_server("edge")
+    stranger = ca.issue_server("stranger")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    return {
+        "cert": str(edge.cert),
+        "key": str(edge.key),
+        "bundle": str(edge.bundle),
+        "ca": str(ca.cert_path),
+        "other_key": str(stranger.key),
+        "garbage": str(garbage),
+    }
+
+
+def test_edge_tls_is_off_by_default_and_built_once_when_set(pki: dict[str, str]) -> None:
+    assert edge_from_env({}).tls.context is None
+    got = edge_from_env(
+        {
+            "CRM_EVENTS_EDGE_TLS_CERT_FILE": pki["cert"],
+            "CRM_EVENTS_EDGE_TLS_KEY_FILE": pki["key"],
+            "CRM_EVENTS_EDGE_TLS_CLIENT_CA_FILE": pki["ca"],
+        }
+    )
+    assert got.tls.enabled and got.tls.mutual
+    assert got.tls.context is not None and got.tls.context.verify_mode == ssl.CERT_REQUIRED
+    # A bundle holding the key too needs no key file; without a CA no client certificate.
+    alone = edge_from_env({"CRM_EVENTS_EDGE_TLS_CERT_FILE": pki["bundle"]})
+    assert alone.tls.context is not None and alone.tls.context.verify_mode == ssl.CERT_NONE
+
+
+@pytest.mark.parametrize(
+    ("given", "var", "says"),
+    [
+        ({"CLIENT_CA_FILE": "ca"}, "EDGE_TLS_CERT_FILE", "is required with"),
+        ({"CERT_FILE": "garbage", "KEY_FILE": "key"}, "EDGE_TLS_CERT_FILE", "no PEM certificate"),
+        ({"CERT_FILE": "cert", "KEY_FILE": "other_key"}, "EDGE_TLS_KEY_FILE", "matches"),
+        ({"CERT_FILE": "cert", "KEY_FILE": "garbage"}, "EDGE_TLS_KEY_FILE", "no private key"),
+        ({"CERT_FILE": "cert"}, "EDGE_TLS_CERT_FILE", "no private key"),
+        (
+            {"CERT_FILE": "cert", "KEY_FILE": "key", "CLIENT_CA_FILE": "garbage"},
+            "EDGE_TLS_CLIENT_CA_FILE",
+            "no PEM CA certificate",
+        ),
+        ({"CERT_FILE": "missing", "KEY_FILE": "key"}, "EDGE_TLS_CERT_FILE", "no such file"),
+    ],
+)
+def test_bad_edge_tls_files_fail_naming_the_variable(
+    pki: dict[str, str], given: dict[str, str], var: str, says: str
+) -> None:
+    env = {f"CRM_EVENTS_EDGE_TLS_{k}": pki.get(v, "/nonexistent/" + v) for k, v in given.items()}
+    with pytest.raises(SettingsError) as info:
+        edge_from_env(env)
+    assert info.value.name == s.ENV_PREFIX + var
+    assert says in str(info.value)

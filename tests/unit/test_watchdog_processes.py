@@ -41,9 +41,18 @@ def sleeper(name: str) -> ProcessSpec:
     return ProcessSpec(name=name, argv=["sleep", "60"], stop_timeout_s=5)
 
 
-def stubborn(name: str) -> ProcessSpec:
-    """Ignores SIGTERM: a stop of it waits for its timeout, then SIGKILLs."""
-    return ProcessSpec(name=name, argv=["sh", "-c", "trap '' TERM; sleep 60 & wait"])
+def stubborn(name: str, run_dir: Path) -> ProcessSpec:
+    """Ignores SIGTERM: a stop of it waits for its timeout, then SIGKILLs. Ready only once
+    its shell has set the trap (a marker file written after it): a SIGTERM sent between the
+    spawn and the trap would end it, and a test that means to interrupt its stop would find
+    it already gone."""
+    marker = run_dir / f"{name}.trapped"
+    return ProcessSpec(
+        name=name,
+        argv=["sh", "-c", f"trap '' TERM; : > '{marker}'; sleep 60 & wait"],
+        ready=marker.exists,
+        prepare=lambda: marker.unlink(missing_ok=True),
+    )
 
 
 def crasher(name: str) -> ProcessSpec:
@@ -71,6 +80,8 @@ def interrupted_stop(sup: Supervisor, tmp_path: Path, name: str) -> None:
     """``crm-events-stack stop NAME`` killed (as Ctrl-C or a kill would) once it has marked
     the pidfile; then the part's process ends: its pidfile stays, marked. The part must
     ignore SIGTERM (:func:`stubborn`), or the stop could end before it is interrupted."""
+    # A part the watchdog just restarted may not have set its trap yet (see stubborn).
+    eventually_sync((tmp_path / f"{name}.trapped").exists, 10, "the part's trap")
     stopper = subprocess.Popen(
         [
             sys.executable,
@@ -93,7 +104,7 @@ def interrupted_stop(sup: Supervisor, tmp_path: Path, name: str) -> None:
 def test_a_stop_marks_the_pidfile_and_revive_never_brings_back_a_part_being_stopped(
     sup: Supervisor, tmp_path: Path
 ) -> None:
-    spec = stubborn("edge1")
+    spec = stubborn("edge1", tmp_path)
     pid = sup.start(spec).pid
     stopping = threading.Thread(target=sup.stop, args=("edge1", 3.0))
     stopping.start()
@@ -111,7 +122,7 @@ def test_a_stop_marks_the_pidfile_and_revive_never_brings_back_a_part_being_stop
 def test_an_interrupted_stop_leaves_the_part_stopping_until_a_start_or_stop(
     sup: Supervisor, tmp_path: Path
 ) -> None:
-    spec = stubborn("edge1")
+    spec = stubborn("edge1", tmp_path)
     sup.start(spec)
     interrupted_stop(sup, tmp_path, "edge1")
     # Gone, by a stop: STOPPING (not DEAD, which a watchdog would restart), and it stays so.
@@ -165,7 +176,7 @@ def test_the_watchdog_restarts_a_killed_part_and_leaves_stopped_and_paused_ones_
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # edge1 ignores SIGTERM, so that a stop of it can be interrupted after its mark.
-    specs = [stubborn("edge1"), sleeper("edge2"), sleeper("producer"), crasher("broken")]
+    specs = [stubborn("edge1", tmp_path), sleeper("edge2"), sleeper("producer"), crasher("broken")]
     for spec in specs[:3]:
         sup.start(spec)
     stop = threading.Event()
