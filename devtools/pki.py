@@ -29,9 +29,7 @@ import datetime as dt
 import fcntl
 import ipaddress
 import json
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -41,6 +39,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes as PublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from devtools.atomic import write_bytes_atomically
 
 __all__ = [
     "CA_DAYS",
@@ -88,20 +88,6 @@ class Issued:
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
-
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    """Whole or not at all, with ``mode`` set before any byte is written (a key is never
-    readable by others, not even for a moment)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -221,8 +207,8 @@ class LocalCA:
                 )
             else:
                 key, cert = cls._make_ca(name)
-                _write(key_path, _key_pem(key), 0o600)
-                _write(cert_path, _cert_pem(cert), 0o644)
+                write_bytes_atomically(key_path, _key_pem(key), 0o600)
+                write_bytes_atomically(cert_path, _cert_pem(cert), 0o644)
             ca = cls(directory, key, cert)
             crl = ca._load_crl()
             left = crl.next_update_utc if crl is not None else None
@@ -360,9 +346,11 @@ class LocalCA:
                 builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
             cert = builder.sign(self._key, hashes.SHA256())
             key_pem, cert_pem = _key_pem(key), _cert_pem(cert)
-            _write(files.key, key_pem, 0o600)
-            _write(files.cert, cert_pem, 0o644)
-            _write(files.bundle, key_pem + cert_pem + _cert_pem(self.ca_cert), 0o600)
+            write_bytes_atomically(files.key, key_pem, 0o600)
+            write_bytes_atomically(files.cert, cert_pem, 0o644)
+            write_bytes_atomically(
+                files.bundle, key_pem + cert_pem + _cert_pem(self.ca_cert), 0o600
+            )
             return files
 
     def _reusable(
@@ -410,7 +398,7 @@ class LocalCA:
         with self._locked(self.directory):
             revoked = self._revoked()
             revoked.setdefault(cert.serial_number, _now().isoformat())
-            _write(
+            write_bytes_atomically(
                 self._revoked_path,
                 (json.dumps({str(s): w for s, w in revoked.items()}, indent=1) + "\n").encode(),
                 0o644,
@@ -455,5 +443,5 @@ class LocalCA:
                 .build()
             )
         crl = builder.sign(self._key, hashes.SHA256())
-        _write(self.crl_path, crl.public_bytes(serialization.Encoding.PEM), 0o644)
+        write_bytes_atomically(self.crl_path, crl.public_bytes(serialization.Encoding.PEM), 0o644)
         return self.crl_path

@@ -54,36 +54,6 @@ def _render_all(tmp_path: Path) -> Path:
     )
 
 
-def _expanded(path: Path, base: Path) -> str:
-    """The file with its includes inlined, as nginx reads it (relative to the main file)."""
-    out = []
-    for line in path.read_text().splitlines():
-        found = re.fullmatch(r'\s*include\s+"?([^";]+)"?\s*;', line)
-        if found:
-            target = Path(found.group(1))
-            out.append(_expanded(target if target.is_absolute() else base / target, base))
-        else:
-            out.append(line.split("#", 1)[0])
-    return "\n".join(out)
-
-
-def _server_blocks(text: str) -> list[str]:
-    blocks = []
-    for start in re.finditer(r"^\s*server\s*\{", text, re.M):
-        depth, i = 1, start.end()
-        while depth:
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            i += 1
-        blocks.append(text[start.end() : i - 1])
-    return blocks
-
-
-def _directives(block: str, name: str) -> list[str]:
-    """Values of a directive; for ``location``, the location's match."""
-    end = "{" if name == "location" else ";"
-    return [m.strip() for m in re.findall(rf"^\s*{name}\s+([^;{{]*)\{end}", block, re.M)]
-
-
 @dataclasses.dataclass
 class Block:
     """One nginx statement: ``words`` (directive and arguments) and, for a block, its body."""
@@ -176,6 +146,31 @@ def _flatten(statements: list[Block]) -> Iterator[str]:
             yield from _flatten(st.body)
 
 
+def _servers(statements: list[Block]) -> list[Block]:
+    """Every ``server`` block, at any depth."""
+    found = []
+    for st in statements:
+        if st.body is not None:
+            found += [st] if st.words[0] == "server" else _servers(st.body)
+    return found
+
+
+def _directives(block: Block, name: str) -> list[list[str]]:
+    """The arguments of every ``name`` statement inside ``block``, at any depth, in order (for
+    ``location``, the location's match)."""
+    found = []
+    for st in block.body or []:
+        if st.words[0] == name:
+            found.append(st.words[1:])
+        if st.body is not None:
+            found += _directives(st, name)
+    return found
+
+
+def _joined(block: Block, name: str) -> list[str]:
+    return [" ".join(words) for words in _directives(block, name)]
+
+
 def test_no_location_sets_its_own_proxy_headers(tmp_path: Path) -> None:
     shared = nginx_conf.shared_conf_path()
     _no_headers_in_locations(_parse(shared, None), str(shared))
@@ -215,43 +210,43 @@ def test_a_location_with_its_own_proxy_header_is_reported(tmp_path: Path) -> Non
 
 def test_the_header_is_blanked_on_every_server_but_the_mutual_tls_one(tmp_path: Path) -> None:
     main = _render_all(tmp_path)
-    servers = _server_blocks(_expanded(main, main.parent))
+    servers = _servers(_parse(main, main.parent))
     assert len(servers) == 2
-    verified = [s for s in servers if "ssl_verify_client on" in " ".join(s.split())]
+    verified = [s for s in servers if ["on"] in _directives(s, "ssl_verify_client")]
     assert len(verified) == 1
     for server in servers:
-        sets = [d for d in _directives(server, "proxy_set_header") if d.startswith(HEADER)]
-        listens = _directives(server, "listen")
+        sets = [d for d in _directives(server, "proxy_set_header") if d[0] == HEADER]
+        listens = _joined(server, "listen")
         if server in verified:
-            assert sets == [f"{HEADER} $ssl_client_escaped_cert"], listens
+            assert sets == [[HEADER, "$ssl_client_escaped_cert"]], listens
             assert listens == ["127.0.0.1:19444 ssl"]
         else:
-            assert sets == [f'{HEADER} ""'], listens
+            assert sets == [[HEADER, ""]], listens
             assert sorted(listens) == ["127.0.0.1:19010", "127.0.0.1:19443 ssl http2"]
 
 
 def test_the_mutual_tls_server_proxies_like_the_shared_one(tmp_path: Path) -> None:
     main = _render_all(tmp_path)
-    plain, mtls = _server_blocks(_expanded(main, main.parent))
+    plain, mtls = _servers(_parse(main, main.parent))
     for name in ("location", "proxy_pass", "proxy_read_timeout", "proxy_buffering"):
-        shared = _directives(plain, name)
-        assert shared and _directives(mtls, name)[-len(shared) :] == shared, name
+        shared = _joined(plain, name)
+        assert shared and _joined(mtls, name)[-len(shared) :] == shared, name
     # Refused certificates: JSON from nginx itself, before any location proxies.
-    assert _directives(mtls, "error_page") == [
+    assert _joined(mtls, "error_page") == [
         "496 = @crm_events_no_client_cert",
         "495 = @crm_events_bad_client_cert",
     ]
-    assert "ssl_crl" in mtls and "ssl_client_certificate" in mtls
+    assert _directives(mtls, "ssl_crl") and _directives(mtls, "ssl_client_certificate")
 
 
 def test_tls_to_the_edges_makes_every_proxy_pass_https(tmp_path: Path) -> None:
     main = _render_all(tmp_path)
-    text = _expanded(main, main.parent)
-    passes = re.findall(r"proxy_pass\s+([^;]+);", text)
+    (http,) = [st for st in _parse(main, main.parent) if st.words == ["http"]]
+    passes = _joined(http, "proxy_pass")
     assert passes and all(p == "https://crm_edges" for p in passes), passes
     for directive in ("proxy_ssl_certificate", "proxy_ssl_trusted_certificate"):
-        assert re.search(rf"^\s*{directive}\s", text, re.M), directive
-    assert re.search(r"^\s*proxy_ssl_verify\s+on;", text, re.M)
+        assert _directives(http, directive), directive
+    assert _directives(http, "proxy_ssl_verify") == [["on"]]
     # Without it, the shared file is included as it is (what docker-compose mounts).
     plain = nginx_conf.render(tmp_path / "plain", 19010, [19011])
     assert f'include "{nginx_conf.shared_conf_path()}";' in plain.read_text()
