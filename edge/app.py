@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 
@@ -15,6 +16,7 @@ from shared.contract import RedisKeys
 from shared.httpkit import add_ops_routes, make_middlewares
 from shared.redis_client import make_redis
 from shared.redis_nodes import ClusterNodes
+from shared.runtime import collect_periodically
 from shared.settings import EdgeSettings
 from shared.sse import comment_frame, retry_frame
 from shared.tasks import Supervisor
@@ -26,7 +28,7 @@ from .bus_redis import RedisBus
 from .context import EdgeContext
 from .cors import cors_middleware, cors_refusals_counter, cors_response_headers
 from .history import history_handler
-from .hub import Hub
+from .hub import Hub, live_client_objects
 from .jwks import provider_session
 from .limits import (
     ConnectionLimiter,
@@ -35,6 +37,7 @@ from .limits import (
     parser_limits,
     size_limit_middleware,
 )
+from .memory import MemoryDiagnostics, add_memory_route
 from .metrics import EdgeMetrics, JwksMetrics
 from .openapi import add_openapi_route
 from .ops_page import add_ops_page_routes
@@ -89,6 +92,7 @@ def create_app(
     hub = Hub(ring_bytes=settings.replay_ring_bytes)
     metrics.ring_events.set_function(lambda: len(hub.ring))
     metrics.ring_bytes.set_function(lambda: hub.ring.held_bytes)
+    metrics.client_objects.set_function(live_client_objects)
     hub.on_direct_write = lambda ts_ms: metrics.latency.observe(
         max(0.0, (hub.clock_ms() - ts_ms) / 1000.0)
     )
@@ -211,11 +215,30 @@ def create_app(
     async def history(request: web.Request) -> web.StreamResponse:
         return await history_handler(request, app[CONTEXT])
 
+    async def scheduled_gc(_: web.Application) -> AsyncIterator[None]:
+        if settings.gc_full_interval_s <= 0:
+            yield
+            return
+
+        def record(seconds: float, found: int) -> None:
+            metrics.gc_full_seconds.observe(seconds)
+            metrics.gc_unreachable.inc(found)
+
+        task = asyncio.create_task(collect_periodically(settings.gc_full_interval_s, record))
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
     app.cleanup_ctx.append(lifecycle)
+    app.cleanup_ctx.append(scheduled_gc)
     app.on_shutdown.append(on_shutdown)
     app.router.add_get("/crm-events", crm_events)
     app.router.add_get("/crm-events/history", history)
     add_ops_page_routes(app, auth_cookie=settings.auth.cookie)
     add_openapi_route(app)
     add_ops_routes(app, registry, metrics, ready)
+    add_memory_route(app, MemoryDiagnostics(settings.memory_diagnostics))
     return app

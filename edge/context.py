@@ -64,7 +64,11 @@ class EdgeContext:
         )
 
     def _cache(self, name: str, budget_bytes: int) -> ByteLru[K, V]:
-        cache: ByteLru[K, V] = ByteLru(budget_bytes, budget_bytes // CACHE_ITEM_SHARE)
+        # Admission on the second request: under reconnect churn nearly every key (a
+        # client's own resume position, a query at the ring's moving head) is asked once.
+        cache: ByteLru[K, V] = ByteLru(
+            budget_bytes, budget_bytes // CACHE_ITEM_SHARE, admit_second=True
+        )
         # Read at scrape time: nothing to keep in step on the request path.
         self.metrics.cache_bytes.labels(cache=name).set_function(lambda: cache.held_bytes)
         self.metrics.cache_entries.labels(cache=name).set_function(lambda: len(cache))

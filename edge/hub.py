@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import time
+import weakref
 from collections.abc import Callable, Sequence
 
 from shared.cursor import Cursor, CursorEncoder
@@ -47,10 +48,20 @@ def http_chunk(data: bytes) -> bytes:
     return b"%x\r\n" % len(data) + data + b"\r\n"
 
 
+_LIVE_CLIENTS: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
+def live_client_objects() -> int:
+    """Client objects alive in this process (crm_events_client_objects): a weak set, so
+    counting never keeps one alive."""
+    return len(_LIVE_CLIENTS)
+
+
 class Client:
     """One SSE client's bounded outbound buffer, filled by the hub, drained by its handler."""
 
     __slots__ = (
+        "__weakref__",
         "_abort",
         "_bytes",
         "_chunks",
@@ -92,6 +103,7 @@ class Client:
         """Set when the response is HTTP/1.1 chunked, so that ``push`` may write directly."""
         self.direct = False
         """True while the handler idles with an empty buffer: the hub may write itself."""
+        _LIVE_CLIENTS.add(self)
 
     @property
     def group(self) -> GroupKey:

@@ -130,6 +130,27 @@ class EdgeMetrics(CommonMetrics):
         for reason in RESET_REASONS:
             self.resets.labels(reason=reason)
         self._partitions_exported = 0
+        # Memory that an alert can watch beside RSS: a connection's objects must go with it.
+        self.client_objects = Gauge(
+            "crm_events_client_objects",
+            "Stream client objects alive in this edge process, connected or ended but not yet "
+            "released; staying above crm_events_sse_clients means they leak.",
+            registry=registry,
+        )
+        # The scheduled full collections (shared/runtime.py: collect_periodically).
+        self.gc_full_seconds = Histogram(
+            "crm_events_gc_full_collection_seconds",
+            "Duration of the edge's scheduled full garbage collections (the event loop "
+            "waits for each).",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=registry,
+        )
+        self.gc_unreachable = Counter(
+            "crm_events_gc_unreachable_objects",
+            "Objects in reference cycles that the scheduled full collections freed "
+            "(closed connections' aiohttp cycles, mostly).",
+            registry=registry,
+        )
         # The byte-bounded caches (edge/context.py binds each child to its cache).
         self.cache_bytes = Gauge(
             "crm_events_cache_bytes",

@@ -24,6 +24,8 @@ from .bus import Entry
 Wants = Callable[[Entry], bool] | None
 
 _BYTES_HEADER = sys.getsizeof(b"")
+_EVICTED = Entry(-1, -1, 0, 0, b"", 0, b"", b"")
+"""Stands in the lists' evicted slots (before ``_start``) until they are compacted away."""
 ENTRY_OVERHEAD_BYTES = 300
 """The Entry object (9 slots), its ints, its match set and the ring's list slots."""
 
@@ -111,8 +113,12 @@ class PartitionRing:
             return
         start = self._start
         end = len(self._positions)
+        entries = self._entries
         while self.held_bytes > self.budget_bytes and start < end:
             self.held_bytes -= self._sizes[start]
+            # Let the evicted entry go now, not at the next compaction: until then the
+            # list still referenced it, and the ring held up to twice its budget (issue 18).
+            entries[start] = _EVICTED
             start += 1
         self.floor = self._positions[start - 1]
         self.from_oldest = False

@@ -12,10 +12,12 @@ import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 from urllib.parse import unquote, urlsplit
 
 from .errors import SettingsError
 from .loop import EVENT_LOOPS
+from .runtime import DEFAULT_GC_FULL_INTERVAL_S
 from .security_settings import (
     AuthSettings,
     BreakerSettings,
@@ -373,6 +375,24 @@ class IngestSettings:
         )
 
 
+MemoryDiagnosticsMode = Literal["off", "gc", "tracemalloc"]
+MEMORY_DIAGNOSTICS_MODES: tuple[MemoryDiagnosticsMode, ...] = ("off", "gc", "tracemalloc")
+
+
+def _gc_full_interval(env: Env) -> float:
+    value = env.number("GC_FULL_INTERVAL_S", DEFAULT_GC_FULL_INTERVAL_S, 0.0, 3600.0)
+    if 0 < value < 1:
+        # Shorter would spend a real share of the CPU traversing the same long-lived objects.
+        raise SettingsError(ENV_PREFIX + "GC_FULL_INTERVAL_S", f"0 (off) or 1..3600, got {value}")
+    return value
+
+
+def _memory_diagnostics(env: Env) -> MemoryDiagnosticsMode:
+    upper = tuple(mode.upper() for mode in MEMORY_DIAGNOSTICS_MODES)
+    value = env.choice("MEMORY_DIAGNOSTICS", "OFF", upper)
+    return MEMORY_DIAGNOSTICS_MODES[upper.index(value)]
+
+
 @dataclass(frozen=True, slots=True)
 class EdgeSettings:
     redis: RedisSettings
@@ -410,6 +430,10 @@ class EdgeSettings:
     breaker: BreakerSettings = field(default_factory=BreakerSettings)
     tls: EdgeTls = field(default_factory=EdgeTls)
     """HTTPS (and mutual TLS) on the edge's port; off by default."""
+    gc_full_interval_s: float = DEFAULT_GC_FULL_INTERVAL_S
+    """Seconds between scheduled full garbage collections (0: CPython's thresholds alone)."""
+    memory_diagnostics: MemoryDiagnosticsMode = "off"
+    """``off``, ``gc`` or ``tracemalloc``: ``GET /debug/memory`` for soaks (edge/memory.py)."""
 
     @classmethod
     def from_env(cls, source: Mapping[str, str]) -> EdgeSettings:
@@ -451,4 +475,6 @@ class EdgeSettings:
             limits=LimitSettings.from_env(env),
             breaker=BreakerSettings.from_env(env),
             tls=EdgeTls.from_env(env),
+            gc_full_interval_s=_gc_full_interval(env),
+            memory_diagnostics=_memory_diagnostics(env),
         )

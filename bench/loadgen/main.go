@@ -5,6 +5,7 @@
 //
 //	GET /connect?n=N&rate=R&inflight=K&expect=E&lei=CURSOR&lei_parts=OFFS&cf_recover=1
 //	             &cf_offset=O&cf_epoch=E&latency=1&reconnect=fresh|resume
+//	             &life_min_ms=A&life_max_ms=B   each stream closed by the client after A..B ms
 //	                                                    open N more connections (a batch)
 //	GET /stats?reset=1&batch=B&expect_last=OFFS         counters (JSON); reset starts a window
 //	GET /close                                          close every connection
@@ -40,14 +41,17 @@ type gen struct {
 	target  string
 	path    string
 	channel string
-	sources []net.IP
-	nextSrc atomic.Uint64
+	// authHeader: "Authorization: Bearer ...\r\n" for every stream request, or "".
+	authHeader string
+	sources    []net.IP
+	nextSrc    atomic.Uint64
 
 	stopping atomic.Bool
 
 	connected     atomic.Int64
 	connectFail   atomic.Uint64
 	disconnects   atomic.Uint64
+	drops         atomic.Uint64 // streams the client closed itself (batch lifetime)
 	ended         atomic.Uint64
 	events        atomic.Uint64
 	totalEvents   atomic.Uint64
@@ -162,6 +166,15 @@ func (g *gen) handleConnect(w http.ResponseWriter, r *http.Request) {
 		latency:   q.Get("latency") != "0",
 		reconnect: q.Get("reconnect"),
 	}
+	// Bounded before converting: a week is longer than any soak, and keeps the durations
+	// (and lifeMax-lifeMin+1 in lifetime) far from overflowing.
+	lifeMinMs, lifeMaxMs := qInt(r, "life_min_ms", 0), qInt(r, "life_max_ms", 0)
+	if lifeMinMs < 0 || lifeMaxMs < lifeMinMs || lifeMaxMs > 7*24*3600*1000 {
+		http.Error(w, "want 0 <= life_min_ms <= life_max_ms <= 7 days", http.StatusBadRequest)
+		return
+	}
+	b.lifeMin = time.Duration(lifeMinMs) * time.Millisecond
+	b.lifeMax = time.Duration(lifeMaxMs) * time.Millisecond
 	g.mu.Lock()
 	b.id = len(g.batches)
 	g.batches = append(g.batches, b)
@@ -312,6 +325,7 @@ func (g *gen) handleStats(w http.ResponseWriter, r *http.Request) {
 		"connected":      g.connected.Load(),
 		"connect_fail":   take(&g.connectFail),
 		"disconnects":    take(&g.disconnects),
+		"drops":          take(&g.drops),
 		"ended":          take(&g.ended),
 		"events":         take(&g.events),
 		"bytes":          take(&g.bytes),
@@ -371,6 +385,10 @@ func main() {
 	runtime.GOMAXPROCS(*procs)
 	got := raiseNofile(*nofile)
 	g := &gen{mode: *mode, target: *target, path: *path, channel: *channel, windowStart: time.Now()}
+	// From the environment, not a flag: a token in argv is readable by every local user.
+	if token := os.Getenv("LOADGEN_BEARER"); token != "" {
+		g.authHeader = "Authorization: Bearer " + token + "\r\n"
+	}
 	for i := 0; i < *sources; i++ {
 		g.sources = append(g.sources, net.IPv4(127, 0, 0, byte(2+i)))
 	}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"io"
 	"math/rand"
@@ -57,10 +58,15 @@ type batch struct {
 	cfEpoch   string
 	latency   bool   // record latency of events (off for replays of old events)
 	reconnect string // "", "fresh" or "resume": what to do when a stream ends
-	caught    atomic.Int64
-	caughtH   hist // time from t0 until each connection reached expect, microseconds
-	connectH  hist // time from t0 until each connection's response headers, microseconds
-	opened    atomic.Int64
+	// lifeMin..lifeMax > 0: each stream is closed by the client after a lifetime drawn
+	// uniformly from this range (a user's tab closing, a phone changing networks), then
+	// reopened as reconnect says; the soak's churn.
+	lifeMin  time.Duration
+	lifeMax  time.Duration
+	caught   atomic.Int64
+	caughtH  hist // time from t0 until each connection reached expect, microseconds
+	connectH hist // time from t0 until each connection's response headers, microseconds
+	opened   atomic.Int64
 }
 
 type sseConn struct {
@@ -93,6 +99,16 @@ type sseConn struct {
 	eventName []byte
 	now       time.Time
 	nowUs     int64
+}
+
+// errDropped: the stream was closed by the client itself at the end of its lifetime.
+var errDropped = errors.New("dropped by the client (lifetime)")
+
+func (b *batch) lifetime() time.Duration {
+	if b.lifeMax <= 0 {
+		return 0
+	}
+	return b.lifeMin + time.Duration(rand.Int63n(int64(b.lifeMax-b.lifeMin)+1))
 }
 
 func (c *sseConn) resetPositions() {
@@ -146,10 +162,16 @@ func (c *sseConn) run(sem chan struct{}) {
 		}
 		err := c.session(first, resume, sem)
 		first = false
+		dropped := errors.Is(err, errDropped)
+		if dropped {
+			// A client's own choice, not a failure: reconnect at once, as a fresh page
+			// or a client library would, and start the backoff over.
+			attempt = -1
+		}
 		if c.isClosed() || g.stopping.Load() {
 			return
 		}
-		if err != nil {
+		if err != nil && !dropped {
 			g.errMu.Lock()
 			g.lastErr = err.Error()
 			g.errMu.Unlock()
@@ -166,7 +188,7 @@ func (c *sseConn) run(sem chan struct{}) {
 			return
 		}
 		// Back off like a client library would: 0.1 s doubling to 2 s, with jitter.
-		delay := 100 * time.Millisecond << uint(min(attempt, 5))
+		delay := 100 * time.Millisecond << uint(min(max(attempt, 0), 5))
 		if delay > 2*time.Second {
 			delay = 2 * time.Second
 		}
@@ -215,7 +237,7 @@ func (c *sseConn) session(first, resume bool, sem chan struct{}) error {
 	defer nc.Close()
 
 	req := "GET " + c.requestPath(resume) + " HTTP/1.1\r\nHost: " + g.target +
-		"\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n"
+		"\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n" + g.authHeader
 	if g.mode == "crm" && resume && c.hasLast {
 		req += "Last-Event-ID: " + string(c.lastID) + "\r\n"
 	}
@@ -237,6 +259,14 @@ func (c *sseConn) session(first, resume bool, sem chan struct{}) error {
 	}
 	g.connected.Add(1)
 	defer g.connected.Add(-1)
+	var dropped atomic.Bool
+	if life := c.b.lifetime(); life > 0 {
+		t := time.AfterFunc(life, func() {
+			dropped.Store(true)
+			_ = nc.Close()
+		})
+		defer t.Stop()
+	}
 	c.chunkLeft = 0
 	c.sizeLine = c.sizeLine[:0]
 	c.line = c.line[:0]
@@ -258,6 +288,10 @@ func (c *sseConn) session(first, resume bool, sem chan struct{}) error {
 			}
 		}
 		if err != nil {
+			if dropped.Load() {
+				g.drops.Add(1)
+				return errDropped
+			}
 			if !c.isClosed() && !g.stopping.Load() {
 				g.disconnects.Add(1)
 			}

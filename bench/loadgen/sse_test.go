@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"strings"
 	"testing"
+	"time"
 )
 
 func newConn(mode string, b *batch) *sseConn {
@@ -101,5 +102,28 @@ func TestEventPathDoesNotAllocate(t *testing.T) {
 	})
 	if allocs != 0 {
 		t.Fatalf("%.1f allocations per event, want 0", allocs)
+	}
+}
+
+// A batch's lifetime: 0 when unset, else uniform within [lifeMin, lifeMax] (both reached).
+func TestBatchLifetimeStaysInItsRange(t *testing.T) {
+	if d := (&batch{}).lifetime(); d != 0 {
+		t.Fatalf("no lifetime set: got %v, want 0", d)
+	}
+	b := &batch{lifeMin: 60 * time.Second, lifeMax: 240 * time.Second}
+	lo, hi := b.lifeMax, b.lifeMin
+	for i := 0; i < 20000; i++ {
+		d := b.lifetime()
+		if d < b.lifeMin || d > b.lifeMax {
+			t.Fatalf("lifetime %v outside [%v, %v]", d, b.lifeMin, b.lifeMax)
+		}
+		lo, hi = min(lo, d), max(hi, d)
+	}
+	if lo > 61*time.Second || hi < 239*time.Second {
+		t.Fatalf("lifetimes do not spread over the range: %v..%v", lo, hi)
+	}
+	fixed := &batch{lifeMin: time.Second, lifeMax: time.Second}
+	if d := fixed.lifetime(); d != time.Second {
+		t.Fatalf("min == max: got %v", d)
 	}
 }

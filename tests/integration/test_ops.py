@@ -33,6 +33,13 @@ EDGE_METRICS = {
     "crm_events_sse_resumes",
     "crm_events_sse_resets",
     "crm_events_ready",
+    # Memory an alert watches (issue 18).
+    "process_resident_memory_bytes",
+    "crm_events_cache_bytes",
+    "crm_events_replay_ring_bytes",
+    "crm_events_client_objects",
+    "crm_events_gc_full_collection_seconds",
+    "crm_events_gc_unreachable_objects",
 }
 INGEST_METRICS = {
     "crm_events_messages",

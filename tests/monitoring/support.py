@@ -55,6 +55,8 @@ COMMON_METRICS = {
     "crm_events_circuit_state",
     "crm_events_circuit_transitions_total",
     "crm_events_task_restarts_total",
+    # issue 18: resident memory (prometheus_client's process collector, Linux)
+    "process_resident_memory_bytes",
 }
 EDGE_METRICS = COMMON_METRICS | {
     "crm_events_limit_rejections_total",
@@ -76,6 +78,12 @@ EDGE_METRICS = COMMON_METRICS | {
     # issue 12: the partitions each reset moved (one child per partition and reason from the
     # start, so that a healthy edge exports it and rate() sees the first reset)
     "crm_events_partition_resets_total",
+    # issue 18: what the edge's memory holds: the byte-bounded caches (a child per cache from
+    # the start), the replay ring, and the stream client objects alive (connected or ended but
+    # not yet released)
+    "crm_events_cache_bytes",
+    "crm_events_replay_ring_bytes",
+    "crm_events_client_objects",
 }
 INGEST_METRICS = COMMON_METRICS | {
     "crm_events_consumer_lag",

@@ -252,6 +252,11 @@ def test_the_seed_panels_and_the_new_ones_exist(pipeline: dict[str, Any]) -> Non
         "crm_events_refilled_records_total",
         "crm_events_partition_resets_total",
         "crm_events_redis_wait_timeouts_total",
+        # issue 18: the edge's memory, its bounded caches and its client objects
+        "process_resident_memory_bytes",
+        "crm_events_cache_bytes",
+        "crm_events_replay_ring_bytes",
+        "crm_events_client_objects",
     ):
         assert metric in exprs, f"no panel shows {metric}"
 

@@ -127,6 +127,9 @@ NEW_ALERTS = {
     "CrmEventsClientsAnomaly",
     # issue 15: an edge cannot refresh its identity provider's keys
     "CrmEventsJwksFetchFailing",
+    # issue 18: an edge's memory growing for hours, client objects outliving their streams
+    "CrmEventsEdgeMemoryGrowing",
+    "CrmEventsEdgeClientObjectsLeaking",
 }
 
 

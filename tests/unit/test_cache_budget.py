@@ -18,7 +18,7 @@ from edge.app import CONTEXT, create_app
 from edge.bus import Entry
 from edge.bus_memory import MemoryBus
 from edge.context import EdgeContext
-from edge.lru import ENTRY_OVERHEAD_BYTES, ByteLru, approx_bytes
+from edge.lru import DOORKEEPER_ENTRY_BYTES, ENTRY_OVERHEAD_BYTES, ByteLru, approx_bytes
 from edge.ring import entry_bytes
 from shared.security_settings import LimitSettings
 from shared.settings import EdgeSettings, RedisSettings
@@ -96,7 +96,10 @@ class Watch:
 
 
 def recount(cache: ByteLru[Any, Any]) -> int:
-    return sum(approx_bytes(k) + approx_bytes(v) + ENTRY_OVERHEAD_BYTES for k, v in cache.items())
+    entries = sum(
+        approx_bytes(k) + approx_bytes(v) + ENTRY_OVERHEAD_BYTES for k, v in cache.items()
+    )
+    return entries + cache.remembered * DOORKEEPER_ENTRY_BYTES
 
 
 @contextlib.asynccontextmanager
@@ -159,12 +162,15 @@ async def test_distinct_queries_with_large_events_stay_within_the_cache_budgets(
         preface = ctx.preface
 
         async def history(params: dict[str, str], count: int) -> None:
-            async with session.get(history_url, params=params) as resp:
-                assert resp.status == 200, await resp.text()
-                body = await resp.read()
-            # The tail alone: parsing megabytes of JSON per request would be most of the run.
-            assert b'"count":%d,' % count in body[-200:]
-            watch.check()
+            # Twice: the caches admit a key on its second request (the doorkeeper), and the
+            # budgets are what this test is about.
+            for _ in range(2):
+                async with session.get(history_url, params=params) as resp:
+                    assert resp.status == 200, await resp.text()
+                    body = await resp.read()
+                # The tail alone: parsing megabytes of JSON per request would be most of the run.
+                assert b'"count":%d,' % count in body[-200:]
+                watch.check()
 
         # History: the newest n, pages after distinct cursors, and tiny answers under huge
         # keys (a long types= list that matches nothing), in one mixed sequence.
@@ -198,15 +204,16 @@ async def test_distinct_queries_with_large_events_stay_within_the_cache_budgets(
             expected = preface + b"".join(
                 b"id: " + cursor_text(1, e.position).encode() + e.frame for e in ring[-behind:]
             )
-            async with session.get(
-                stream_url,
-                params=params,
-                headers={"Last-Event-ID": cursor_text(1, start.position)},
-            ) as resp:
-                assert resp.status == 200
-                received = await asyncio.wait_for(read_replay(resp, expected), timeout=10)
-            assert received == expected
-            watch.check()
+            for _ in range(2):  # the second resume from the same place is admitted
+                async with session.get(
+                    stream_url,
+                    params=params,
+                    headers={"Last-Event-ID": cursor_text(1, start.position)},
+                ) as resp:
+                    assert resp.status == 200
+                    received = await asyncio.wait_for(read_replay(resp, expected), timeout=10)
+                assert received == expected
+                watch.check()
 
         # The app's registry (what /metrics serves) exposes the same figures.
         for name, cache in (("history", ctx.history_bodies), ("replay", ctx.replay_pages)):

@@ -230,6 +230,8 @@ async def test_10000_short_streams_leave_nothing_behind() -> None:
         assert tasks_after == tasks_before
         # No per-connection object outlives its connection.
         assert clients_live == 0
+        # ... and the gauge an alert watches for that says so too.
+        assert registry.get_sample_value("crm_events_client_objects") == 0
         assert responses_live == 0
         assert handlers_live == 0
         # The caches keyed by cursors stay within their budgets.

@@ -7,7 +7,13 @@ import sys
 
 import pytest
 
-from edge.lru import ENTRY_OVERHEAD_BYTES, ByteLru, approx_bytes
+from edge.lru import (
+    DOORKEEPER_ENTRY_BYTES,
+    DOORKEEPER_SHARE,
+    ENTRY_OVERHEAD_BYTES,
+    ByteLru,
+    approx_bytes,
+)
 from shared.ids import StreamId
 
 
@@ -183,3 +189,114 @@ def test_matches_a_model_under_random_operations(seed: int) -> None:
         assert list(cache.items()) == model.entries
         assert cache.held_bytes == model.held() <= budget
         assert len(cache) == len(model.entries)
+
+
+# -- the doorkeeper (admit_second): a key is held from its second put ---------------------------
+
+
+def test_with_a_doorkeeper_a_key_is_held_only_from_its_second_put() -> None:
+    cache: ByteLru[str, bytes] = ByteLru(64_000, sizer=length, admit_second=True)
+
+    assert not cache.put("page", b"v" * 100)
+    assert cache.get("page") is None
+    assert len(cache) == 0
+    assert cache.remembered == 1
+    assert cache.held_bytes == DOORKEEPER_ENTRY_BYTES
+
+    assert cache.put("page", b"v" * 100)
+    assert cache.get("page") == b"v" * 100
+    # Admitted: the doorkeeper forgets the key, the cache holds it.
+    assert cache.remembered == 0
+    assert cache.held_bytes == cost("page", b"v" * 100)
+    # Replacing a held key needs no second sighting.
+    assert cache.put("page", b"w" * 50)
+    assert cache.get("page") == b"w" * 50
+
+
+def test_keys_asked_once_fill_nothing_but_the_bounded_doorkeeper() -> None:
+    """Reconnect churn: every client resumes from its own position, each key is asked once."""
+    budget = 1_280_000
+    cache: ByteLru[str, bytes] = ByteLru(budget, sizer=length, admit_second=True)
+    most = budget // DOORKEEPER_SHARE // DOORKEEPER_ENTRY_BYTES
+    assert most == 100
+
+    for i in range(10_000):
+        assert not cache.put(f"position-{i}", b"v" * 1000)
+
+    assert len(cache) == 0
+    assert cache.remembered == most
+    assert cache.held_bytes == most * DOORKEEPER_ENTRY_BYTES == budget // DOORKEEPER_SHARE
+    # The doorkeeper is a FIFO window: the newest keys are admitted on their second put,
+    # the oldest were forgotten and start over.
+    assert cache.put("position-9999", b"v" * 1000)
+    assert not cache.put("position-0", b"v" * 1000)
+
+
+def test_a_storm_on_one_key_is_served_from_the_second_request_on() -> None:
+    cache: ByteLru[str, bytes] = ByteLru(64_000, sizer=length, admit_second=True)
+    built = 0
+    for _ in range(1000):
+        if cache.get("same place") is None:
+            built += 1
+            cache.put("same place", b"page")
+    assert built == 2
+
+
+def test_a_full_cache_stays_within_its_budget_while_new_keys_arrive() -> None:
+    """The doorkeeper's share is reserved: first sightings never push a full cache over."""
+    budget = 128_000  # 10 hashes of 200 bytes reserved
+    cache: ByteLru[str, bytes] = ByteLru(budget, sizer=length, admit_second=True)
+    for i in range(200):
+        cache.put(f"k{i}", b"v" * 500)
+        cache.put(f"k{i}", b"v" * 500)
+        assert cache.held_bytes <= budget
+    full = len(cache)
+    assert full > 150
+    for i in range(1000):
+        assert not cache.put(f"new{i}", b"v" * 500)
+        assert cache.held_bytes <= budget
+    assert len(cache) == full  # first sightings evict nothing
+    # An entry that fits the budget but not beside the reserved share is not held.
+    big = b"v" * (budget - ENTRY_OVERHEAD_BYTES - 3)
+    cache.put("big", big)
+    assert not cache.put("big", big)
+    assert cache.get("big") is None and cache.held_bytes <= budget
+    assert len(cache) == full  # refused without evicting anyone
+    fits = b"v" * (budget - ENTRY_OVERHEAD_BYTES - 10 * DOORKEEPER_ENTRY_BYTES - 4)
+    cache.put("fits", fits)
+    assert cache.put("fits", fits)
+    assert cache.get("fits") == fits and cache.held_bytes <= budget
+    cache.clear()
+    assert cache.remembered == 0 and cache.held_bytes == 0 and len(cache) == 0
+    assert not cache.put("fits", fits)  # forgotten: a first sighting again
+
+
+def test_a_budget_too_small_for_a_doorkeeper_caches_on_the_first_put() -> None:
+    cache: ByteLru[str, bytes] = ByteLru(5_000, sizer=length, admit_second=True)
+    assert cache.put("k", b"v")
+    assert cache.get("k") == b"v" and cache.remembered == 0
+    assert not ByteLru(0, admit_second=True).put("k", b"v")
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_with_a_doorkeeper_the_budget_holds_under_random_operations(seed: int) -> None:
+    rng = random.Random(seed)
+    budget = 1_280_000  # 100 remembered hashes, 1,260,000 bytes for entries
+    cache: ByteLru[str, bytes] = ByteLru(budget, 40_000, sizer=length, admit_second=True)
+    seen: set[str] = set()
+    peak = 0
+    for _ in range(5000):
+        key = f"k{rng.randrange(150)}"
+        if rng.random() < 0.3:
+            value = cache.get(key)
+            assert value is None or value == key.encode() * (len(value) // len(key))
+        else:
+            value = key.encode() * rng.randrange(100, 8000)
+            held = cache.put(key, value)
+            assert not held or key in seen  # never on a key's first sighting
+            assert held == any(k == key for k, _ in cache.items())
+            seen.add(key)
+        peak = max(peak, cache.held_bytes)
+        assert cache.held_bytes <= budget
+        assert cache.remembered <= budget // DOORKEEPER_SHARE // DOORKEEPER_ENTRY_BYTES
+    assert peak > 0.8 * budget  # the budget, not a lack of traffic, bounded it

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge.app import create_app
@@ -215,6 +215,8 @@ def _parsed_cursor_schema() -> dict[str, Any]:
     return _cursor_schema(yaml.safe_load(load_document()))
 
 
+# No deadline: the first example also parses the document and compiles the schema once.
+@settings(deadline=None)
 @given(cursors)
 def test_every_cursor_the_edge_hands_out_fits_the_cursor_schema(cursor: Cursor) -> None:
     assert _admits(_parsed_cursor_schema(), cursor.encode().decode("ascii"))

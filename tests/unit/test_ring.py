@@ -4,9 +4,11 @@ returns, and when it forgets."""
 from __future__ import annotations
 
 import random
+import sys
 
 import pytest
 
+from edge import ring as ring_module
 from edge.bus import Entry
 from edge.hub import Hub
 from edge.ring import PartitionRing, ReplayRing, entry_bytes
@@ -229,3 +231,25 @@ def test_a_partition_started_without_position_is_covered_from_its_first_entry() 
     assert not hub.ring.covers(0, 0)
     hub.dispatch([Entry.build(0, 9, 7, b"A", 1, b"{}"), Entry.build(0, 10, 10, b"A", 1, b"{}")])
     assert hub.ring.covers(0, 7) and not hub.ring.covers(0, 6)
+
+
+def test_evicted_entries_are_let_go_at_once_not_at_the_next_compaction() -> None:
+    """The ring held up to twice its budget: evicted entries stayed in its lists until half
+    of them were evicted (issue 18's soak: 49,000 Entry objects alive for 30,000 held)."""
+    ring = ring_of(3000)
+    ring.reset(0)
+    made = [entry(p) for p in range(1, 6001)]
+    for start in range(0, 6000, 100):
+        ring.extend(made[start : start + 100])
+        held = {id(e) for e in ring.after(ring.floor or 0)}
+        # Every entry the ring's lists still reference is one it holds.
+        referenced = {id(e) for e in ring._entries if e is not ring_module._EVICTED}
+        assert referenced == held
+        assert len(held) == len(ring) <= 3000
+    kept = positions(ring.after(ring.floor or 0))
+    assert kept == list(range(kept[0], 6001)) and len(kept) > 2500
+    # The ring's list refers to each held entry once more than to an evicted one (the
+    # other references are this test's: its lists, the loop variable, the argument).
+    evicted, held_now = made[: kept[0] - 1], made[kept[0] - 1 :]
+    (baseline,) = {sys.getrefcount(e) for e in evicted}
+    assert {sys.getrefcount(e) for e in held_now} == {baseline + 1}
