@@ -51,7 +51,7 @@ from aiokafka import AIOKafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.soak_report import write_report
-from bench.tools import BenchError, Loadgen, build_loadgen, say
+from bench.tools import BenchError, Loadgen, build_loadgen, rss_kb, say
 from devtools.producer import EventFactory, encode
 from devtools.stack import Stack, StackSettings, dev_token
 
@@ -200,13 +200,12 @@ def _get(url: str, timeout: float = 10.0) -> bytes | None:
 
 
 def rss_of(pid: int) -> int | None:
+    """``rss_kb`` in bytes, None for a process that is gone or shows no resident set."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
+        kb = rss_kb(pid)
     except (OSError, ValueError, IndexError):
         return None
-    return None
+    return kb * 1024 if kb else None
 
 
 def edge_gauges(base_url: str) -> dict[str, Any]:
